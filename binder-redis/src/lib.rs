@@ -1,0 +1,1 @@
+//! The redis binder: in progress.

@@ -1,0 +1,1 @@
+//! Examples: filled by the examples issue.

@@ -1,0 +1,182 @@
+//! The transport contract a broker crate implements.
+//!
+//! A binder moves messages and acknowledgements; it has no retry, dead-letter, codec or
+//! concurrency logic of its own. Those policies live once in this crate, on top of these
+//! three traits, so every broker gets the same behaviour.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::{Message, Result};
+
+/// One broker connection: makes producers and consumers.
+#[async_trait]
+pub trait Binder: Send + Sync + 'static {
+    /// The binder's `type` in configuration files (`"memory"`, `"redis"`, `"kafka"`).
+    fn kind(&self) -> &'static str;
+
+    /// A producer that publishes to `destination`.
+    async fn producer(&self, destination: &str) -> Result<Box<dyn Producer>>;
+
+    /// A consumer of `destination` as a member of `options.group`.
+    async fn consumer(&self, destination: &str, options: &ConsumerOptions)
+        -> Result<Box<dyn Consumer>>;
+
+    /// Releases connections. Producers and consumers already made stay usable until closed.
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<B: Binder + ?Sized> Binder for Arc<B> {
+    fn kind(&self) -> &'static str {
+        (**self).kind()
+    }
+    async fn producer(&self, destination: &str) -> Result<Box<dyn Producer>> {
+        (**self).producer(destination).await
+    }
+    async fn consumer(
+        &self,
+        destination: &str,
+        options: &ConsumerOptions,
+    ) -> Result<Box<dyn Consumer>> {
+        (**self).consumer(destination, options).await
+    }
+    async fn close(&self) -> Result<()> {
+        (**self).close().await
+    }
+}
+
+/// Publishes to one destination.
+#[async_trait]
+pub trait Producer: Send + Sync + 'static {
+    /// Publishes `message` and returns its broker id once the broker has accepted it.
+    async fn send(&self, message: Message) -> Result<String>;
+
+    /// Publishes several messages, in order, returning their ids. Binders override this to
+    /// use one round trip where the broker allows.
+    async fn send_batch(&self, messages: Vec<Message>) -> Result<Vec<String>> {
+        let mut ids = Vec::with_capacity(messages.len());
+        for message in messages {
+            ids.push(self.send(message).await?);
+        }
+        Ok(ids)
+    }
+
+    /// Waits until everything sent so far is accepted by the broker.
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Flushes, then releases the producer's resources.
+    async fn close(&self) -> Result<()> {
+        self.flush().await
+    }
+}
+
+/// Receives from one destination as a member of one group.
+///
+/// Core calls [`receive`](Consumer::receive) from one task and [`ack`](Consumer::ack) from
+/// another, concurrently, so a binder can overlap the next fetch with the previous ack.
+#[async_trait]
+pub trait Consumer: Send + Sync + 'static {
+    /// Waits for deliveries and returns at most `max` of them. It may return an empty batch
+    /// after an internal poll interval.
+    ///
+    /// Cancel safety: dropping the future must not lose messages. Anything the broker handed
+    /// out but this call did not return stays un-acknowledged and is delivered again.
+    async fn receive(&self, max: usize) -> Result<Vec<Received>>;
+
+    /// Acknowledges deliveries: they are done and never delivered to this group again.
+    async fn ack(&self, tags: &[DeliveryTag]) -> Result<()>;
+
+    /// Leaves the group. Un-acknowledged deliveries become available to other members.
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A message as a consumer received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The message, with its broker id set.
+    pub message: Message,
+    /// What to pass to [`Consumer::ack`].
+    pub tag: DeliveryTag,
+    /// How many times the broker has handed this message to the group, this time included
+    /// (1 on first delivery). Binders without a broker-side count report 1.
+    pub delivery_count: u32,
+}
+
+/// Identifies a delivery to the binder that made it: a memory offset, a Redis entry id, a
+/// Kafka partition and offset. Core treats it as opaque.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeliveryTag(pub u64, pub u64);
+
+/// Where a consumer group that does not exist yet starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StartFrom {
+    /// From the oldest retained message.
+    #[default]
+    Earliest,
+    /// Only messages published after the group was created.
+    Latest,
+}
+
+/// How core asks a binder for a consumer.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ConsumerOptions {
+    /// The consumer group. Every group gets every message; members of a group share them.
+    pub group: String,
+    /// False for an anonymous group that lives only as long as its one consumer.
+    pub durable: bool,
+    /// Start position when the group is new.
+    pub start_from: StartFrom,
+    /// The most deliveries core will hold un-acknowledged; binders size fetches by it.
+    pub prefetch: usize,
+    /// How long another member's un-acknowledged delivery may sit idle before this member
+    /// takes it over (for binders that recover pending work by idle time).
+    pub claim_idle: Duration,
+}
+
+impl ConsumerOptions {
+    /// Options for `group` with the defaults: durable, earliest, prefetch 256, 30 s idle.
+    pub fn new(group: impl Into<String>) -> Self {
+        ConsumerOptions {
+            group: group.into(),
+            durable: true,
+            start_from: StartFrom::Earliest,
+            prefetch: 256,
+            claim_idle: Duration::from_secs(30),
+        }
+    }
+
+    /// Sets the start position of a new group.
+    pub fn start_from(mut self, start_from: StartFrom) -> Self {
+        self.start_from = start_from;
+        self
+    }
+
+    /// Sets the prefetch bound.
+    pub fn prefetch(mut self, prefetch: usize) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
+
+    /// Sets the idle time after which a dead member's deliveries are taken over.
+    pub fn claim_idle(mut self, idle: Duration) -> Self {
+        self.claim_idle = idle;
+        self
+    }
+
+    /// Marks the group anonymous (not durable).
+    pub fn anonymous(mut self) -> Self {
+        self.durable = false;
+        self
+    }
+}

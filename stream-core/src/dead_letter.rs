@@ -1,0 +1,111 @@
+//! Routing of messages that cannot be handled to the binding's dead-letter destination.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::OnceCell;
+
+use crate::binder::{Binder, Producer};
+use crate::message::{header, Message};
+use crate::Result;
+
+/// Longest error text kept in the `x-error` header; brokers cap header sizes.
+const MAX_ERROR_LEN: usize = 2048;
+
+/// Why a message is dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cause {
+    /// The payload never reached a handler.
+    Decode,
+    /// The handler failed on the last attempt.
+    Handler,
+}
+
+/// Publishes dead letters for one binding, with one lazily made producer.
+pub(crate) struct DeadLetter {
+    binder: Arc<dyn Binder>,
+    destination: String,
+    origin: String,
+    group: String,
+    producer: OnceCell<Box<dyn Producer>>,
+}
+
+impl DeadLetter {
+    pub(crate) fn new(binder: Arc<dyn Binder>, destination: String, origin: &str, group: &str) -> Self {
+        DeadLetter {
+            binder,
+            destination,
+            origin: origin.to_owned(),
+            group: group.to_owned(),
+            producer: OnceCell::new(),
+        }
+    }
+
+    /// Publishes a copy of `message` with the dead-letter headers and returns once the broker
+    /// accepted it. The caller acks the original only after this succeeded, so a crash in
+    /// between duplicates the dead letter rather than losing the message.
+    pub(crate) async fn publish(
+        &self,
+        message: &Message,
+        attempts: u32,
+        cause: Cause,
+        error: &str,
+        first_failure: SystemTime,
+    ) -> Result<()> {
+        let producer = self
+            .producer
+            .get_or_try_init(|| self.binder.producer(&self.destination))
+            .await?;
+        let mut headers = message.headers().clone();
+        headers.insert(header::ORIGINAL_DESTINATION, self.origin.as_str());
+        headers.insert(header::ORIGINAL_GROUP, self.group.as_str());
+        headers.insert(header::ORIGINAL_ID, message.id());
+        headers.insert(header::ATTEMPTS, attempts.to_string());
+        headers.insert(header::ERROR, truncate(error, MAX_ERROR_LEN));
+        headers.insert(
+            header::ERROR_KIND,
+            match cause {
+                Cause::Decode => "decode",
+                Cause::Handler => "handler",
+            },
+        );
+        headers.insert(
+            header::FIRST_FAILURE,
+            humantime::format_rfc3339_millis(first_failure).to_string(),
+        );
+        let mut copy = Message::new(message.payload().clone()).with_headers(headers);
+        if let Some(key) = message.key() {
+            copy = copy.with_key(key);
+        }
+        producer.send(copy).await?;
+        tracing::warn!(
+            destination = %self.origin,
+            group = %self.group,
+            id = %message.id(),
+            attempts,
+            dead_letter = %self.destination,
+            error = %error,
+            "message dead-lettered"
+        );
+        Ok(())
+    }
+
+    pub(crate) async fn close(&self) {
+        if let Some(producer) = self.producer.get() {
+            if let Err(e) = producer.close().await {
+                tracing::warn!(dead_letter = %self.destination, error = %e, "closing dead-letter producer failed");
+            }
+        }
+    }
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}

@@ -1,0 +1,274 @@
+//! Pull-style consumption: a stream of deliveries acknowledged by the caller.
+
+use std::fmt::{self, Display};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::binder::{DeliveryTag, Received};
+use crate::codec::{decode_message, Codec};
+use crate::config::RetryConfig;
+use crate::dead_letter::{Cause, DeadLetter};
+use crate::inbound::{Closer, Inbound};
+use crate::{Message, Result};
+
+/// A stream of [`Delivery`] values from [`Sink::stream`](crate::Sink::stream).
+///
+/// Payloads that do not decode never appear: they go to the dead-letter destination. The
+/// stream yields in the order the binder delivers; a nacked delivery comes back after its
+/// backoff, behind what was yielded meanwhile. Code that needs per-key order across failures
+/// uses [`Sink::subscribe`](crate::Sink::subscribe), which holds a key back while it retries.
+pub struct Deliveries<T> {
+    deliveries: mpsc::UnboundedReceiver<Received>,
+    retries: mpsc::UnboundedReceiver<Pending>,
+    codec: Arc<dyn Codec<T>>,
+    settle: Arc<Settle>,
+    stop: tokio::sync::watch::Sender<bool>,
+    fetcher: Option<JoinHandle<Result<()>>>,
+    closer: Option<Closer>,
+}
+
+/// One message from a [`Deliveries`] stream. Call [`ack`](Delivery::ack) when done or
+/// [`nack`](Delivery::nack) to have it delivered again; dropping it counts as a nack.
+pub struct Delivery<T> {
+    payload: T,
+    pending: Option<Pending>,
+    settle: Arc<Settle>,
+}
+
+/// Acknowledges, schedules retries and dead-letters; independent of the payload type.
+struct Settle {
+    retry: RetryConfig,
+    dead_letter: Arc<DeadLetter>,
+    acks: mpsc::UnboundedSender<DeliveryTag>,
+    retry_tx: mpsc::UnboundedSender<Pending>,
+}
+
+/// A delivery on its way through attempts.
+struct Pending {
+    message: Message,
+    tag: DeliveryTag,
+    attempt: u32,
+    first_failure: Option<SystemTime>,
+}
+
+impl<T: Send + 'static> Deliveries<T> {
+    pub(crate) fn new(inbound: Inbound, codec: Arc<dyn Codec<T>>, retry: RetryConfig) -> Self {
+        let (retry_tx, retries) = mpsc::unbounded_channel();
+        let settle = Arc::new(Settle {
+            retry,
+            dead_letter: inbound.dead_letter,
+            acks: inbound.acks,
+            retry_tx,
+        });
+        Deliveries {
+            deliveries: inbound.deliveries,
+            retries,
+            codec,
+            settle,
+            stop: inbound.stop,
+            fetcher: Some(inbound.fetcher),
+            closer: Some(inbound.closer),
+        }
+    }
+
+    /// Stops fetching, waits (up to the binding's `shutdown-timeout`) for deliveries already
+    /// handed out to be acknowledged or dropped, then leaves the group. Deliveries fetched but
+    /// not yet yielded stay un-acknowledged and are delivered again.
+    pub async fn close(mut self) -> Result<()> {
+        let _ = self.stop.send(true);
+        let fetched = match self.fetcher.take() {
+            Some(fetcher) => fetcher.await.unwrap_or(Ok(())),
+            None => Ok(()),
+        };
+        let closer = self.closer.take();
+        drop(self);
+        if let Some(closer) = closer {
+            closer.close().await?;
+        }
+        fetched
+    }
+}
+
+impl<T> Drop for Deliveries<T> {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let (Some(closer), Ok(runtime)) =
+            (self.closer.take(), tokio::runtime::Handle::try_current())
+        {
+            runtime.spawn(async move {
+                if let Err(e) = closer.close().await {
+                    tracing::warn!(error = %e, "closing consumer failed");
+                }
+            });
+        }
+    }
+}
+
+impl<T: Send + 'static> Stream for Deliveries<T> {
+    type Item = Result<Delivery<T>>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            let pending = match this.retries.poll_recv(cx) {
+                Poll::Ready(Some(pending)) => pending,
+                _ => match this.deliveries.poll_recv(cx) {
+                    Poll::Ready(Some(received)) => Pending {
+                        attempt: received.delivery_count.max(1),
+                        message: received.message,
+                        tag: received.tag,
+                        first_failure: None,
+                    },
+                    Poll::Ready(None) => {
+                        // The fetcher ended: say why if it failed, once.
+                        if let Some(fetcher) = this.fetcher.as_mut() {
+                            let result = match Pin::new(fetcher).poll(cx) {
+                                Poll::Ready(result) => result,
+                                Poll::Pending => return Poll::Pending,
+                            };
+                            this.fetcher = None;
+                            if let Ok(Err(e)) = result {
+                                return Poll::Ready(Some(Err(e)));
+                            }
+                        }
+                        return Poll::Ready(None);
+                    }
+                    Poll::Pending => return Poll::Pending,
+                },
+            };
+            match decode_message(&*this.codec, &pending.message) {
+                Ok(payload) => {
+                    return Poll::Ready(Some(Ok(Delivery {
+                        payload,
+                        pending: Some(pending),
+                        settle: this.settle.clone(),
+                    })))
+                }
+                Err(e) => {
+                    let settle = this.settle.clone();
+                    tokio::spawn(async move {
+                        settle.give_up(pending, Cause::Decode, e.to_string()).await;
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl<T> Delivery<T> {
+    /// The decoded value.
+    pub fn payload(&self) -> &T {
+        &self.payload
+    }
+
+    /// The message as received.
+    pub fn message(&self) -> &Message {
+        &self.pending().message
+    }
+
+    /// Which attempt this is, from 1.
+    pub fn attempt(&self) -> u32 {
+        self.pending().attempt
+    }
+
+    fn pending(&self) -> &Pending {
+        self.pending.as_ref().expect("pending until ack or nack")
+    }
+
+    /// Marks the message handled; it is never delivered to this group again.
+    pub fn ack(mut self) {
+        if let Some(pending) = self.pending.take() {
+            let _ = self.settle.acks.send(pending.tag);
+        }
+    }
+
+    /// Marks the attempt failed: the message comes back after the retry backoff, or goes to
+    /// the dead-letter destination with `error` once the binding's attempts are used up.
+    pub fn nack(mut self, error: impl Display) {
+        if let Some(pending) = self.pending.take() {
+            self.settle.clone().nack(pending, error.to_string());
+        }
+    }
+}
+
+impl<T> Drop for Delivery<T> {
+    fn drop(&mut self) {
+        if let Some(pending) = self.pending.take() {
+            self.settle
+                .clone()
+                .nack(pending, "delivery dropped without ack or nack".to_owned());
+        }
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for Delivery<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("payload", &self.payload)
+            .field("message", &self.pending.as_ref().map(|p| &p.message))
+            .finish()
+    }
+}
+
+impl<T> fmt::Debug for Deliveries<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Deliveries").finish_non_exhaustive()
+    }
+}
+
+impl Settle {
+    fn nack(self: Arc<Self>, mut pending: Pending, error: String) {
+        pending.first_failure.get_or_insert_with(SystemTime::now);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Without a runtime nothing can be scheduled; the broker redelivers it.
+            return;
+        };
+        if pending.attempt >= self.retry.max_attempts {
+            runtime.spawn(async move { self.give_up(pending, Cause::Handler, error).await });
+            return;
+        }
+        let wait = self.retry.backoff(pending.attempt);
+        tracing::debug!(id = %pending.message.id(), attempt = pending.attempt, retry_in = ?wait, %error, "nacked; retrying");
+        runtime.spawn(async move {
+            tokio::time::sleep(wait).await;
+            pending.attempt += 1;
+            // If the stream is gone the message stays un-acknowledged and is redelivered.
+            let _ = self.retry_tx.send(pending);
+        });
+    }
+
+    /// Dead-letters, then acknowledges. Broker failures are retried while the stream lives;
+    /// after that the message stays un-acknowledged and the broker delivers it again.
+    async fn give_up(&self, pending: Pending, cause: Cause, error: String) {
+        let first = pending.first_failure.unwrap_or_else(SystemTime::now);
+        let mut failures = 0;
+        loop {
+            match self
+                .dead_letter
+                .publish(&pending.message, pending.attempt, cause, &error, first)
+                .await
+            {
+                Ok(()) => {
+                    let _ = self.acks.send(pending.tag);
+                    return;
+                }
+                Err(e) if !self.retry_tx.is_closed() => {
+                    failures += 1;
+                    tracing::warn!(error = %e, id = %pending.message.id(), "dead-letter publish failed; retrying");
+                    tokio::time::sleep(crate::inbound::reconnect_backoff(failures)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, id = %pending.message.id(), "dead-letter publish failed; message left for redelivery");
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! Typed event streams whose broker is chosen by a configuration file.
+//!
+//! `stream-core` holds what every broker shares: the [`Message`] model and [`Codec`]s, the
+//! narrow [`Binder`] transport trait, and the policies written once on top of it — retry with
+//! backoff, dead-lettering, per-key order under concurrency, the prefetch bound and graceful
+//! shutdown. Broker crates (`binder-memory`, `binder-redis`, `binder-kafka`) implement only
+//! transport and register a `type` that configuration files name.
+//!
+//! A service asks [`Streams`] for a named binding and gets a [`Source`] to publish or a
+//! [`Sink`] to consume; the file decides which broker is behind it.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> stream_core::Result<()> {
+//! use stream_core::{ErrorKind, Streams};
+//!
+//! // With no binder crate registered, a binding cannot be built, and the error says why.
+//! let err = Streams::builder()
+//!     .env(Vec::<(String, String)>::new())
+//!     .load_str(r#"
+//!         default-binder = "memory"
+//!         [bindings.orders-out]
+//!         destination = "order-events"
+//!     "#)
+//!     .unwrap_err();
+//! assert_eq!(err.kind(), ErrorKind::Config);
+//! assert!(err.message().contains("registered type"));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The `binder-memory` crate shows a full publish and consume round trip.
+//!
+//! # Delivery contract
+//!
+//! At-least-once: a message is acknowledged only after its handler returned `Ok` or after it
+//! was published to the dead-letter destination. A failing handler is retried with
+//! exponential backoff while the message stays un-acknowledged in the broker; later messages
+//! with the same key wait, others keep flowing. Undecodable payloads never reach a handler.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod binder;
+mod channel;
+mod codec;
+pub mod config;
+mod dead_letter;
+mod deliveries;
+mod dispatch;
+mod error;
+mod inbound;
+mod message;
+mod registry;
+mod sink;
+mod source;
+mod streams;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use binder::{Binder, Consumer, ConsumerOptions, DeliveryTag, Producer, Received, StartFrom};
+pub use channel::Channel;
+pub use codec::{Codec, Json, Raw};
+pub use config::{BindingConfig, Config, RetryConfig};
+pub use deliveries::{Deliveries, Delivery};
+pub use error::{BoxError, Error, ErrorKind, Result};
+pub use message::{header, Headers, Message};
+pub use registry::{BinderSettings, Registry};
+pub use sink::{Envelope, Sink, Subscription};
+pub use source::Source;
+pub use streams::{Streams, StreamsBuilder, ENV_PREFIX};
+
+/// A string unique to this process run, for anonymous groups and consumer names.
+pub fn unique_suffix() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    // RandomState is seeded randomly per process; hashing a counter gives distinct values.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
+}

@@ -1,0 +1,189 @@
+//! The broker-neutral message: payload bytes, ordered headers, an optional key and an id.
+
+use bytes::Bytes;
+
+/// Header names the library itself sets. Binders carry them like any other header.
+pub mod header {
+    /// Media type of the payload, set by the codec on send and checked on receive.
+    pub const CONTENT_TYPE: &str = "content-type";
+    /// Dead-letter header: the destination the message was consumed from.
+    pub const ORIGINAL_DESTINATION: &str = "x-original-destination";
+    /// Dead-letter header: the consumer group that gave up on the message.
+    pub const ORIGINAL_GROUP: &str = "x-original-group";
+    /// Dead-letter header: the broker id of the message in its original destination.
+    pub const ORIGINAL_ID: &str = "x-original-id";
+    /// Dead-letter header: how many times the message was handed to a handler.
+    pub const ATTEMPTS: &str = "x-attempts";
+    /// Dead-letter header: the last error, as text.
+    pub const ERROR: &str = "x-error";
+    /// Dead-letter header: `decode` (the payload never reached a handler) or `handler`.
+    pub const ERROR_KIND: &str = "x-error-kind";
+    /// Dead-letter header: when the first attempt failed, RFC 3339 in UTC.
+    pub const FIRST_FAILURE: &str = "x-first-failure";
+}
+
+/// Ordered message headers. Names may repeat; lookups return the first match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers(Vec<(String, String)>);
+
+impl Headers {
+    /// No headers.
+    pub fn new() -> Self {
+        Headers(Vec::new())
+    }
+
+    /// The first value under `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Appends a header, keeping any earlier one with the same name.
+    pub fn append(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        self.0.push((name.into(), value.into()));
+    }
+
+    /// Sets `name` to `value`, replacing every earlier value under that name.
+    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        let name = name.into();
+        self.0.retain(|(n, _)| *n != name);
+        self.0.push((name, value.into()));
+    }
+
+    /// Removes every value under `name`.
+    pub fn remove(&mut self, name: &str) {
+        self.0.retain(|(n, _)| n != name);
+    }
+
+    /// Iterates in insertion order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &str)> {
+        self.0.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+
+    /// Number of headers.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<N: Into<String>, V: Into<String>> FromIterator<(N, V)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (N, V)>>(iter: I) -> Self {
+        Headers(
+            iter.into_iter()
+                .map(|(n, v)| (n.into(), v.into()))
+                .collect(),
+        )
+    }
+}
+
+/// A message as it travels through a binder.
+///
+/// Keys decide ordering: messages with the same key are handled in publish order within a
+/// consumer group. Binders carry keys and header values as UTF-8 text.
+///
+/// ```
+/// use stream_core::Message;
+///
+/// let msg = Message::new(&b"{\"id\":7}"[..])
+///     .with_key("order-7")
+///     .with_header("trace-id", "abc");
+/// assert_eq!(msg.key(), Some("order-7"));
+/// assert_eq!(msg.headers().get("trace-id"), Some("abc"));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Message {
+    id: String,
+    key: Option<String>,
+    headers: Headers,
+    payload: Bytes,
+}
+
+impl Message {
+    /// A message with `payload`, no key, no headers.
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        Message {
+            payload: payload.into(),
+            ..Message::default()
+        }
+    }
+
+    /// Sets the key.
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Appends a header.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.append(name, value);
+        self
+    }
+
+    /// Sets the broker id; binders call this on received messages.
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.id = id.into();
+        self
+    }
+
+    /// Replaces all headers.
+    pub fn with_headers(mut self, headers: Headers) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// The id the broker gave the message (a Redis entry id, `partition@offset` on Kafka, an
+    /// offset in memory); empty before it was sent.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The key, if any.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
+
+    /// The headers, to change them.
+    pub fn headers_mut(&mut self) -> &mut Headers {
+        &mut self.headers
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// Splits the message into its parts: `(id, key, headers, payload)`.
+    pub fn into_parts(self) -> (String, Option<String>, Headers, Bytes) {
+        (self.id, self.key, self.headers, self.payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_replaces_append_keeps() {
+        let mut h = Headers::new();
+        h.append("a", "1");
+        h.append("a", "2");
+        assert_eq!(h.get("a"), Some("1"));
+        assert_eq!(h.len(), 2);
+        h.insert("a", "3");
+        assert_eq!(h.iter().collect::<Vec<_>>(), vec![("a", "3")]);
+        h.remove("a");
+        assert!(h.is_empty());
+    }
+}

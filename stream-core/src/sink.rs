@@ -1,0 +1,359 @@
+//! [`Sink`]: the typed consumer of one binding, handler style or pull style.
+
+use std::fmt::{self, Display};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::binder::{DeliveryTag, Received};
+use crate::channel::Channel;
+use crate::codec::{decode_message, Codec};
+use crate::config::RetryConfig;
+use crate::dead_letter::{Cause, DeadLetter};
+use crate::deliveries::Deliveries;
+use crate::dispatch::KeyedQueue;
+use crate::inbound::Inbound;
+use crate::{Error, ErrorKind, Message, Result};
+
+/// Consumes values of `T` from one binding.
+///
+/// * [`subscribe`](Sink::subscribe): a handler per message; `Ok` acknowledges, `Err` retries
+///   with backoff and finally dead-letters. Keys keep their order, other keys run
+///   concurrently up to the binding's `concurrency`.
+/// * [`stream`](Sink::stream): a stream of [`Delivery`](crate::Delivery) values to
+///   acknowledge yourself.
+pub struct Sink<T> {
+    channel: Channel,
+    codec: Arc<dyn Codec<T>>,
+}
+
+impl<T> fmt::Debug for Sink<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sink").field("channel", &self.channel).finish()
+    }
+}
+
+/// A decoded message handed to a handler, with what the broker knows about it.
+#[derive(Debug)]
+pub struct Envelope<T> {
+    payload: T,
+    message: Arc<Message>,
+    attempt: u32,
+}
+
+impl<T> Envelope<T> {
+    /// The decoded value.
+    pub fn payload(&self) -> &T {
+        &self.payload
+    }
+
+    /// The decoded value, by value.
+    pub fn into_payload(self) -> T {
+        self.payload
+    }
+
+    /// The message as received: id, key, headers, raw payload.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// Which attempt this is, from 1; above 1 the message was seen before.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+}
+
+type BoxHandler<T> =
+    Arc<dyn Fn(Envelope<T>) -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+impl<T: Send + 'static> Sink<T> {
+    pub(crate) fn new(channel: Channel, codec: Arc<dyn Codec<T>>) -> Self {
+        Sink { channel, codec }
+    }
+
+    /// Runs `handler` for every message until the returned [`Subscription`] is shut down.
+    pub async fn subscribe<F, Fut, E>(&self, handler: F) -> Result<Subscription>
+    where
+        F: Fn(T) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Display + Send + 'static,
+    {
+        self.subscribe_envelope(move |envelope: Envelope<T>| handler(envelope.into_payload()))
+            .await
+    }
+
+    /// Like [`subscribe`](Sink::subscribe), with the key, headers and attempt number.
+    pub async fn subscribe_envelope<F, Fut, E>(&self, handler: F) -> Result<Subscription>
+    where
+        F: Fn(Envelope<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Display + Send + 'static,
+    {
+        let handler: BoxHandler<T> = Arc::new(move |envelope| {
+            let fut = handler(envelope);
+            async move { fut.await.map_err(|e| e.to_string()) }.boxed()
+        });
+        let inbound = Inbound::open(&self.channel).await?;
+        let (stopping_tx, stopping) = (inbound.stop.clone(), inbound.stop.subscribe());
+        let worker = Arc::new(Worker {
+            codec: self.codec.clone(),
+            handler,
+            retry: self.channel.config.retry.clone(),
+            dead_letter: inbound.dead_letter.clone(),
+            stopping: stopping.clone(),
+        });
+        let supervisor = tokio::spawn(supervise(
+            inbound,
+            worker,
+            self.channel.config.concurrency,
+        ));
+        Ok(Subscription {
+            stop: stopping_tx,
+            supervisor: Some(supervisor),
+        })
+    }
+
+    /// Opens a pull-style stream of deliveries.
+    pub async fn stream(&self) -> Result<Deliveries<T>> {
+        let inbound = Inbound::open(&self.channel).await?;
+        Ok(Deliveries::new(
+            inbound,
+            self.codec.clone(),
+            self.channel.config.retry.clone(),
+        ))
+    }
+}
+
+/// A running handler. [`shutdown`](Subscription::shutdown) stops it gracefully; dropping it
+/// starts the same shutdown in the background.
+pub struct Subscription {
+    stop: watch::Sender<bool>,
+    supervisor: Option<JoinHandle<Result<()>>>,
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("stopping", &*self.stop.borrow())
+            .finish()
+    }
+}
+
+impl Subscription {
+    /// Stops fetching, lets running handlers finish and acknowledges them, then leaves the
+    /// group. Deliveries fetched but not started stay un-acknowledged and go to another
+    /// member (or this group's next consumer). Returns an error if the consumer had failed,
+    /// or if handlers were still running when the binding's `shutdown-timeout` ran out.
+    pub async fn shutdown(mut self) -> Result<()> {
+        let _ = self.stop.send(true);
+        self.wait().await
+    }
+
+    /// Waits until the subscription ends by itself: only a permanent consumer failure ends
+    /// it, and that failure is returned.
+    pub async fn wait(&mut self) -> Result<()> {
+        match self.supervisor.take() {
+            Some(handle) => handle.await.unwrap_or_else(|e| {
+                Err(Error::new(ErrorKind::Closed, "subscription task failed").with_source(e))
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the subscription has ended.
+    pub fn is_finished(&self) -> bool {
+        self.supervisor.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+struct Worker<T> {
+    codec: Arc<dyn Codec<T>>,
+    handler: BoxHandler<T>,
+    retry: RetryConfig,
+    dead_letter: Arc<DeadLetter>,
+    stopping: watch::Receiver<bool>,
+}
+
+impl<T: Send + 'static> Worker<T> {
+    /// Handles one delivery to the end: success, or retries and dead letter. Returns the tag
+    /// to acknowledge, or `None` when shutdown interrupted it and the broker must redeliver.
+    async fn process(&self, received: Received) -> Option<DeliveryTag> {
+        let tag = received.tag;
+        let message = Arc::new(received.message);
+        let mut attempt = received.delivery_count.max(1);
+        let mut first_failure = None;
+        loop {
+            let payload = match decode_message(&*self.codec, &message) {
+                Ok(payload) => payload,
+                Err(e) => {
+                    let first = first_failure.unwrap_or_else(SystemTime::now);
+                    return self
+                        .dead_letter(&message, attempt, Cause::Decode, &e.to_string(), first)
+                        .await
+                        .then_some(tag);
+                }
+            };
+            let envelope = Envelope {
+                payload,
+                message: message.clone(),
+                attempt,
+            };
+            let error = match AssertUnwindSafe((self.handler)(envelope))
+                .catch_unwind()
+                .await
+            {
+                Ok(Ok(())) => return Some(tag),
+                Ok(Err(e)) => e,
+                Err(panic) => format!("handler panicked: {}", panic_text(&*panic)),
+            };
+            let first = *first_failure.get_or_insert_with(SystemTime::now);
+            if attempt >= self.retry.max_attempts {
+                return self
+                    .dead_letter(&message, attempt, Cause::Handler, &error, first)
+                    .await
+                    .then_some(tag);
+            }
+            let wait = self.retry.backoff(attempt);
+            tracing::debug!(id = %message.id(), attempt, retry_in = ?wait, error = %error, "handler failed; retrying");
+            let mut stopping = self.stopping.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                // The message stays un-acknowledged in the broker, which redelivers it.
+                _ = stopping.wait_for(|s| *s) => return None,
+            }
+            attempt += 1;
+        }
+    }
+
+    /// Publishes to the dead-letter destination, retrying broker failures until it worked or
+    /// shutdown began. Returns whether the original may be acknowledged.
+    async fn dead_letter(
+        &self,
+        message: &Message,
+        attempts: u32,
+        cause: Cause,
+        error: &str,
+        first_failure: SystemTime,
+    ) -> bool {
+        let mut failures = 0;
+        loop {
+            match self
+                .dead_letter
+                .publish(message, attempts, cause, error, first_failure)
+                .await
+            {
+                Ok(()) => return true,
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, id = %message.id(), "dead-letter publish failed; retrying");
+                    let mut stopping = self.stopping.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(crate::inbound::reconnect_backoff(failures)) => {}
+                        _ = stopping.wait_for(|s| *s) => return false,
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("non-text panic payload")
+}
+
+async fn supervise<T: Send + 'static>(
+    inbound: Inbound,
+    worker: Arc<Worker<T>>,
+    concurrency: usize,
+) -> Result<()> {
+    let Inbound {
+        deliveries,
+        acks,
+        stop,
+        fetcher,
+        closer,
+        ..
+    } = inbound;
+    let dispatcher = tokio::spawn(dispatch(worker, deliveries, acks, concurrency, stop.subscribe()));
+    let fetched = fetcher.await.unwrap_or_else(|e| {
+        Err(Error::new(ErrorKind::Closed, "fetch task failed").with_source(e))
+    });
+    // A permanent fetch failure stops the dispatcher too.
+    let _ = stop.send(true);
+    let timeout = closer.timeout;
+    let abort = dispatcher.abort_handle();
+    let drained = tokio::time::timeout(timeout, dispatcher).await.is_ok();
+    if !drained {
+        abort.abort();
+        tracing::warn!(?timeout, "handlers still running at the shutdown deadline; their messages will be delivered again");
+    }
+    closer.close().await?;
+    fetched?;
+    if drained {
+        Ok(())
+    } else {
+        Err(Error::new(
+            ErrorKind::Timeout,
+            format!("handlers still running after the shutdown timeout of {timeout:?}; their messages stay un-acknowledged"),
+        ))
+    }
+}
+
+/// Feeds deliveries to the worker: at most `concurrency` at once, one at a time per key.
+async fn dispatch<T: Send + 'static>(
+    worker: Arc<Worker<T>>,
+    mut deliveries: mpsc::UnboundedReceiver<Received>,
+    acks: mpsc::UnboundedSender<DeliveryTag>,
+    concurrency: usize,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut queue = KeyedQueue::new();
+    let mut running = FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        while open && running.len() < concurrency {
+            let Some((slot, received)) = queue.pop() else {
+                break;
+            };
+            let worker = worker.clone();
+            running.push(async move { (slot, worker.process(received).await) });
+        }
+        if !open && running.is_empty() {
+            // Queued deliveries were never started; closing the consumer hands them back.
+            return;
+        }
+        tokio::select! {
+            Some((slot, ack)) = running.next(), if !running.is_empty() => {
+                queue.done(slot);
+                if let Some(tag) = ack {
+                    let _ = acks.send(tag);
+                }
+            }
+            received = deliveries.recv(), if open => match received {
+                Some(received) => {
+                    let slot = queue.slot(received.message.key());
+                    queue.push(slot, received);
+                }
+                None => open = false,
+            },
+            _ = stopping.wait_for(|s| *s), if open => open = false,
+        }
+    }
+}

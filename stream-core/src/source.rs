@@ -1,0 +1,130 @@
+//! [`Source`]: the typed publisher of one binding.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::binder::Producer;
+use crate::codec::Codec;
+use crate::message::{header, Message};
+use crate::{Error, ErrorKind, Result};
+
+/// Publishes values of `T` to one destination. Cheap to clone; clones share the producer.
+///
+/// Every send returns once the broker has accepted the message, or with an error: a message
+/// is never dropped silently.
+pub struct Source<T> {
+    producer: Arc<dyn Producer>,
+    codec: Arc<dyn Codec<T>>,
+    destination: Arc<str>,
+    max_payload_bytes: usize,
+}
+
+impl<T> Clone for Source<T> {
+    fn clone(&self) -> Self {
+        Source {
+            producer: self.producer.clone(),
+            codec: self.codec.clone(),
+            destination: self.destination.clone(),
+            max_payload_bytes: self.max_payload_bytes,
+        }
+    }
+}
+
+impl<T: 'static> fmt::Debug for Source<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Source")
+            .field("destination", &self.destination)
+            .field("content_type", &self.codec.content_type())
+            .finish()
+    }
+}
+
+impl<T: 'static> Source<T> {
+    pub(crate) fn new(
+        producer: Arc<dyn Producer>,
+        codec: Arc<dyn Codec<T>>,
+        destination: &str,
+        max_payload_bytes: usize,
+    ) -> Self {
+        Source {
+            producer,
+            codec,
+            destination: destination.into(),
+            max_payload_bytes,
+        }
+    }
+
+    /// The destination this source publishes to.
+    pub fn destination(&self) -> &str {
+        &self.destination
+    }
+
+    /// Encodes `value` into a message with its `content-type` header, to add a key or headers
+    /// before [`send_message`](Source::send_message).
+    pub fn encode(&self, value: &T) -> Result<Message> {
+        let payload = self.codec.encode(value)?;
+        Ok(Message::new(payload).with_header(header::CONTENT_TYPE, self.codec.content_type()))
+    }
+
+    /// Publishes `value` without a key.
+    pub async fn send(&self, value: &T) -> Result<String> {
+        self.send_message(self.encode(value)?).await
+    }
+
+    /// Publishes `value` under `key`; messages with one key are handled in order.
+    pub async fn send_keyed(&self, key: impl Into<String>, value: &T) -> Result<String> {
+        self.send_message(self.encode(value)?.with_key(key)).await
+    }
+
+    /// Publishes a prepared message.
+    pub async fn send_message(&self, message: Message) -> Result<String> {
+        self.check_size(&message)?;
+        self.producer.send(message).await
+    }
+
+    /// Publishes several values in order, in as few round trips as the binder allows.
+    pub async fn send_batch<'a, I>(&self, values: I) -> Result<Vec<String>>
+    where
+        I: IntoIterator<Item = &'a T>,
+        T: 'a,
+    {
+        let messages = values
+            .into_iter()
+            .map(|v| self.encode(v))
+            .collect::<Result<Vec<_>>>()?;
+        self.send_messages(messages).await
+    }
+
+    /// Publishes several prepared messages in order.
+    pub async fn send_messages(&self, messages: Vec<Message>) -> Result<Vec<String>> {
+        for message in &messages {
+            self.check_size(message)?;
+        }
+        self.producer.send_batch(messages).await
+    }
+
+    /// Waits until everything sent is accepted by the broker.
+    pub async fn flush(&self) -> Result<()> {
+        self.producer.flush().await
+    }
+
+    /// Flushes and releases the producer; later sends fail.
+    pub async fn close(&self) -> Result<()> {
+        self.producer.close().await
+    }
+
+    fn check_size(&self, message: &Message) -> Result<()> {
+        let size = message.payload().len();
+        if size > self.max_payload_bytes {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "payload of {size} bytes for `{}` is over the binding's limit of {} bytes \
+                     (max-payload-bytes)",
+                    self.destination, self.max_payload_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,267 @@
+//! [`Streams`]: every binder and binding of one configuration file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::binder::Binder;
+use crate::channel::Channel;
+use crate::config::{nearest, Config};
+use crate::registry::{BinderSettings, Registry};
+use crate::sink::Sink;
+use crate::source::Source;
+use crate::{Error, ErrorKind, Result};
+
+/// The prefix of environment overrides (`STREAM_DEFAULT_BINDER=kafka`).
+pub const ENV_PREFIX: &str = "STREAM";
+
+/// The binders and bindings of a configuration file, ready to hand out sources and sinks.
+///
+/// Binder crates add their types with `register`; the file picks one per binding:
+///
+/// ```
+/// use stream_core::{ErrorKind, Streams};
+///
+/// let err = Streams::builder()
+///     .env(Vec::<(String, String)>::new())
+///     .load_str("[binders.main]\ntype = \"kafak\"\n")
+///     .unwrap_err();
+/// assert_eq!(err.kind(), ErrorKind::UnknownBinderType);
+/// assert!(err.message().contains("unknown type `kafak`"));
+/// ```
+///
+/// The `binder-memory` crate documentation shows a full round trip.
+#[derive(Clone)]
+pub struct Streams {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    origin: String,
+    config: Config,
+    binders: BTreeMap<String, Arc<dyn Binder>>,
+}
+
+impl Streams {
+    /// Starts building from a configuration.
+    pub fn builder() -> StreamsBuilder {
+        StreamsBuilder::default()
+    }
+
+    /// The named binding.
+    pub fn channel(&self, binding: &str) -> Result<Channel> {
+        let inner = &*self.inner;
+        let Some(config) = inner.config.bindings.get(binding) else {
+            let names: Vec<&str> = inner.config.bindings.keys().map(String::as_str).collect();
+            let hint = match nearest(binding, &names) {
+                Some(best) => format!("; did you mean `{best}`?"),
+                None if names.is_empty() => "; it defines no bindings".to_owned(),
+                None => format!("; it defines: {}", names.join(", ")),
+            };
+            return Err(Error::new(
+                ErrorKind::MissingBinding,
+                format!("no binding `{binding}` in {}{hint}", inner.origin),
+            ));
+        };
+        let binder_name = binder_of(&inner.config, config.binder.as_deref());
+        let binder = binder_name
+            .and_then(|name| inner.binders.get(name))
+            .cloned()
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!("bindings.{binding} in {} names no binder", inner.origin),
+                )
+            })?;
+        Ok(Channel::new(binding, binder, config.clone()))
+    }
+
+    /// A JSON source for the named binding.
+    pub async fn source<T>(&self, binding: &str) -> Result<Source<T>>
+    where
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+    {
+        self.channel(binding)?.source().await
+    }
+
+    /// A JSON sink for the named binding.
+    pub fn sink<T>(&self, binding: &str) -> Result<Sink<T>>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+    {
+        Ok(self.channel(binding)?.sink())
+    }
+
+    /// The binder declared under `name`.
+    pub fn binder(&self, name: &str) -> Option<Arc<dyn Binder>> {
+        self.inner.binders.get(name).cloned()
+    }
+
+    /// The parsed configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Closes every binder.
+    pub async fn close(&self) -> Result<()> {
+        for binder in self.inner.binders.values() {
+            binder.close().await?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Streams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Streams")
+            .field("origin", &self.inner.origin)
+            .field("binders", &self.inner.binders.keys().collect::<Vec<_>>())
+            .field("bindings", &self.inner.config.bindings.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+fn binder_of<'a>(config: &'a Config, named: Option<&'a str>) -> Option<&'a str> {
+    named.or(config.default_binder.as_deref()).or_else(|| {
+        (config.binders.len() == 1).then(|| config.binders.keys().next().map(String::as_str))?
+    })
+}
+
+/// Builds a [`Streams`]: registered binder types, optional ready-made binders, then a file.
+#[derive(Default)]
+pub struct StreamsBuilder {
+    registry: Registry,
+    instances: BTreeMap<String, Arc<dyn Binder>>,
+    env: Option<Vec<(String, String)>>,
+}
+
+impl StreamsBuilder {
+    /// Runs a binder crate's registration function, such as `binder_redis::register`.
+    pub fn register(mut self, register: impl FnOnce(&mut Registry)) -> Self {
+        register(&mut self.registry);
+        self
+    }
+
+    /// Uses `binder` for the binder named `name`, instead of building one from the file.
+    /// Tests use this to keep a handle on an in-memory binder.
+    pub fn binder(mut self, name: impl Into<String>, binder: impl Binder) -> Self {
+        self.instances.insert(name.into(), Arc::new(binder));
+        self
+    }
+
+    /// Reads overrides from these pairs instead of the process environment.
+    pub fn env<I, K, V>(mut self, vars: I) -> Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        self.env = Some(vars.into_iter().map(|(k, v)| (k.into(), v.into())).collect());
+        self
+    }
+
+    /// Loads a TOML file.
+    pub fn load_file(self, path: impl AsRef<Path>) -> Result<Streams> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                format!("cannot read configuration file {}", path.display()),
+            )
+            .with_source(e)
+        })?;
+        self.load(&text, &path.display().to_string())
+    }
+
+    /// Loads TOML text.
+    pub fn load_str(self, text: &str) -> Result<Streams> {
+        self.load(text, "<inline config>")
+    }
+
+    fn load(self, text: &str, origin: &str) -> Result<Streams> {
+        let env = self.env.unwrap_or_else(|| std::env::vars().collect());
+        let config = Config::parse(text, origin, ENV_PREFIX, env)?;
+        let mut binders = self.instances;
+        for (name, declared) in &config.binders {
+            if binders.contains_key(name) {
+                continue;
+            }
+            let binder = build(&self.registry, name, &declared.kind, &declared.settings, origin)?;
+            binders.insert(name.clone(), binder);
+        }
+        // A binding may name a binder type that is not declared: it gets one with defaults.
+        let referenced = config
+            .bindings
+            .iter()
+            .map(|(binding, b)| (binding.as_str(), binder_of(&config, b.binder.as_deref())));
+        for (binding, name) in referenced {
+            let Some(name) = name else {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "{origin}: bindings.{binding} names no binder and there is no \
+                         `default-binder`"
+                    ),
+                ));
+            };
+            if binders.contains_key(name) {
+                continue;
+            }
+            if self.registry.get(name).is_none() {
+                let declared: Vec<&str> = config.binders.keys().map(String::as_str).collect();
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "{origin}: bindings.{binding} uses binder `{name}`, which is neither \
+                         declared under [binders] (declared: {}) nor a registered type ({})",
+                        list(&declared),
+                        list(&self.registry.kinds()),
+                    ),
+                ));
+            }
+            let binder = build(&self.registry, name, name, &toml::Table::new(), origin)?;
+            binders.insert(name.to_owned(), binder);
+        }
+        Ok(Streams {
+            inner: Arc::new(Inner {
+                origin: origin.to_owned(),
+                config,
+                binders,
+            }),
+        })
+    }
+}
+
+fn list(items: &[&str]) -> String {
+    if items.is_empty() {
+        "none".to_owned()
+    } else {
+        items.join(", ")
+    }
+}
+
+fn build(
+    registry: &Registry,
+    name: &str,
+    kind: &str,
+    settings: &toml::Table,
+    origin: &str,
+) -> Result<Arc<dyn Binder>> {
+    let Some(factory) = registry.get(kind) else {
+        let kinds = registry.kinds();
+        let hint = nearest(kind, &kinds)
+            .map(|best| format!(" (did you mean `{best}`?)"))
+            .unwrap_or_default();
+        return Err(Error::new(
+            ErrorKind::UnknownBinderType,
+            format!(
+                "{origin}: binders.{name} has unknown type `{kind}`{hint}; registered types: {}",
+                list(&kinds)
+            ),
+        ));
+    };
+    factory(BinderSettings::new(name, origin, settings.clone()))
+}
