@@ -21,8 +21,11 @@ pub trait Binder: Send + Sync + 'static {
     async fn producer(&self, destination: &str) -> Result<Box<dyn Producer>>;
 
     /// A consumer of `destination` as a member of `options.group`.
-    async fn consumer(&self, destination: &str, options: &ConsumerOptions)
-        -> Result<Box<dyn Consumer>>;
+    async fn consumer(
+        &self,
+        destination: &str,
+        options: &ConsumerOptions,
+    ) -> Result<Box<dyn Consumer>>;
 
     /// Releases connections. Producers and consumers already made stay usable until closed.
     async fn close(&self) -> Result<()> {

@@ -40,7 +40,13 @@ pub(crate) fn decode_message<T: 'static>(codec: &dyn Codec<T>, message: &Message
 
 /// Compares media types without parameters (`application/json; charset=utf-8`).
 fn same_media_type(a: &str, b: &str) -> bool {
-    let essence = |s: &str| s.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = |s: &str| {
+        s.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    };
     essence(a) == essence(b)
 }
 
@@ -115,9 +121,13 @@ mod tests {
     #[test]
     fn content_type_header_is_honoured() {
         let codec = Json::<u32>::new();
-        let ok = Message::new(&b"5"[..]).with_header("content-type", "application/json; charset=utf-8");
+        let ok =
+            Message::new(&b"5"[..]).with_header("content-type", "application/json; charset=utf-8");
         assert_eq!(decode_message(&codec, &ok).unwrap(), 5);
         let wrong = Message::new(&b"5"[..]).with_header("content-type", "text/plain");
-        assert_eq!(decode_message(&codec, &wrong).unwrap_err().kind(), ErrorKind::Codec);
+        assert_eq!(
+            decode_message(&codec, &wrong).unwrap_err().kind(),
+            ErrorKind::Codec
+        );
     }
 }

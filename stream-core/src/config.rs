@@ -315,8 +315,11 @@ impl Config {
         I: IntoIterator<Item = (String, String)>,
     {
         let mut table: toml::Table = toml::from_str(text).map_err(|e| {
-            Error::new(ErrorKind::Config, format!("{origin}: {}", e.message().trim()))
-                .with_source(e)
+            Error::new(
+                ErrorKind::Config,
+                format!("{origin}: {}", e.message().trim()),
+            )
+            .with_source(e)
         })?;
         apply_overrides(&mut table, prefix, overrides)?;
         Config::from_table(table, origin)
@@ -341,9 +344,9 @@ impl Config {
         for (name, value) in section(bindings, origin, "bindings")? {
             let place = format!("bindings.{name}");
             let binding: BindingConfig = deserialize_value(value, origin, &place)?;
-            binding.validate(&name).map_err(|e| {
-                Error::new(ErrorKind::Config, format!("{origin}: {}", e.message()))
-            })?;
+            binding
+                .validate(&name)
+                .map_err(|e| Error::new(ErrorKind::Config, format!("{origin}: {}", e.message())))?;
             config.bindings.insert(name, binding);
         }
         Ok(config)
@@ -370,7 +373,10 @@ fn section(value: Option<toml::Value>, origin: &str, name: &str) -> Result<toml:
         Some(toml::Value::Table(t)) => Ok(t),
         Some(other) => Err(Error::new(
             ErrorKind::Config,
-            format!("{origin}: `{name}` must be a table, found {}", other.type_str()),
+            format!(
+                "{origin}: `{name}` must be a table, found {}",
+                other.type_str()
+            ),
         )),
     }
 }
@@ -532,30 +538,35 @@ mod tests {
     fn typo_in_binding_key_names_place_and_suggestion() {
         let err = parse("[bindings.in]\ndestination = \"d\"\nprefech = 5\n").unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Config);
-        assert!(err.message().contains("unknown key `prefech` in bindings.in"), "{err}");
+        assert!(
+            err.message()
+                .contains("unknown key `prefech` in bindings.in"),
+            "{err}"
+        );
         assert!(err.message().contains("did you mean `prefetch`?"), "{err}");
         assert!(err.message().starts_with("streams.toml"), "{err}");
     }
 
     #[test]
     fn typo_in_nested_and_top_level_keys() {
-        let err = parse(
-            "[bindings.in]\ndestination = \"d\"\nretry = { max-attempt = 2 }\n",
-        )
-        .unwrap_err();
-        assert!(err.message().contains("did you mean `max-attempts`?"), "{err}");
+        let err =
+            parse("[bindings.in]\ndestination = \"d\"\nretry = { max-attempt = 2 }\n").unwrap_err();
+        assert!(
+            err.message().contains("did you mean `max-attempts`?"),
+            "{err}"
+        );
         let err = parse("default-bindr = \"x\"\n").unwrap_err();
-        assert!(err.message().contains("did you mean `default-binder`?"), "{err}");
+        assert!(
+            err.message().contains("did you mean `default-binder`?"),
+            "{err}"
+        );
     }
 
     #[test]
     fn bad_values_are_reported() {
         let err = parse("[bindings.in]\ndestination = \"d\"\nconcurrency = 0\n").unwrap_err();
         assert!(err.message().contains("concurrency"), "{err}");
-        let err = parse(
-            "[bindings.in]\ndestination = \"d\"\nclaim-idle = \"soon\"\n",
-        )
-        .unwrap_err();
+        let err = parse("[bindings.in]\ndestination = \"d\"\nclaim-idle = \"soon\"\n").unwrap_err();
         assert!(err.message().contains("invalid duration `soon`"), "{err}");
         let err = parse("[binders.x]\nurl = \"u\"\n").unwrap_err();
         assert!(err.message().contains("missing field `type`"), "{err}");
@@ -565,7 +576,10 @@ mod tests {
     fn environment_overrides_beat_the_file() {
         let env = vec![
             ("STREAM_DEFAULT_BINDER".to_owned(), "kafka".to_owned()),
-            ("STREAM_BINDINGS__PAYMENTS_IN__CONCURRENCY".to_owned(), "8".to_owned()),
+            (
+                "STREAM_BINDINGS__PAYMENTS_IN__CONCURRENCY".to_owned(),
+                "8".to_owned(),
+            ),
             ("STREAM_BINDERS__KAFKA__TYPE".to_owned(), "kafka".to_owned()),
             ("OTHER_THING".to_owned(), "ignored".to_owned()),
         ];
@@ -596,7 +610,10 @@ mod tests {
 
     #[test]
     fn nearest_only_suggests_close_names() {
-        assert_eq!(nearest("kafak", &["kafka", "memory"]).as_deref(), Some("kafka"));
+        assert_eq!(
+            nearest("kafak", &["kafka", "memory"]).as_deref(),
+            Some("kafka")
+        );
         assert_eq!(nearest("zzzzzz", &["kafka", "memory"]), None);
     }
 }

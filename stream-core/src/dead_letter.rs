@@ -31,7 +31,12 @@ pub(crate) struct DeadLetter {
 }
 
 impl DeadLetter {
-    pub(crate) fn new(binder: Arc<dyn Binder>, destination: String, origin: &str, group: &str) -> Self {
+    pub(crate) fn new(
+        binder: Arc<dyn Binder>,
+        destination: String,
+        origin: &str,
+        group: &str,
+    ) -> Self {
         DeadLetter {
             binder,
             destination,

@@ -1,7 +1,7 @@
 //! Scheduling that keeps one key in order while other keys run concurrently.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 
 /// Orders work so that items with the same key start one after another, in arrival order,
 /// while items with other keys (or none) are free to start.
@@ -26,11 +26,7 @@ impl<I> KeyedQueue<I> {
 
     /// The slot of `key`: items of one slot run one at a time.
     pub(crate) fn slot(&self, key: Option<&str>) -> Option<u64> {
-        key.map(|key| {
-            let mut h = self.hasher.build_hasher();
-            key.hash(&mut h);
-            h.finish()
-        })
+        key.map(|key| self.hasher.hash_one(key))
     }
 
     pub(crate) fn push(&mut self, slot: Option<u64>, item: I) {

@@ -152,7 +152,9 @@ mod tests {
     fn classification_follows_kind_unless_overridden() {
         assert!(Error::new(ErrorKind::Timeout, "t").is_temporary());
         assert!(!Error::new(ErrorKind::Config, "c").is_temporary());
-        assert!(Error::new(ErrorKind::Broker, "b").temporary(true).is_temporary());
+        assert!(Error::new(ErrorKind::Broker, "b")
+            .temporary(true)
+            .is_temporary());
     }
 
     #[test]
@@ -160,7 +162,13 @@ mod tests {
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         let err = Error::new(ErrorKind::Connection, "cannot reach 127.0.0.1:1").with_source(io);
         assert!(std::error::Error::source(&err).is_some());
-        assert_eq!(err.to_string(), "connection error: cannot reach 127.0.0.1:1");
-        assert_eq!(std::error::Error::source(&err).unwrap().to_string(), "refused");
+        assert_eq!(
+            err.to_string(),
+            "connection error: cannot reach 127.0.0.1:1"
+        );
+        assert_eq!(
+            std::error::Error::source(&err).unwrap().to_string(),
+            "refused"
+        );
     }
 }

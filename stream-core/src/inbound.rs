@@ -89,7 +89,10 @@ impl Inbound {
 impl Closer {
     /// Waits (bounded) for pending acks to reach the broker, then leaves the group.
     pub(crate) async fn close(self) -> Result<()> {
-        if tokio::time::timeout(self.timeout, self.acker).await.is_err() {
+        if tokio::time::timeout(self.timeout, self.acker)
+            .await
+            .is_err()
+        {
             tracing::warn!("acknowledgements still outstanding at shutdown; those messages will be delivered again");
         }
         self.dead_letter.close().await;

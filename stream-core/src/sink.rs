@@ -36,7 +36,9 @@ pub struct Sink<T> {
 
 impl<T> fmt::Debug for Sink<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Sink").field("channel", &self.channel).finish()
+        f.debug_struct("Sink")
+            .field("channel", &self.channel)
+            .finish()
     }
 }
 
@@ -109,11 +111,7 @@ impl<T: Send + 'static> Sink<T> {
             dead_letter: inbound.dead_letter.clone(),
             stopping: stopping.clone(),
         });
-        let supervisor = tokio::spawn(supervise(
-            inbound,
-            worker,
-            self.channel.config.concurrency,
-        ));
+        let supervisor = tokio::spawn(supervise(inbound, worker, self.channel.config.concurrency));
         Ok(Subscription {
             stop: stopping_tx,
             supervisor: Some(supervisor),
@@ -291,10 +289,16 @@ async fn supervise<T: Send + 'static>(
         closer,
         ..
     } = inbound;
-    let dispatcher = tokio::spawn(dispatch(worker, deliveries, acks, concurrency, stop.subscribe()));
-    let fetched = fetcher.await.unwrap_or_else(|e| {
-        Err(Error::new(ErrorKind::Closed, "fetch task failed").with_source(e))
-    });
+    let dispatcher = tokio::spawn(dispatch(
+        worker,
+        deliveries,
+        acks,
+        concurrency,
+        stop.subscribe(),
+    ));
+    let fetched = fetcher
+        .await
+        .unwrap_or_else(|e| Err(Error::new(ErrorKind::Closed, "fetch task failed").with_source(e)));
     // A permanent fetch failure stops the dispatcher too.
     let _ = stop.send(true);
     let timeout = closer.timeout;

@@ -119,7 +119,10 @@ impl fmt::Debug for Streams {
         f.debug_struct("Streams")
             .field("origin", &self.inner.origin)
             .field("binders", &self.inner.binders.keys().collect::<Vec<_>>())
-            .field("bindings", &self.inner.config.bindings.keys().collect::<Vec<_>>())
+            .field(
+                "bindings",
+                &self.inner.config.bindings.keys().collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -159,7 +162,11 @@ impl StreamsBuilder {
         K: Into<String>,
         V: Into<String>,
     {
-        self.env = Some(vars.into_iter().map(|(k, v)| (k.into(), v.into())).collect());
+        self.env = Some(
+            vars.into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        );
         self
     }
 
@@ -189,7 +196,13 @@ impl StreamsBuilder {
             if binders.contains_key(name) {
                 continue;
             }
-            let binder = build(&self.registry, name, &declared.kind, &declared.settings, origin)?;
+            let binder = build(
+                &self.registry,
+                name,
+                &declared.kind,
+                &declared.settings,
+                origin,
+            )?;
             binders.insert(name.clone(), binder);
         }
         // A binding may name a binder type that is not declared: it gets one with defaults.

@@ -1,0 +1,907 @@
+//! The conformance cases. Each takes a [`Harness`] and panics on a broken contract.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use super::{
+    ack_all, channel, raw_consumer, raw_producer, receive_at_least, skip, test_binding, unique,
+    wait_until, CountingBinder, Harness, Tally,
+};
+use crate::{header, Binder, ErrorKind, Message, StartFrom};
+
+/// The payload every case publishes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// A number unique within the case.
+    pub n: u64,
+}
+
+fn ev(n: u64) -> Event {
+    Event { n }
+}
+
+/// Payload, key and headers arrive as sent, with the broker id that `send` returned.
+pub async fn publish_subscribe_keeps_payload_headers_and_key(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("roundtrip");
+    let ch = channel(&binder, test_binding(&dest, &caps).group(unique("g")));
+    let mut stream = ch.sink::<Event>().stream().await.expect("stream");
+    let source = ch.source::<Event>().await.expect("source");
+    let msg = source
+        .encode(&ev(7))
+        .unwrap()
+        .with_key("order-7")
+        .with_header("trace-id", "t-7")
+        .with_header("tenant", "acme");
+    let id = source.send_message(msg).await.expect("send");
+    assert!(!id.is_empty(), "send returns the broker id");
+
+    let d = tokio::time::timeout(caps.patience, stream.next())
+        .await
+        .expect("delivery arrives")
+        .expect("stream open")
+        .expect("no error");
+    assert_eq!(d.payload(), &ev(7));
+    assert_eq!(d.message().key(), Some("order-7"));
+    assert_eq!(d.message().headers().get("trace-id"), Some("t-7"));
+    assert_eq!(d.message().headers().get("tenant"), Some("acme"));
+    assert_eq!(
+        d.message().headers().get(header::CONTENT_TYPE),
+        Some("application/json")
+    );
+    assert_eq!(
+        d.message().id(),
+        id,
+        "received id equals the id send returned"
+    );
+    assert_eq!(d.attempt(), 1);
+    d.ack();
+    stream.close().await.expect("close");
+}
+
+/// Messages published to one destination never appear on another.
+pub async fn destinations_are_isolated(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let (a, b) = (unique("iso-a"), unique("iso-b"));
+    let sa = channel(&binder, test_binding(&a, &caps))
+        .source::<Event>()
+        .await
+        .unwrap();
+    let sb = channel(&binder, test_binding(&b, &caps))
+        .source::<Event>()
+        .await
+        .unwrap();
+    for n in 0..5 {
+        sa.send(&ev(n)).await.unwrap();
+    }
+    for n in 100..103 {
+        sb.send(&ev(n)).await.unwrap();
+    }
+    // A sentinel last, so "everything before it was seen" is a condition we can wait for.
+    sa.send(&ev(999)).await.unwrap();
+    sb.send(&ev(999)).await.unwrap();
+    for (dest, expected) in [(&a, (0..5).collect::<Vec<_>>()), (&b, (100..103).collect())] {
+        let tally = Tally::new();
+        let t = tally.clone();
+        let sub = channel(&binder, test_binding(dest, &caps).group(unique("g")))
+            .sink::<Event>()
+            .subscribe(move |e: Event| {
+                t.record(e.n);
+                async { Ok::<(), String>(()) }
+            })
+            .await
+            .unwrap();
+        let all: Vec<u64> = expected.iter().copied().chain([999]).collect();
+        wait_until(
+            caps.patience,
+            "all messages of the destination arrive",
+            || tally.has_all(all.clone()),
+        )
+        .await;
+        sub.shutdown().await.unwrap();
+        tally.assert_complete("destinations_are_isolated", all);
+    }
+}
+
+/// Several publishers and several members of one group: every message handled, none lost.
+pub async fn competing_consumers_share_a_group(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("compete");
+    let config = test_binding(&dest, &caps).group(unique("g"));
+    let tally = Tally::new();
+    let mut subs = Vec::new();
+    for _ in 0..3 {
+        let t = tally.clone();
+        let member = h.binder().await;
+        subs.push(
+            channel(&member, config.clone())
+                .sink::<Event>()
+                .subscribe(move |e: Event| {
+                    t.record(e.n);
+                    async { Ok::<(), String>(()) }
+                })
+                .await
+                .unwrap(),
+        );
+    }
+    let mut publishers = Vec::new();
+    for p in 0..3u64 {
+        let source = channel(&binder, config.clone())
+            .source::<Event>()
+            .await
+            .unwrap();
+        publishers.push(tokio::spawn(async move {
+            for i in 0..100 {
+                source.send(&ev(p * 1000 + i)).await.unwrap();
+            }
+        }));
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let expected: Vec<u64> = (0..3)
+        .flat_map(|p| (0..100).map(move |i| p * 1000 + i))
+        .collect();
+    wait_until(caps.patience, "300 messages are handled", || {
+        tally.has_all(expected.clone())
+    })
+    .await;
+    for sub in subs {
+        sub.shutdown().await.unwrap();
+    }
+    tally.assert_complete("competing_consumers_share_a_group", expected);
+}
+
+/// Two groups on one destination each get every message.
+pub async fn every_group_gets_every_message(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("fanout");
+    let tallies = [Tally::new(), Tally::new()];
+    let mut subs = Vec::new();
+    for tally in &tallies {
+        let t = tally.clone();
+        subs.push(
+            channel(&binder, test_binding(&dest, &caps).group(unique("g")))
+                .sink::<Event>()
+                .subscribe(move |e: Event| {
+                    t.record(e.n);
+                    async { Ok::<(), String>(()) }
+                })
+                .await
+                .unwrap(),
+        );
+    }
+    let source = channel(&binder, test_binding(&dest, &caps))
+        .source::<Event>()
+        .await
+        .unwrap();
+    for n in 0..50 {
+        source.send(&ev(n)).await.unwrap();
+    }
+    for tally in &tallies {
+        wait_until(caps.patience, "each group handles all 50", || {
+            tally.has_all(0..50)
+        })
+        .await;
+    }
+    for sub in subs {
+        sub.shutdown().await.unwrap();
+    }
+    for tally in &tallies {
+        tally.assert_complete("every_group_gets_every_message", 0..50);
+    }
+}
+
+/// A nacked delivery comes back as the next attempt; once acked it is gone.
+pub async fn nack_redelivers(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("nack");
+    let ch = channel(&binder, test_binding(&dest, &caps).group(unique("g")));
+    let mut stream = ch.sink::<Event>().stream().await.unwrap();
+    let source = ch.source::<Event>().await.unwrap();
+    source.send(&ev(1)).await.unwrap();
+    let first = next_delivery(&mut stream, caps.patience).await;
+    assert_eq!((first.payload().n, first.attempt()), (1, 1));
+    let id = first.message().id().to_owned();
+    first.nack("not yet");
+    let again = next_delivery(&mut stream, caps.patience).await;
+    assert_eq!(again.payload().n, 1, "the nacked message comes back");
+    assert_eq!(again.message().id(), id);
+    assert_eq!(again.attempt(), 2);
+    again.ack();
+    source.send(&ev(2)).await.unwrap();
+    let after = next_delivery(&mut stream, caps.patience).await;
+    assert_eq!(
+        after.payload().n,
+        2,
+        "an acked message is not delivered again"
+    );
+    after.ack();
+    stream.close().await.unwrap();
+}
+
+async fn next_delivery<T: Send + 'static>(
+    stream: &mut crate::Deliveries<T>,
+    patience: Duration,
+) -> crate::Delivery<T> {
+    tokio::time::timeout(patience, stream.next())
+        .await
+        .expect("a delivery arrives")
+        .expect("stream open")
+        .expect("no error")
+}
+
+/// A handler that keeps failing is retried with backoff, then dead-lettered with the
+/// documented headers; other keys flow meanwhile and the same key waits.
+pub async fn retry_then_dead_letter_while_others_flow(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("retry");
+    let group = unique("g");
+    let config = test_binding(&dest, &caps)
+        .group(group.clone())
+        .concurrency(2);
+    let dlq = config.dead_letter_destination();
+    let log: Arc<Mutex<Vec<(u64, u32)>>> = Arc::default();
+    let l = log.clone();
+    let sub = channel(&binder, config.clone())
+        .sink::<Event>()
+        .subscribe_envelope(move |e: crate::Envelope<Event>| {
+            l.lock().unwrap().push((e.payload().n, e.attempt()));
+            let poison = e.payload().n == 0;
+            async move {
+                if poison {
+                    Err("payment gateway refused")
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await
+        .unwrap();
+    let source = channel(&binder, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap();
+    source.send_keyed("poison", &ev(0)).await.unwrap();
+    source.send_keyed("poison", &ev(1)).await.unwrap(); // same key: must wait
+    for n in 10..20 {
+        source
+            .send_keyed(format!("good-{n}"), &ev(n))
+            .await
+            .unwrap();
+    }
+    wait_until(
+        caps.patience,
+        "all good messages and the follower are handled",
+        || {
+            let log = log.lock().unwrap();
+            (10..20)
+                .chain([1])
+                .all(|n| log.iter().any(|(m, _)| *m == n))
+        },
+    )
+    .await;
+    sub.shutdown().await.unwrap();
+
+    let log = log.lock().unwrap().clone();
+    let poison: Vec<usize> = (0..log.len()).filter(|i| log[*i].0 == 0).collect();
+    assert_eq!(
+        poison.iter().map(|i| log[*i].1).collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "three attempts, numbered: {log:?}"
+    );
+    let follower = log.iter().position(|(n, _)| *n == 1).unwrap();
+    assert!(
+        follower > *poison.last().unwrap(),
+        "the same key waited for the poison message to finish: {log:?}"
+    );
+    let others_between = log[poison[0]..*poison.last().unwrap()]
+        .iter()
+        .filter(|(n, _)| *n >= 10)
+        .count();
+    assert!(
+        others_between > 0,
+        "other keys were handled while the poison message was retried: {log:?}"
+    );
+
+    let dead = read_dead_letters(h, &binder, &dlq, 1).await;
+    let m = &dead[0];
+    let hd = m.headers();
+    assert_eq!(serde_json::from_slice::<Event>(m.payload()).unwrap(), ev(0));
+    assert_eq!(m.key(), Some("poison"));
+    assert_eq!(hd.get(header::ORIGINAL_DESTINATION), Some(dest.as_str()));
+    assert_eq!(hd.get(header::ORIGINAL_GROUP), Some(group.as_str()));
+    assert_eq!(hd.get(header::ATTEMPTS), Some("3"));
+    assert_eq!(hd.get(header::ERROR), Some("payment gateway refused"));
+    assert_eq!(hd.get(header::ERROR_KIND), Some("handler"));
+    assert!(!hd.get(header::ORIGINAL_ID).unwrap_or("").is_empty());
+    let first = hd.get(header::FIRST_FAILURE).expect("first-failure header");
+    humantime::parse_rfc3339(first).expect("first-failure is RFC 3339");
+}
+
+/// Reads `count` messages from a dead-letter destination with a fresh group.
+async fn read_dead_letters(
+    h: &dyn Harness,
+    binder: &Arc<dyn Binder>,
+    dlq: &str,
+    count: usize,
+) -> Vec<Message> {
+    let caps = h.capabilities();
+    let consumer = raw_consumer(binder, dlq, &unique("dlq-reader"), &caps).await;
+    let got = receive_at_least(&*consumer, count, caps.patience).await;
+    assert_eq!(got.len(), count, "dead-letter destination holds {count}");
+    ack_all(&*consumer, &got).await;
+    consumer.close().await.unwrap();
+    got.into_iter().map(|r| r.message).collect()
+}
+
+/// A payload that does not decode never reaches the handler and is dead-lettered with the
+/// decode error; the messages around it are handled.
+pub async fn undecodable_payload_goes_to_dead_letter(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("decode");
+    let config = test_binding(&dest, &caps).group(unique("g"));
+    let tally = Tally::new();
+    let t = tally.clone();
+    let sub = channel(&binder, config.clone())
+        .sink::<Event>()
+        .subscribe(move |e: Event| {
+            t.record(e.n);
+            async { Ok::<(), String>(()) }
+        })
+        .await
+        .unwrap();
+    let raw = raw_producer(&binder, &dest).await;
+    raw.send(Message::new(&b"{\"n\":1}"[..]).with_header(header::CONTENT_TYPE, "application/json"))
+        .await
+        .unwrap();
+    raw.send(
+        Message::new(&b"this is not json"[..])
+            .with_key("bad")
+            .with_header(header::CONTENT_TYPE, "application/json"),
+    )
+    .await
+    .unwrap();
+    raw.send(Message::new(&b"{\"n\":2}"[..]).with_header(header::CONTENT_TYPE, "text/plain"))
+        .await
+        .unwrap();
+    raw.send(Message::new(&b"{\"n\":3}"[..])).await.unwrap();
+    wait_until(caps.patience, "the decodable messages are handled", || {
+        tally.has_all([1, 3])
+    })
+    .await;
+    let dead = read_dead_letters(h, &binder, &config.dead_letter_destination(), 2).await;
+    sub.shutdown().await.unwrap();
+    tally.assert_complete("undecodable_payload_goes_to_dead_letter", [1, 3]);
+    let bad = dead
+        .iter()
+        .find(|m| m.payload().as_ref() == b"this is not json")
+        .expect("the bad JSON is dead-lettered as it was");
+    assert_eq!(bad.key(), Some("bad"));
+    assert_eq!(bad.headers().get(header::ERROR_KIND), Some("decode"));
+    assert!(bad.headers().get(header::ERROR).unwrap().contains("JSON"));
+    let wrong_type = dead
+        .iter()
+        .find(|m| m.payload().as_ref() == b"{\"n\":2}")
+        .expect("the wrong content type is dead-lettered");
+    assert!(wrong_type
+        .headers()
+        .get(header::ERROR)
+        .unwrap()
+        .contains("text/plain"));
+}
+
+/// With concurrency above one, each key is handled in publish order while keys overlap.
+pub async fn per_key_order_under_concurrency(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("order");
+    let config = test_binding(&dest, &caps).group(unique("g")).concurrency(4);
+    let seen: Arc<Mutex<HashMap<String, Vec<u64>>>> = Arc::default();
+    let running = Arc::new(AtomicUsize::new(0));
+    let max_running = Arc::new(AtomicUsize::new(0));
+    let (s, r, m) = (seen.clone(), running.clone(), max_running.clone());
+    let source = channel(&binder, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap();
+    for i in 0..40u64 {
+        for k in 0..4 {
+            source
+                .send_keyed(format!("key-{k}"), &ev(k * 1000 + i))
+                .await
+                .unwrap();
+        }
+    }
+    let sub = channel(&binder, config)
+        .sink::<Event>()
+        .subscribe_envelope(move |e: crate::Envelope<Event>| {
+            let (s, r, m) = (s.clone(), r.clone(), m.clone());
+            async move {
+                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now, Ordering::SeqCst);
+                // Simulated work, so handlers of different keys overlap.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                let key = e.message().key().unwrap().to_owned();
+                s.lock()
+                    .unwrap()
+                    .entry(key)
+                    .or_default()
+                    .push(e.payload().n % 1000);
+                r.fetch_sub(1, Ordering::SeqCst);
+                Ok::<(), String>(())
+            }
+        })
+        .await
+        .unwrap();
+    wait_until(caps.patience, "160 messages are handled", || {
+        seen.lock().unwrap().values().map(Vec::len).sum::<usize>() >= 160
+    })
+    .await;
+    sub.shutdown().await.unwrap();
+    let seen = seen.lock().unwrap();
+    for (key, order) in seen.iter() {
+        assert_eq!(order, &(0..40).collect::<Vec<_>>(), "order of {key}");
+    }
+    assert!(
+        max_running.load(Ordering::SeqCst) > 1,
+        "handlers of different keys ran concurrently"
+    );
+}
+
+/// A consumer never holds more un-acknowledged deliveries than `prefetch`, however large
+/// the backlog.
+pub async fn prefetch_bounds_unacked_deliveries(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let counting = CountingBinder::new(h.binder().await);
+    let binder: Arc<dyn Binder> = Arc::new(counting.clone());
+    let dest = unique("prefetch");
+    let config = test_binding(&dest, &caps)
+        .group(unique("g"))
+        .prefetch(8)
+        .concurrency(2);
+    let source = channel(&binder, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap();
+    let batch: Vec<Event> = (0..200).map(ev).collect();
+    source.send_batch(&batch).await.unwrap();
+    let tally = Tally::new();
+    let t = tally.clone();
+    let gate = Arc::new(Semaphore::new(0));
+    let g = gate.clone();
+    let sub = channel(&binder, config)
+        .sink::<Event>()
+        .subscribe(move |e: Event| {
+            let (t, g) = (t.clone(), g.clone());
+            async move {
+                g.acquire().await.unwrap().forget();
+                t.record(e.n);
+                Ok::<(), String>(())
+            }
+        })
+        .await
+        .unwrap();
+    // With handlers blocked, the consumer fills up to the bound and stops there.
+    wait_until(
+        caps.patience,
+        "the consumer has prefetched up to the bound",
+        || counting.received() >= 8,
+    )
+    .await;
+    assert_eq!(
+        counting.received(),
+        8,
+        "blocked handlers stop fetching at the bound"
+    );
+    gate.add_permits(1_000);
+    wait_until(caps.patience, "all 200 are handled", || {
+        tally.has_all(0..200)
+    })
+    .await;
+    sub.shutdown().await.unwrap();
+    assert!(
+        counting.max_outstanding() <= 8,
+        "at most prefetch un-acked deliveries, saw {}",
+        counting.max_outstanding()
+    );
+    tally.assert_complete("prefetch_bounds_unacked_deliveries", 0..200);
+}
+
+/// Consuming a batch, closing and reopening, over and over, loses nothing: what was fetched
+/// but not acknowledged at a close comes back to the next consumer.
+pub async fn close_and_reopen_in_batches_loses_nothing(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("reopen");
+    let config = test_binding(&dest, &caps).group(unique("g")).prefetch(16);
+    let source = channel(&binder, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap();
+    let batch: Vec<Event> = (0..150).map(ev).collect();
+    source.send_batch(&batch).await.unwrap();
+    let tally = Tally::new();
+    let deadline = Instant::now() + caps.patience * 2;
+    let mut rounds = 0;
+    while !tally.has_all(0..150) {
+        assert!(
+            Instant::now() < deadline,
+            "150 messages not handled in time"
+        );
+        rounds += 1;
+        let mut stream = channel(&binder, config.clone())
+            .sink::<Event>()
+            .stream()
+            .await
+            .unwrap();
+        let patience = caps.patience + caps.claim_idle * 4;
+        for _ in 0..30 {
+            if tally.has_all(0..150) {
+                break;
+            }
+            let d = next_delivery(&mut stream, patience).await;
+            tally.record(d.payload().n);
+            d.ack();
+        }
+        // Closing with prefetched deliveries not yet yielded: they must come back.
+        stream.close().await.unwrap();
+    }
+    assert!(
+        rounds >= 5,
+        "150 messages in batches of 30 took {rounds} rounds"
+    );
+    tally.assert_complete("close_and_reopen_in_batches_loses_nothing", 0..150);
+}
+
+/// A member that dies holding deliveries (dropped without ack or close) hands them to a
+/// live member of its group.
+pub async fn crashed_member_work_is_taken_over(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("crash");
+    let group = unique("g");
+    let producer = raw_producer(&binder, &dest).await;
+    let mut ids = Vec::new();
+    let victim = raw_consumer(&h.binder().await, &dest, &group, &caps).await;
+    for n in 0..10u64 {
+        ids.push(producer.send(Message::new(n.to_string())).await.unwrap());
+    }
+    let held = receive_at_least(&*victim, 10, caps.patience).await;
+    assert!(!held.is_empty(), "the victim received work before dying");
+    drop(victim); // a crash: no ack, no close
+
+    let survivor = raw_consumer(&h.binder().await, &dest, &group, &caps).await;
+    let got = receive_at_least(&*survivor, 10, caps.patience + caps.claim_idle * 4).await;
+    ack_all(&*survivor, &got).await;
+    let mut got_ids: Vec<String> = got.iter().map(|r| r.message.id().to_owned()).collect();
+    got_ids.sort();
+    got_ids.dedup();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(
+        got_ids, want,
+        "the survivor got every message the victim held"
+    );
+    if caps.counts_deliveries {
+        for r in &got {
+            if held.iter().any(|v| v.message.id() == r.message.id()) {
+                assert!(
+                    r.delivery_count >= 2,
+                    "a taken-over delivery counts as redelivered"
+                );
+            }
+        }
+    }
+    survivor.close().await.unwrap();
+}
+
+/// Shutdown waits for running handlers, acknowledges their messages, then closes.
+pub async fn graceful_shutdown_finishes_in_flight(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let counting = CountingBinder::new(h.binder().await);
+    let binder: Arc<dyn Binder> = Arc::new(counting.clone());
+    let dest = unique("shutdown");
+    let config = test_binding(&dest, &caps).group(unique("g")).concurrency(3);
+    let started = Arc::new(AtomicUsize::new(0));
+    let finished = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(0));
+    let (s, f, g) = (started.clone(), finished.clone(), gate.clone());
+    let sub = channel(&binder, config.clone())
+        .sink::<Event>()
+        .subscribe(move |_: Event| {
+            let (s, f, g) = (s.clone(), f.clone(), g.clone());
+            async move {
+                s.fetch_add(1, Ordering::SeqCst);
+                g.acquire().await.unwrap().forget();
+                f.fetch_add(1, Ordering::SeqCst);
+                Ok::<(), String>(())
+            }
+        })
+        .await
+        .unwrap();
+    let source = channel(&binder, config).source::<Event>().await.unwrap();
+    for n in 0..3 {
+        source.send_keyed(format!("k{n}"), &ev(n)).await.unwrap();
+    }
+    wait_until(caps.patience, "three handlers are running", || {
+        started.load(Ordering::SeqCst) == 3
+    })
+    .await;
+    let shutdown = tokio::spawn(sub.shutdown());
+    tokio::task::yield_now().await;
+    assert!(
+        !shutdown.is_finished(),
+        "shutdown waits for running handlers"
+    );
+    gate.add_permits(3);
+    shutdown.await.unwrap().expect("clean shutdown");
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        3,
+        "in-flight handlers finished"
+    );
+    assert_eq!(
+        counting.acked_at_close(),
+        3,
+        "their messages were acked before close"
+    );
+}
+
+/// Many subscriptions opened and closed at once, while messages flow, lose nothing.
+pub async fn concurrent_open_close_loses_nothing(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("churn");
+    let config = test_binding(&dest, &caps).group(unique("g")).prefetch(4);
+    let tally = Tally::new();
+    let source = channel(&binder, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap();
+    let publisher = tokio::spawn(async move {
+        for n in 0..100 {
+            source.send(&ev(n)).await.unwrap();
+        }
+    });
+    for _round in 0..3 {
+        let mut opened = Vec::new();
+        for _ in 0..4 {
+            let (binder, config, t) = (binder.clone(), config.clone(), tally.clone());
+            opened.push(tokio::spawn(async move {
+                let sub = channel(&binder, config)
+                    .sink::<Event>()
+                    .subscribe(move |e: Event| {
+                        t.record(e.n);
+                        async { Ok::<(), String>(()) }
+                    })
+                    .await
+                    .unwrap();
+                tokio::task::yield_now().await;
+                sub.shutdown().await.unwrap();
+            }));
+        }
+        for task in opened {
+            task.await.expect("open/close does not panic");
+        }
+    }
+    publisher.await.unwrap();
+    let t = tally.clone();
+    let sub = channel(&binder, config)
+        .sink::<Event>()
+        .subscribe(move |e: Event| {
+            t.record(e.n);
+            async { Ok::<(), String>(()) }
+        })
+        .await
+        .unwrap();
+    wait_until(
+        caps.patience + caps.claim_idle * 4,
+        "all 100 are handled",
+        || tally.has_all(0..100),
+    )
+    .await;
+    sub.shutdown().await.unwrap();
+    tally.assert_complete("concurrent_open_close_loses_nothing", 0..100);
+}
+
+/// Sends racing a close are all accepted before close returns; later sends fail.
+pub async fn producer_close_flushes(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("flush");
+    let ch = channel(&binder, test_binding(&dest, &caps).group(unique("g")));
+    let source = ch.source::<Event>().await.unwrap();
+    let sends: Vec<_> = (0..100)
+        .map(|n| {
+            let source = source.clone();
+            tokio::spawn(async move { source.send(&ev(n)).await })
+        })
+        .collect();
+    let mut accepted = Vec::new();
+    for (n, send) in sends.into_iter().enumerate() {
+        send.await.unwrap().expect("send before close succeeds");
+        accepted.push(n as u64);
+    }
+    source.close().await.expect("close flushes");
+    assert!(
+        source.send(&ev(1000)).await.is_err(),
+        "send after close fails"
+    );
+    let tally = Tally::new();
+    let t = tally.clone();
+    let sub = ch
+        .sink::<Event>()
+        .subscribe(move |e: Event| {
+            t.record(e.n);
+            async { Ok::<(), String>(()) }
+        })
+        .await
+        .unwrap();
+    wait_until(caps.patience, "all accepted sends are delivered", || {
+        tally.has_all(accepted.clone())
+    })
+    .await;
+    sub.shutdown().await.unwrap();
+    tally.assert_complete("producer_close_flushes", accepted);
+}
+
+/// A payload over the limit is refused with a typed error and nothing reaches the broker.
+pub async fn oversized_payload_is_rejected(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("oversize");
+    let ch = channel(
+        &binder,
+        test_binding(&dest, &caps)
+            .group(unique("g"))
+            .max_payload_bytes(1024),
+    );
+    let source = ch.source_with(crate::Raw).await.unwrap();
+    let err = source
+        .send(&bytes::Bytes::from(vec![b'x'; 2048]))
+        .await
+        .expect_err("oversized payload is refused");
+    assert_eq!(err.kind(), ErrorKind::PayloadTooLarge);
+    assert!(!err.is_temporary());
+    source
+        .send(&bytes::Bytes::from_static(b"small"))
+        .await
+        .unwrap();
+    let mut stream = ch.sink_with(crate::Raw).stream().await.unwrap();
+    let first = tokio::time::timeout(caps.patience, stream.next())
+        .await
+        .expect("a delivery arrives")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        first.payload().as_ref(),
+        b"small",
+        "only the small payload was published"
+    );
+    first.ack();
+    stream.close().await.unwrap();
+}
+
+/// A new group starts at the oldest message with `earliest` and after the newest with
+/// `latest`.
+pub async fn new_group_start_position(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("start");
+    let source = channel(&binder, test_binding(&dest, &caps))
+        .source::<Event>()
+        .await
+        .unwrap();
+    for n in 0..3 {
+        source.send(&ev(n)).await.unwrap();
+    }
+    let latest = channel(
+        &binder,
+        test_binding(&dest, &caps)
+            .group(unique("latest"))
+            .start_from(StartFrom::Latest),
+    );
+    let mut late = latest.sink::<Event>().stream().await.unwrap();
+    for n in 3..5 {
+        source.send(&ev(n)).await.unwrap();
+    }
+    let earliest = channel(
+        &binder,
+        test_binding(&dest, &caps)
+            .group(unique("earliest"))
+            .start_from(StartFrom::Earliest),
+    );
+    let mut early = earliest.sink::<Event>().stream().await.unwrap();
+    for (stream, want) in [(&mut early, vec![0, 1, 2, 3, 4]), (&mut late, vec![3, 4])] {
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            let d = tokio::time::timeout(caps.patience, stream.next())
+                .await
+                .expect("delivery arrives")
+                .unwrap()
+                .unwrap();
+            got.push(d.payload().n);
+            d.ack();
+        }
+        got.sort();
+        assert_eq!(got, want);
+    }
+    early.close().await.unwrap();
+    late.close().await.unwrap();
+}
+
+/// The broker is killed and restarted mid-stream: every message whose send succeeded is
+/// handled, with duplicates counted.
+pub async fn broker_restart_mid_stream(h: &dyn Harness) {
+    let caps = h.capabilities();
+    if !caps.restart {
+        skip("broker_restart_mid_stream: this binder's harness cannot restart its broker");
+        return;
+    }
+    let binder = h.binder().await;
+    let dest = unique("restart");
+    let config = test_binding(&dest, &caps).group(unique("g"));
+    let tally = Tally::new();
+    let t = tally.clone();
+    let sub = channel(&binder, config.clone())
+        .sink::<Event>()
+        .subscribe(move |e: Event| {
+            t.record(e.n);
+            async { Ok::<(), String>(()) }
+        })
+        .await
+        .unwrap();
+    let source = channel(&binder, config).source::<Event>().await.unwrap();
+    let mut accepted = Vec::new();
+    for n in 0..100 {
+        source.send(&ev(n)).await.unwrap();
+        accepted.push(n);
+    }
+    wait_until(
+        caps.patience,
+        "some messages are handled before the restart",
+        || tally.distinct() >= 20,
+    )
+    .await;
+    h.restart_broker().await.expect("broker restarts");
+    // Sends during recovery may fail; only accepted ones must arrive.
+    let mut refused = 0;
+    for n in 100..200 {
+        match source.send(&ev(n)).await {
+            Ok(_) => accepted.push(n),
+            Err(e) => {
+                refused += 1;
+                assert!(
+                    e.is_temporary() || e.kind() == ErrorKind::Broker,
+                    "a send during recovery fails with a connection-type error: {e}"
+                );
+            }
+        }
+    }
+    assert!(
+        accepted.len() > 150,
+        "the binder recovered: only {refused} of 100 sends refused"
+    );
+    wait_until(
+        caps.patience * 2,
+        "every accepted message is handled",
+        || tally.has_all(accepted.clone()),
+    )
+    .await;
+    sub.shutdown().await.unwrap();
+    tally.assert_complete("broker_restart_mid_stream", accepted);
+}

@@ -1,0 +1,111 @@
+//! A binder wrapper that observes what core asks of the transport.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::{Binder, Consumer, ConsumerOptions, DeliveryTag, Producer, Received, Result};
+
+/// Wraps a binder and counts, over all its consumers, deliveries received and acknowledged,
+/// the most held un-acknowledged at once, and acks seen before each consumer closed.
+#[derive(Clone)]
+pub struct CountingBinder {
+    inner: Arc<dyn Binder>,
+    counts: Arc<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
+    received: AtomicUsize,
+    acked: AtomicUsize,
+    max_outstanding: AtomicUsize,
+    acked_at_close: AtomicUsize,
+}
+
+impl CountingBinder {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn Binder>) -> Self {
+        CountingBinder {
+            inner,
+            counts: Arc::default(),
+        }
+    }
+
+    /// Deliveries received.
+    pub fn received(&self) -> usize {
+        self.counts.received.load(Ordering::SeqCst)
+    }
+
+    /// Deliveries acknowledged.
+    pub fn acked(&self) -> usize {
+        self.counts.acked.load(Ordering::SeqCst)
+    }
+
+    /// The most deliveries held un-acknowledged at one time by one consumer.
+    pub fn max_outstanding(&self) -> usize {
+        self.counts.max_outstanding.load(Ordering::SeqCst)
+    }
+
+    /// Acknowledgements sent before the last consumer close began.
+    pub fn acked_at_close(&self) -> usize {
+        self.counts.acked_at_close.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl Binder for CountingBinder {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    async fn producer(&self, destination: &str) -> Result<Box<dyn Producer>> {
+        self.inner.producer(destination).await
+    }
+
+    async fn consumer(
+        &self,
+        destination: &str,
+        options: &ConsumerOptions,
+    ) -> Result<Box<dyn Consumer>> {
+        let inner = self.inner.consumer(destination, options).await?;
+        Ok(Box::new(CountingConsumer {
+            inner,
+            counts: self.counts.clone(),
+            outstanding: AtomicUsize::new(0),
+        }))
+    }
+}
+
+struct CountingConsumer {
+    inner: Box<dyn Consumer>,
+    counts: Arc<Counts>,
+    outstanding: AtomicUsize,
+}
+
+#[async_trait]
+impl Consumer for CountingConsumer {
+    async fn receive(&self, max: usize) -> Result<Vec<Received>> {
+        let batch = self.inner.receive(max).await?;
+        let now = self.outstanding.fetch_add(batch.len(), Ordering::SeqCst) + batch.len();
+        self.counts
+            .received
+            .fetch_add(batch.len(), Ordering::SeqCst);
+        self.counts.max_outstanding.fetch_max(now, Ordering::SeqCst);
+        Ok(batch)
+    }
+
+    async fn ack(&self, tags: &[DeliveryTag]) -> Result<()> {
+        self.inner.ack(tags).await?;
+        self.outstanding.fetch_sub(tags.len(), Ordering::SeqCst);
+        self.counts.acked.fetch_add(tags.len(), Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.counts
+            .acked_at_close
+            .store(self.counts.acked.load(Ordering::SeqCst), Ordering::SeqCst);
+        self.inner.close().await
+    }
+}
