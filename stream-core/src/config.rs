@@ -20,7 +20,9 @@
 //!
 //! Environment variables override the file: `STREAM_DEFAULT_BINDER=kafka` sets
 //! `default-binder`, and `STREAM_BINDINGS__PAYMENTS_IN__CONCURRENCY=8` sets
-//! `bindings.payments-in.concurrency` (`__` separates levels, `_` stands for `-`).
+//! `bindings.payments-in.concurrency` (`__` separates levels, `_` stands for `-`). Only
+//! `STREAM_DEFAULT_BINDER`, `STREAM_BINDERS__*` and `STREAM_BINDINGS__*` are read; other
+//! `STREAM_*` variables are left to their owners.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -454,9 +456,14 @@ where
     I: IntoIterator<Item = (String, String)>,
 {
     let head = format!("{prefix}_");
+    // Only the file's own sections are overridable; other PREFIX_* variables (the path of
+    // the file, test settings) belong to someone else and are left alone.
+    let ours = |rest: &str| {
+        rest == "DEFAULT_BINDER" || rest.starts_with("BINDERS__") || rest.starts_with("BINDINGS__")
+    };
     let mut pairs: Vec<(String, String)> = overrides
         .into_iter()
-        .filter(|(name, _)| name.starts_with(&head) && name != &format!("{prefix}_CONFIG"))
+        .filter(|(name, _)| name.strip_prefix(&head).is_some_and(ours))
         .collect();
     pairs.sort();
     for (name, raw) in pairs {
@@ -582,6 +589,8 @@ mod tests {
             ),
             ("STREAM_BINDERS__KAFKA__TYPE".to_owned(), "kafka".to_owned()),
             ("OTHER_THING".to_owned(), "ignored".to_owned()),
+            ("STREAM_TEST_REDIS_URL".to_owned(), "not ours".to_owned()),
+            ("STREAM_CONFIG".to_owned(), "not ours".to_owned()),
         ];
         let c = Config::parse(
             "default-binder = \"memory\"\n[bindings.payments-in]\ndestination = \"d\"\nconcurrency = 2\n",
