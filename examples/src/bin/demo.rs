@@ -1,65 +1,99 @@
-//! Publishes a few events and consumes them on the in-memory binder.
+//! Runs the order and payment services in one process, places orders, waits until every
+//! order is paid or cancelled, and prints a summary.
+//!
+//! `demo [--config FILE] [--orders N] [--limit CENTS]`; `STREAM_CONFIG=FILE` works too.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use binder_memory::MemoryBinder;
-use serde::{Deserialize, Serialize};
-use stream_core::Streams;
-
-#[derive(Debug, Serialize, Deserialize)]
-struct OrderCreated {
-    id: u32,
-    amount_cents: u64,
-}
+use stream_examples::config::{self, Args};
+use stream_examples::orders::OrderService;
+use stream_examples::payments::PaymentService;
 
 #[tokio::main]
-async fn main() -> stream_core::Result<()> {
-    let broker = MemoryBinder::new();
-    let streams = Streams::builder()
-        .register(binder_memory::register)
-        .binder("memory", broker.clone())
-        .load_str(
-            r#"
-            default-binder = "memory"
-            [bindings.orders-out]
-            destination = "order-events"
-            [bindings.orders-in]
-            destination = "order-events"
-            group = "demo"
-            "#,
-        )?;
-    let handled = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let counter = handled.clone();
-    let subscription = streams
-        .sink::<OrderCreated>("orders-in")?
-        .subscribe(move |order: OrderCreated| {
-            println!("handled order {} ({} cents)", order.id, order.amount_cents);
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            async { Ok::<(), String>(()) }
-        })
-        .await?;
-    let source = streams.source::<OrderCreated>("orders-out").await?;
-    for id in 1..=5 {
-        source
-            .send_keyed(
-                id.to_string(),
-                &OrderCreated {
-                    id,
-                    amount_cents: 1000 * id as u64,
-                },
+async fn main() {
+    let args = Args::parse("demo [--config FILE] [--orders N] [--limit CENTS]");
+    if let Err(e) = run(&args).await {
+        eprintln!("demo failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: &Args) -> stream_core::Result<()> {
+    let orders_to_place = args.number("orders", 20);
+    let limit = args.number("limit", 10_000);
+    let streams = config::load(args.config().as_deref())?;
+    let run_id = stream_core::unique_suffix();
+
+    // Anonymous consumers of the dead-letter destinations, only to count them.
+    let dead_lettered = Arc::new(AtomicUsize::new(0));
+    let mut watchers = Vec::new();
+    for binding in ["order-events-dlq", "payment-events-dlq"] {
+        let count = dead_lettered.clone();
+        watchers.push(
+            streams
+                .channel(binding)?
+                .sink_with(stream_core::Raw)
+                .subscribe(move |_| {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    async { Ok::<(), String>(()) }
+                })
+                .await?,
+        );
+    }
+
+    let payments = PaymentService::new(&streams, limit).await?;
+    let orders = OrderService::new(&streams).await?;
+    let running = [
+        payments.start(&streams).await?,
+        orders.start(&streams).await?,
+    ];
+
+    for i in 0..orders_to_place {
+        // Amounts spread over both sides of the limit, deterministically.
+        let amount = 500 + (i * 2_900) % (limit * 2);
+        orders
+            .place_order(
+                &format!("{run_id}-{i}"),
+                &format!("customer-{}", i % 7),
+                amount,
             )
             .await?;
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while handled.load(std::sync::atomic::Ordering::SeqCst) < 5
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    let settled = tokio::time::timeout(Duration::from_secs(60), orders.all_settled()).await;
+
+    for subscription in running.into_iter().chain(watchers) {
+        subscription.shutdown().await?;
     }
-    subscription.shutdown().await?;
+    let summary = orders.summary();
+    println!("orders placed:        {orders_to_place}");
+    println!("orders paid:          {}", summary.paid);
+    println!("orders cancelled:     {}", summary.cancelled);
+    println!("orders still pending: {}", summary.pending);
     println!(
-        "demo: {} of 5 orders handled",
-        handled.load(std::sync::atomic::Ordering::SeqCst)
+        "order-events:         {orders_to_place} published, {} consumed by payments",
+        payments.orders_seen()
     );
+    println!(
+        "payment-events:       {} published, {} consumed by orders",
+        payments.published(),
+        orders.payment_events_seen()
+    );
+    println!(
+        "dead-lettered:        {}",
+        dead_lettered.load(Ordering::SeqCst)
+    );
+    streams.close().await?;
+    if settled.is_err() || summary.pending > 0 {
+        return Err(stream_core::Error::new(
+            stream_core::ErrorKind::Timeout,
+            format!(
+                "{} orders did not reach a final state in 60 s",
+                summary.pending
+            ),
+        ));
+    }
+    println!("every order reached a final state");
     Ok(())
 }

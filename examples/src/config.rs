@@ -1,0 +1,70 @@
+//! Which configuration file the services load: `--config FILE`, else `STREAM_CONFIG`, else
+//! the built-in in-memory one.
+
+use std::path::{Path, PathBuf};
+
+use stream_core::{Result, Streams};
+
+/// The configuration used when neither `--config` nor `STREAM_CONFIG` names a file.
+pub const BUILT_IN: &str = include_str!("../config/memory.toml");
+
+/// Environment variable naming the configuration file.
+pub const CONFIG_ENV: &str = "STREAM_CONFIG";
+
+/// Registers every binder type the examples can run on.
+pub fn builder() -> stream_core::StreamsBuilder {
+    Streams::builder().register(binder_memory::register)
+}
+
+/// Loads `path`, else the file named by `STREAM_CONFIG`, else [`BUILT_IN`].
+pub fn load(path: Option<&Path>) -> Result<Streams> {
+    let from_env = std::env::var_os(CONFIG_ENV).map(PathBuf::from);
+    match path.map(Path::to_path_buf).or(from_env) {
+        Some(path) => builder().load_file(path),
+        None => builder().load_str(BUILT_IN),
+    }
+}
+
+/// Reads `--config FILE` and `--NAME VALUE` options from the command line.
+pub struct Args {
+    pairs: Vec<(String, String)>,
+}
+
+impl Args {
+    /// Parses `std::env::args`, exiting with a usage message on anything else.
+    pub fn parse(usage: &str) -> Args {
+        let mut pairs = Vec::new();
+        let mut args = std::env::args().skip(1);
+        while let Some(flag) = args.next() {
+            let (Some(name), Some(value)) = (flag.strip_prefix("--"), args.next()) else {
+                eprintln!("usage: {usage}");
+                std::process::exit(2);
+            };
+            pairs.push((name.to_owned(), value));
+        }
+        Args { pairs }
+    }
+
+    /// The value of `--name`, if given.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The value of `--name` as a number, or `default`.
+    pub fn number(&self, name: &str, default: u64) -> u64 {
+        self.get(name).map_or(default, |v| {
+            v.parse().unwrap_or_else(|_| {
+                eprintln!("--{name} takes a number, got `{v}`");
+                std::process::exit(2)
+            })
+        })
+    }
+
+    /// The configuration file named by `--config`.
+    pub fn config(&self) -> Option<PathBuf> {
+        self.get("config").map(PathBuf::from)
+    }
+}
