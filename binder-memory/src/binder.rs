@@ -58,10 +58,23 @@ impl MemoryBinder {
     }
 
     fn append(&self, destination: &str, message: Message) -> String {
+        self.append_all(destination, vec![message])
+            .pop()
+            .unwrap_or_default()
+    }
+
+    /// Appends under one lock and wakes consumers once.
+    fn append_all(&self, destination: &str, messages: Vec<Message>) -> Vec<String> {
         let log = self.broker.logs.get(destination);
-        let offset = log.lock().append(message, self.broker.config.retention);
+        let ids = {
+            let mut state = log.lock();
+            messages
+                .into_iter()
+                .map(|m| state.append(m, self.broker.config.retention).to_string())
+                .collect()
+        };
         log.changed.notify_waiters();
-        offset.to_string()
+        ids
     }
 
     /// Test helper: publishes `value` as JSON to `destination`, as a service's source would.
@@ -199,11 +212,29 @@ impl Producer for MemoryProducer {
                 format!("producer for `{}` is closed", self.destination),
             ));
         }
+        self.check_open()?;
         Ok(self.binder.append(&self.destination, message))
+    }
+
+    async fn send_batch(&self, messages: Vec<Message>) -> Result<Vec<String>> {
+        self.check_open()?;
+        Ok(self.binder.append_all(&self.destination, messages))
     }
 
     async fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+impl MemoryProducer {
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::new(
+                ErrorKind::Closed,
+                format!("producer for `{}` is closed", self.destination),
+            ));
+        }
         Ok(())
     }
 }

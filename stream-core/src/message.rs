@@ -1,5 +1,7 @@
 //! The broker-neutral message: payload bytes, ordered headers, an optional key and an id.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 /// Header names the library itself sets. Binders carry them like any other header.
@@ -23,13 +25,19 @@ pub mod header {
 }
 
 /// Ordered message headers. Names may repeat; lookups return the first match.
+///
+/// Cloning is cheap: clones share storage until one of them is changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Headers(Vec<(String, String)>);
+pub struct Headers(Arc<Vec<(String, String)>>);
 
 impl Headers {
     /// No headers.
     pub fn new() -> Self {
-        Headers(Vec::new())
+        Headers::default()
+    }
+
+    fn entries(&mut self) -> &mut Vec<(String, String)> {
+        Arc::make_mut(&mut self.0)
     }
 
     /// The first value under `name`.
@@ -42,19 +50,22 @@ impl Headers {
 
     /// Appends a header, keeping any earlier one with the same name.
     pub fn append(&mut self, name: impl Into<String>, value: impl Into<String>) {
-        self.0.push((name.into(), value.into()));
+        self.entries().push((name.into(), value.into()));
     }
 
     /// Sets `name` to `value`, replacing every earlier value under that name.
     pub fn insert(&mut self, name: impl Into<String>, value: impl Into<String>) {
         let name = name.into();
-        self.0.retain(|(n, _)| *n != name);
-        self.0.push((name, value.into()));
+        let entries = self.entries();
+        entries.retain(|(n, _)| *n != name);
+        entries.push((name, value.into()));
     }
 
     /// Removes every value under `name`.
     pub fn remove(&mut self, name: &str) {
-        self.0.retain(|(n, _)| n != name);
+        if self.get(name).is_some() {
+            self.entries().retain(|(n, _)| n != name);
+        }
     }
 
     /// Iterates in insertion order.
@@ -75,11 +86,11 @@ impl Headers {
 
 impl<N: Into<String>, V: Into<String>> FromIterator<(N, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (N, V)>>(iter: I) -> Self {
-        Headers(
+        Headers(Arc::new(
             iter.into_iter()
                 .map(|(n, v)| (n.into(), v.into()))
                 .collect(),
-        )
+        ))
     }
 }
 
@@ -99,7 +110,7 @@ impl<N: Into<String>, V: Into<String>> FromIterator<(N, V)> for Headers {
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Message {
-    id: String,
+    id: Arc<str>,
     key: Option<String>,
     headers: Headers,
     payload: Bytes,
@@ -127,7 +138,7 @@ impl Message {
     }
 
     /// Sets the broker id; binders call this on received messages.
-    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+    pub fn with_id(mut self, id: impl Into<Arc<str>>) -> Self {
         self.id = id.into();
         self
     }
@@ -166,7 +177,7 @@ impl Message {
 
     /// Splits the message into its parts: `(id, key, headers, payload)`.
     pub fn into_parts(self) -> (String, Option<String>, Headers, Bytes) {
-        (self.id, self.key, self.headers, self.payload)
+        (self.id.to_string(), self.key, self.headers, self.payload)
     }
 }
 

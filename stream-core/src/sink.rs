@@ -328,6 +328,20 @@ async fn dispatch<T: Send + 'static>(
     concurrency: usize,
     mut stopping: watch::Receiver<bool>,
 ) {
+    if concurrency == 1 {
+        // One at a time is per-key order already; no scheduling needed.
+        loop {
+            let received = tokio::select! {
+                biased;
+                _ = stopping.wait_for(|s| *s) => return,
+                received = deliveries.recv() => received,
+            };
+            let Some(received) = received else { return };
+            if let Some(tag) = worker.process(received).await {
+                let _ = acks.send(tag);
+            }
+        }
+    }
     let mut queue = KeyedQueue::new();
     let mut running = FuturesUnordered::new();
     let mut open = true;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::binder::Producer;
 use crate::codec::Codec;
-use crate::message::{header, Message};
+use crate::message::{header, Headers, Message};
 use crate::{Error, ErrorKind, Result};
 
 /// Publishes values of `T` to one destination. Cheap to clone; clones share the producer.
@@ -17,6 +17,8 @@ pub struct Source<T> {
     codec: Arc<dyn Codec<T>>,
     destination: Arc<str>,
     max_payload_bytes: usize,
+    /// The content-type header, built once and shared by every message.
+    headers: Headers,
 }
 
 impl<T> Clone for Source<T> {
@@ -26,6 +28,7 @@ impl<T> Clone for Source<T> {
             codec: self.codec.clone(),
             destination: self.destination.clone(),
             max_payload_bytes: self.max_payload_bytes,
+            headers: self.headers.clone(),
         }
     }
 }
@@ -46,11 +49,13 @@ impl<T: 'static> Source<T> {
         destination: &str,
         max_payload_bytes: usize,
     ) -> Self {
+        let headers = Headers::from_iter([(header::CONTENT_TYPE, codec.content_type())]);
         Source {
             producer,
             codec,
             destination: destination.into(),
             max_payload_bytes,
+            headers,
         }
     }
 
@@ -63,7 +68,7 @@ impl<T: 'static> Source<T> {
     /// before [`send_message`](Source::send_message).
     pub fn encode(&self, value: &T) -> Result<Message> {
         let payload = self.codec.encode(value)?;
-        Ok(Message::new(payload).with_header(header::CONTENT_TYPE, self.codec.content_type()))
+        Ok(Message::new(payload).with_headers(self.headers.clone()))
     }
 
     /// Publishes `value` without a key.
