@@ -1,1 +1,249 @@
-//! The redis binder: in progress.
+//! A Redis Streams binder for `stream-core`, selected by `type = "redis"`.
+//!
+//! A destination is a stream key. Publishing is `XADD` (optionally trimming); a group is a
+//! Redis consumer group read with `XREADGROUP`, acknowledged with `XACK`, and a member that
+//! dies holding deliveries has them taken over by another member with `XAUTOCLAIM` once they
+//! have been idle for the binding's `claim-idle`. Retry, dead-letter, codecs, per-key order
+//! and the prefetch bound come from `stream-core`; this crate moves entries and acks.
+//!
+//! Building the binder does no network I/O, so a configuration loads without Redis running;
+//! the first producer or consumer connects, with a bounded retry:
+//!
+//! ```
+//! use stream_core::{ErrorKind, Streams};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> stream_core::Result<()> {
+//! let streams = Streams::builder()
+//!     .register(binder_redis::register)
+//!     .env(Vec::<(String, String)>::new())
+//!     .load_str(r#"
+//!         default-binder = "redis"
+//!         [binders.redis]
+//!         type = "redis"
+//!         url = "redis://:secret@127.0.0.1:1"   # nothing listens on port 1
+//!         connect-attempts = 2
+//!         connect-timeout = "200ms"
+//!         [bindings.orders-out]
+//!         destination = "order-events"
+//!     "#)?;
+//!
+//! let err = streams.source::<String>("orders-out").await.unwrap_err();
+//! assert_eq!(err.kind(), ErrorKind::Connection);
+//! // The error names the address, never the password.
+//! assert!(err.message().contains("redis://:***@127.0.0.1:1"), "{err}");
+//! assert!(!err.to_string().contains("secret"));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! With Redis running, publishing and consuming look the same as on any other binder:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use binder_redis::{RedisBinder, RedisConfig};
+//! use stream_core::{Binder, BindingConfig, Channel};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> stream_core::Result<()> {
+//! let binder = RedisBinder::new(RedisConfig::with_url("redis://127.0.0.1:6379"))?;
+//! let channel = Channel::new(
+//!     "greetings",
+//!     Arc::new(binder) as Arc<dyn Binder>,
+//!     BindingConfig::new("greetings").group("greeter"),
+//! );
+//! let subscription = channel
+//!     .sink::<String>()
+//!     .subscribe(|name: String| async move {
+//!         println!("hello, {name}");
+//!         Ok::<(), String>(())
+//!     })
+//!     .await?;
+//! channel.source::<String>().await?.send(&"ada".to_owned()).await?;
+//! subscription.shutdown().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Entry layout
+//!
+//! A message is one stream entry: the payload under field `p`, the key (if any) under `k`,
+//! each header under `h:<name>` (repeated names repeat). The message id is the entry id
+//! (`1700000000000-0`). Fields other producers wrote come back as headers of the same name.
+//!
+//! # Delivery
+//!
+//! * A consumer first re-reads its own pending list (`XREADGROUP ... 0`), then sweeps the
+//!   group's pending list with `XAUTOCLAIM` every `claim-interval` (default: half of
+//!   `claim-idle`), then reads new entries (`XREADGROUP ... BLOCK`). Deliveries from the
+//!   first two carry the delivery count of `XPENDING`, which core uses as the attempt
+//!   number, so a message that kept crashing its consumers reaches the retry limit and the
+//!   dead-letter stream.
+//! * A pending entry that was deleted or trimmed from the stream is acknowledged and
+//!   reported with a warning, never delivered as an empty message.
+//! * On close, a durable consumer hands what it did not acknowledge back to the group (the
+//!   entries become immediately claimable by other members) and, if nothing was pending,
+//!   deletes its consumer name. An anonymous group is destroyed.
+//! * After a dropped connection or a Redis restart, commands fail with temporary errors
+//!   (which core retries) until the connection is back; the consumer then re-creates its
+//!   group if Redis lost it and re-reads its own pending entries before new ones.
+//!
+//! `claim-idle` must exceed the longest time a handler (with its retries) holds a message,
+//! or another member will take the message over while it is still being handled.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod config;
+mod connection;
+mod consumer;
+mod entry;
+mod producer;
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+use stream_core::{
+    Binder, Consumer, ConsumerOptions, Error, ErrorKind, Producer, Registry, Result,
+};
+use tokio::sync::OnceCell;
+
+pub use config::{RedisConfig, TrimConfig};
+
+use connection::Endpoint;
+use consumer::{ReadSettings, RedisConsumer};
+use producer::{RedisProducer, TrimRule};
+
+/// The binder `type` this crate registers.
+pub const KIND: &str = "redis";
+
+/// Registers the `redis` binder type:
+/// `Streams::builder().register(binder_redis::register)`.
+pub fn register(registry: &mut Registry) {
+    registry.register(KIND, |settings| {
+        let config: RedisConfig = settings.parse()?;
+        Ok(Arc::new(RedisBinder::new(config)?))
+    });
+}
+
+/// A connection to one Redis server, making producers and consumers of its streams.
+///
+/// Cheap to clone; clones share connections. The first producer or consumer connects.
+#[derive(Clone)]
+pub struct RedisBinder {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RedisConfig,
+    endpoint: Endpoint,
+    trim: Option<TrimRule>,
+    /// Publishing, acks and group administration of every producer and consumer, multiplexed
+    /// on one connection; made on first use.
+    commands: OnceCell<ConnectionManager>,
+    closed: AtomicBool,
+}
+
+impl RedisBinder {
+    /// A binder for `config`. Checks the settings without connecting.
+    pub fn new(config: RedisConfig) -> Result<RedisBinder> {
+        config.validate()?;
+        let endpoint = Endpoint::new(&config)?;
+        let trim = match &config.trim {
+            Some(trim) => Some(TrimRule {
+                trim: trim.strategy()?,
+                approximate: trim.approximate,
+            }),
+            None => None,
+        };
+        Ok(RedisBinder {
+            inner: Arc::new(Inner {
+                config,
+                endpoint,
+                trim,
+                commands: OnceCell::new(),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The settings this binder was made with.
+    pub fn config(&self) -> &RedisConfig {
+        &self.inner.config
+    }
+
+    async fn commands(&self) -> Result<ConnectionManager> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(Error::new(
+                ErrorKind::Closed,
+                format!("redis binder for {} is closed", self.inner.endpoint.address),
+            ));
+        }
+        let conn = self
+            .inner
+            .commands
+            .get_or_try_init(|| {
+                self.inner
+                    .endpoint
+                    .connect(self.inner.config.command_timeout)
+            })
+            .await?;
+        Ok(conn.clone())
+    }
+}
+
+impl fmt::Debug for RedisBinder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBinder")
+            .field("config", &self.inner.config)
+            .field("connected", &self.inner.commands.initialized())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl Binder for RedisBinder {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    async fn producer(&self, destination: &str) -> Result<Box<dyn Producer>> {
+        let conn = self.commands().await?;
+        Ok(Box::new(RedisProducer::new(
+            conn,
+            destination,
+            self.inner.trim,
+            self.inner.config.command_timeout,
+        )))
+    }
+
+    async fn consumer(
+        &self,
+        destination: &str,
+        options: &ConsumerOptions,
+    ) -> Result<Box<dyn Consumer>> {
+        let commands = self.commands().await?;
+        let config = &self.inner.config;
+        let read = self
+            .inner
+            .endpoint
+            .connect(config.block + config.command_timeout)
+            .await?;
+        let settings = ReadSettings {
+            block: config.block,
+            claim_interval: config.claim_interval,
+            consumer_prefix: config.consumer_prefix.clone(),
+        };
+        let consumer = RedisConsumer::open(commands, read, destination, options, &settings).await?;
+        Ok(Box::new(consumer))
+    }
+
+    async fn close(&self) -> Result<()> {
+        // Producers and consumers hold their own handles to the connections and stay usable
+        // until closed; the connections go when the last of them does.
+        self.inner.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+}

@@ -143,6 +143,16 @@ impl<T: Send + 'static> Stream for Deliveries<T> {
                     Poll::Pending => return Poll::Pending,
                 },
             };
+            if pending.attempt > this.settle.retry.max_attempts {
+                // Earlier consumers died on it; do not hand it to this one.
+                let error = format!(
+                    "delivered {} times without acknowledgement",
+                    pending.attempt
+                );
+                let settle = this.settle.clone();
+                tokio::spawn(async move { settle.give_up(pending, Cause::Handler, error).await });
+                continue;
+            }
             match decode_message(&*this.codec, &pending.message) {
                 Ok(payload) => {
                     return Poll::Ready(Some(Ok(Delivery {

@@ -193,6 +193,15 @@ impl<T: Send + 'static> Worker<T> {
         let message = Arc::new(received.message);
         let mut attempt = received.delivery_count.max(1);
         let mut first_failure = None;
+        if attempt > self.retry.max_attempts {
+            // Delivered more often than allowed without an ack: earlier consumers died on it.
+            // Calling the handler again could crash this one too.
+            let error = format!("delivered {attempt} times without acknowledgement");
+            return self
+                .dead_letter(&message, attempt, Cause::Handler, &error, SystemTime::now())
+                .await
+                .then_some(tag);
+        }
         loop {
             let payload = match decode_message(&*self.codec, &message) {
                 Ok(payload) => payload,

@@ -1,0 +1,343 @@
+//! The layout of a message inside a stream entry, and the parsing of stream replies.
+//!
+//! | field        | holds                                   |
+//! |--------------|-----------------------------------------|
+//! | `p`          | the payload, raw bytes                  |
+//! | `k`          | the key, when the message has one       |
+//! | `h:<name>`   | one header; repeated names repeat       |
+//!
+//! Fields written by other programs (anything else) come back as headers under their own
+//! name, so entries from plain `XADD` producers stay readable.
+
+use std::fmt;
+
+use bytes::Bytes;
+use redis::Value;
+use stream_core::{DeliveryTag, Headers, Message};
+
+/// Field holding the payload.
+pub(crate) const PAYLOAD: &str = "p";
+/// Field holding the key.
+pub(crate) const KEY: &str = "k";
+/// Prefix of header fields.
+pub(crate) const HEADER_PREFIX: &str = "h:";
+
+/// Appends a message's fields to an `XADD` after its id argument.
+pub(crate) fn write_fields(cmd: &mut redis::Cmd, message: &Message) {
+    cmd.arg(PAYLOAD).arg(message.payload().as_ref());
+    if let Some(key) = message.key() {
+        cmd.arg(KEY).arg(key);
+    }
+    for (name, value) in message.headers().iter() {
+        cmd.arg(format!("{HEADER_PREFIX}{name}")).arg(value);
+    }
+}
+
+/// Field-value pairs of an entry, in stream order.
+pub(crate) type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// One entry of a stream reply. `fields` is `None` when the entry was deleted or trimmed
+/// while it sat in a pending list: Redis still knows its id, not its content.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub(crate) id: EntryId,
+    pub(crate) fields: Option<Fields>,
+}
+
+impl Entry {
+    /// The message, with the entry id as its id.
+    pub(crate) fn into_message(self) -> Message {
+        let mut payload = Bytes::new();
+        let mut key = None;
+        let mut headers = Headers::new();
+        for (field, value) in self.fields.unwrap_or_default() {
+            match field.as_slice() {
+                f if f == PAYLOAD.as_bytes() => payload = Bytes::from(value),
+                f if f == KEY.as_bytes() => key = Some(text(value)),
+                _ => {
+                    let name = text(field);
+                    let name = match name.strip_prefix(HEADER_PREFIX) {
+                        Some(stripped) => stripped.to_owned(),
+                        None => name,
+                    };
+                    headers.append(name, text(value));
+                }
+            }
+        }
+        let mut message = Message::new(payload)
+            .with_headers(headers)
+            .with_id(self.id.to_string());
+        if let Some(key) = key {
+            message = message.with_key(key);
+        }
+        message
+    }
+}
+
+fn text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// A stream entry id `ms-seq`; it is also the delivery tag, as `DeliveryTag(ms, seq)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct EntryId {
+    pub(crate) ms: u64,
+    pub(crate) seq: u64,
+}
+
+impl EntryId {
+    pub(crate) fn parse(text: &str) -> Option<EntryId> {
+        let (ms, seq) = text.split_once('-')?;
+        Some(EntryId {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+
+    pub(crate) fn tag(self) -> DeliveryTag {
+        DeliveryTag(self.ms, self.seq)
+    }
+
+    pub(crate) fn from_tag(tag: DeliveryTag) -> EntryId {
+        EntryId {
+            ms: tag.0,
+            seq: tag.1,
+        }
+    }
+}
+
+impl fmt::Display for EntryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+impl redis::ToRedisArgs for EntryId {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        out.write_arg_fmt(self);
+    }
+}
+
+impl redis::ToSingleRedisArg for EntryId {}
+
+/// A reply Redis sent that does not have the documented shape.
+#[derive(Debug)]
+pub(crate) struct Malformed(pub(crate) &'static str);
+
+impl fmt::Display for Malformed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unexpected reply from redis: {}", self.0)
+    }
+}
+
+impl std::error::Error for Malformed {}
+
+/// Entries of an `XREADGROUP` reply on one stream; a nil reply (BLOCK ran out) is empty.
+pub(crate) fn parse_read(reply: Value) -> Result<Vec<Entry>, Malformed> {
+    let streams = match reply {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Array(streams) => streams
+            .into_iter()
+            .map(|stream| match stream {
+                Value::Array(mut pair) if pair.len() == 2 => Ok(pair.pop().unwrap_or(Value::Nil)),
+                _ => Err(Malformed("XREADGROUP stream is not [key, entries]")),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        // RESP3 answers with a map of stream key to entries.
+        Value::Map(streams) => streams.into_iter().map(|(_, entries)| entries).collect(),
+        _ => return Err(Malformed("XREADGROUP reply is not an array")),
+    };
+    let mut entries = Vec::new();
+    for stream in streams {
+        entries.extend(parse_entries(stream)?);
+    }
+    Ok(entries)
+}
+
+/// The reply of `XAUTOCLAIM`: the next cursor, the claimed entries, and the ids that were
+/// deleted while pending (Redis 7 drops those from the pending list itself).
+pub(crate) struct Claimed {
+    pub(crate) cursor: EntryId,
+    pub(crate) entries: Vec<Entry>,
+    pub(crate) deleted: Vec<EntryId>,
+}
+
+pub(crate) fn parse_autoclaim(reply: Value) -> Result<Claimed, Malformed> {
+    let Value::Array(parts) = reply else {
+        return Err(Malformed("XAUTOCLAIM reply is not an array"));
+    };
+    let mut parts = parts.into_iter();
+    let cursor = parts
+        .next()
+        .and_then(|v| id_of(&v))
+        .ok_or(Malformed("XAUTOCLAIM cursor"))?;
+    let entries = parse_entries(parts.next().unwrap_or(Value::Array(Vec::new())))?;
+    let deleted = match parts.next() {
+        Some(Value::Array(ids)) => ids
+            .iter()
+            .map(|v| id_of(v).ok_or(Malformed("XAUTOCLAIM deleted id")))
+            .collect::<Result<_, _>>()?,
+        _ => Vec::new(),
+    };
+    Ok(Claimed {
+        cursor,
+        entries,
+        deleted,
+    })
+}
+
+/// The delivery count of an extended `XPENDING key group id id 1 consumer` reply, or `None`
+/// when the entry is not (or no longer) pending for that consumer.
+pub(crate) fn parse_pending_count(reply: &Value) -> Option<u32> {
+    let Value::Array(rows) = reply else {
+        return None;
+    };
+    let Value::Array(row) = rows.first()? else {
+        return None;
+    };
+    match row.get(3)? {
+        Value::Int(n) => u32::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+fn parse_entries(value: Value) -> Result<Vec<Entry>, Malformed> {
+    let Value::Array(items) = value else {
+        return Err(Malformed("stream entries are not an array"));
+    };
+    items
+        .into_iter()
+        .map(|item| {
+            let Value::Array(mut pair) = item else {
+                return Err(Malformed("stream entry is not [id, fields]"));
+            };
+            if pair.len() != 2 {
+                return Err(Malformed("stream entry is not [id, fields]"));
+            }
+            let fields = pair.pop().unwrap_or(Value::Nil);
+            let id = id_of(&pair[0]).ok_or(Malformed("stream entry id"))?;
+            let fields = match fields {
+                Value::Nil => None,
+                Value::Array(flat) => Some(pairs(flat)?),
+                Value::Map(map) => Some(
+                    map.into_iter()
+                        .map(|(f, v)| Ok((bytes_of(f)?, bytes_of(v)?)))
+                        .collect::<Result<_, Malformed>>()?,
+                ),
+                _ => return Err(Malformed("stream entry fields")),
+            };
+            Ok(Entry { id, fields })
+        })
+        .collect()
+}
+
+fn pairs(flat: Vec<Value>) -> Result<Fields, Malformed> {
+    if !flat.len().is_multiple_of(2) {
+        return Err(Malformed("odd number of field values"));
+    }
+    let mut out = Vec::with_capacity(flat.len() / 2);
+    let mut it = flat.into_iter();
+    while let (Some(f), Some(v)) = (it.next(), it.next()) {
+        out.push((bytes_of(f)?, bytes_of(v)?));
+    }
+    Ok(out)
+}
+
+fn bytes_of(value: Value) -> Result<Vec<u8>, Malformed> {
+    match value {
+        Value::BulkString(b) => Ok(b),
+        Value::SimpleString(s) => Ok(s.into_bytes()),
+        Value::Int(n) => Ok(n.to_string().into_bytes()),
+        _ => Err(Malformed("stream field is not a string")),
+    }
+}
+
+fn id_of(value: &Value) -> Option<EntryId> {
+    match value {
+        Value::BulkString(b) => EntryId::parse(std::str::from_utf8(b).ok()?),
+        Value::SimpleString(s) => EntryId::parse(s),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn entry_ids_round_trip_through_tags() {
+        let id = EntryId::parse("1700000000000-7").unwrap();
+        assert_eq!(id.tag(), DeliveryTag(1_700_000_000_000, 7));
+        assert_eq!(EntryId::from_tag(id.tag()).to_string(), "1700000000000-7");
+        assert!(EntryId::parse("17").is_none());
+        assert!(EntryId::parse("a-b").is_none());
+    }
+
+    #[test]
+    fn fields_become_payload_key_and_headers() {
+        let entry = Entry {
+            id: EntryId { ms: 5, seq: 0 },
+            fields: Some(vec![
+                (b"p".to_vec(), vec![0, 159, 146, 150]),
+                (b"k".to_vec(), b"order-1".to_vec()),
+                (b"h:a".to_vec(), b"1".to_vec()),
+                (b"h:a".to_vec(), b"2".to_vec()),
+                (b"foreign".to_vec(), b"x".to_vec()),
+            ]),
+        };
+        let message = entry.into_message();
+        assert_eq!(message.id(), "5-0");
+        assert_eq!(message.key(), Some("order-1"));
+        assert_eq!(&message.payload()[..], &[0, 159, 146, 150]);
+        let headers: Vec<_> = message.headers().iter().collect();
+        assert_eq!(headers, vec![("a", "1"), ("a", "2"), ("foreign", "x")]);
+    }
+
+    #[test]
+    fn read_reply_keeps_deleted_entries_as_none() {
+        let reply = Value::Array(vec![Value::Array(vec![
+            bulk("s"),
+            Value::Array(vec![
+                Value::Array(vec![bulk("1-1"), Value::Nil]),
+                Value::Array(vec![bulk("2-1"), Value::Array(vec![bulk("p"), bulk("x")])]),
+            ]),
+        ])]);
+        let entries = parse_read(reply).unwrap();
+        assert_eq!(entries.len(), 2);
+        assert!(entries[0].fields.is_none());
+        assert_eq!(entries[1].fields.as_ref().unwrap()[0].1, b"x");
+        assert!(parse_read(Value::Nil).unwrap().is_empty());
+    }
+
+    #[test]
+    fn autoclaim_reply_has_cursor_entries_and_deleted_ids() {
+        let reply = Value::Array(vec![
+            bulk("0-0"),
+            Value::Array(vec![Value::Array(vec![
+                bulk("2-1"),
+                Value::Array(vec![bulk("p"), bulk("x")]),
+            ])]),
+            Value::Array(vec![bulk("1-1")]),
+        ]);
+        let claimed = parse_autoclaim(reply).unwrap();
+        assert_eq!(claimed.cursor, EntryId { ms: 0, seq: 0 });
+        assert_eq!(claimed.entries.len(), 1);
+        assert_eq!(claimed.deleted, vec![EntryId { ms: 1, seq: 1 }]);
+    }
+
+    #[test]
+    fn pending_count_comes_from_the_fourth_column() {
+        let reply = Value::Array(vec![Value::Array(vec![
+            bulk("1-1"),
+            bulk("c1"),
+            Value::Int(10),
+            Value::Int(3),
+        ])]);
+        assert_eq!(parse_pending_count(&reply), Some(3));
+        assert_eq!(parse_pending_count(&Value::Array(vec![])), None);
+    }
+}
