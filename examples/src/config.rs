@@ -13,7 +13,9 @@ pub const CONFIG_ENV: &str = "STREAM_CONFIG";
 
 /// Registers every binder type the examples can run on.
 pub fn builder() -> stream_core::StreamsBuilder {
-    Streams::builder().register(binder_memory::register)
+    Streams::builder()
+        .register(binder_memory::register)
+        .register(binder_redis::register)
 }
 
 /// Loads `path`, else the file named by `STREAM_CONFIG`, else [`BUILT_IN`].

@@ -29,6 +29,7 @@ async fn main() {
 
     if wants("memory") {
         memory::run(&settings, &mut report).await;
+        memory::latency(&settings, &mut report).await;
     }
     report.print();
     if let Some(path) = json {

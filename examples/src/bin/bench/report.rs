@@ -8,6 +8,9 @@ pub struct Settings {
     pub sizes: Vec<usize>,
     pub messages: usize,
     pub runs: usize,
+    /// Messages per second while measuring latency.
+    pub latency_rate: u64,
+    pub latency_messages: usize,
 }
 
 impl Settings {
@@ -16,6 +19,8 @@ impl Settings {
             sizes: vec![16, 64, 256, 1024],
             messages: if quick { 20_000 } else { 100_000 },
             runs: if quick { 3 } else { 5 },
+            latency_rate: 2_000,
+            latency_messages: if quick { 2_000 } else { 6_000 },
         }
     }
 }
@@ -66,6 +71,21 @@ where
         values.push(moved as f64 / start.elapsed().as_secs_f64());
     }
     Sample { values }
+}
+
+/// Latencies in microseconds, reported as p50 and p99.
+pub fn percentiles(mut micros: Vec<f64>) -> (f64, f64) {
+    micros.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let at = |q: f64| micros[((micros.len() as f64 - 1.0) * q).round() as usize];
+    (at(0.50), at(0.99))
+}
+
+/// Microseconds since the Unix epoch, carried in payloads to measure latency.
+pub fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
 }
 
 pub struct Row {

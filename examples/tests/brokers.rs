@@ -1,0 +1,150 @@
+//! The saga on real brokers: both services in one process, and in two processes.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use stream_core::testing::service_env;
+use stream_examples::orders::OrderService;
+use stream_examples::payments::PaymentService;
+
+/// Environment overrides that point one test at its own broker address and destinations, so
+/// that tests sharing a broker do not consume each other's events.
+fn isolated_env(binder: &str, address_key: &str, address: &str) -> Vec<(String, String)> {
+    let run = stream_core::unique_suffix();
+    let mut env = vec![(
+        format!("STREAM_BINDERS__{}__{address_key}", binder.to_uppercase()),
+        address.to_owned(),
+    )];
+    for (binding, destination) in [
+        ("ORDER_EVENTS_OUT", "order-events"),
+        ("ORDER_EVENTS_IN", "order-events"),
+        ("PAYMENT_EVENTS_OUT", "payment-events"),
+        ("PAYMENT_EVENTS_IN", "payment-events"),
+        ("ORDER_EVENTS_DLQ", "order-events.dlq"),
+        ("PAYMENT_EVENTS_DLQ", "payment-events.dlq"),
+    ] {
+        env.push((
+            format!("STREAM_BINDINGS__{binding}__DESTINATION"),
+            format!("{destination}-{run}"),
+        ));
+    }
+    for binding in ["ORDER_EVENTS_IN", "PAYMENT_EVENTS_IN"] {
+        let dead_letter = if binding.starts_with("ORDER") {
+            "order-events"
+        } else {
+            "payment-events"
+        };
+        env.push((
+            format!("STREAM_BINDINGS__{binding}__DEAD_LETTER"),
+            format!("{dead_letter}.dlq-{run}"),
+        ));
+    }
+    env
+}
+
+fn config_file(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config")
+        .join(name)
+}
+
+async fn saga_in_one_process(file: &str, env: Vec<(String, String)>) {
+    let streams = stream_examples::config::builder()
+        .env(env)
+        .load_file(config_file(file))
+        .expect("configuration loads");
+    let payments = PaymentService::new(&streams, 10_000).await.unwrap();
+    let orders = OrderService::new(&streams).await.unwrap();
+    let running = [
+        payments.start(&streams).await.unwrap(),
+        orders.start(&streams).await.unwrap(),
+    ];
+    let amounts: Vec<u64> = (0..30).map(|i| 500 + (i * 2_900) % 20_000).collect();
+    for (i, amount) in amounts.iter().enumerate() {
+        orders
+            .place_order(&format!("o-{i}"), "ada", *amount)
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(60), orders.all_settled())
+        .await
+        .expect("every order settles");
+    for subscription in running {
+        subscription.shutdown().await.unwrap();
+    }
+    let over_limit = amounts.iter().filter(|a| **a > 10_000).count();
+    assert_eq!(orders.summary().cancelled, over_limit);
+    assert_eq!(orders.summary().paid, amounts.len() - over_limit);
+    streams.close().await.unwrap();
+}
+
+/// Starts `payment-service`, runs `order-service` to completion, stops the payment service
+/// with SIGTERM, and checks both outputs.
+fn saga_in_two_processes(file: &str, env: Vec<(String, String)>) {
+    let config = config_file(file);
+    let mut payments = Command::new(env!("CARGO_BIN_EXE_payment-service"))
+        .args(["--config".as_ref(), config.as_os_str()])
+        .envs(env.iter().cloned())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("payment-service starts");
+    let mut payment_out = BufReader::new(payments.stdout.take().unwrap()).lines();
+    let first = payment_out.next().expect("payment-service prints").unwrap();
+    assert_eq!(first, "payment-service: running");
+
+    let orders = Command::new(env!("CARGO_BIN_EXE_order-service"))
+        .args(["--config".as_ref(), config.as_os_str()])
+        .args(["--orders", "12", "--timeout", "60"])
+        .envs(env.iter().cloned())
+        .output()
+        .expect("order-service runs");
+    let order_report = String::from_utf8_lossy(&orders.stdout);
+    let stopped = Command::new("kill")
+        .args(["-TERM", &payments.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(stopped.success());
+    let payment_status = payments.wait().unwrap();
+    let payment_report: Vec<String> = payment_out.map_while(Result::ok).collect();
+
+    assert!(
+        orders.status.success(),
+        "order-service: {order_report} {}",
+        String::from_utf8_lossy(&orders.stderr)
+    );
+    let amounts: Vec<u64> = (0..12).map(|i| 500 + (i * 2_900) % 20_000).collect();
+    let cancelled = amounts.iter().filter(|a| **a > 10_000).count();
+    assert!(
+        order_report.contains(&format!(
+            "12 placed, {} paid, {cancelled} cancelled, 0 pending",
+            12 - cancelled
+        )),
+        "order-service said: {order_report}"
+    );
+    assert!(
+        payment_status.success(),
+        "payment-service exits cleanly on SIGTERM"
+    );
+    assert_eq!(
+        payment_report.last().map(String::as_str),
+        Some("payment-service: 12 orders decided")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saga_on_redis() {
+    let Some(url) = service_env("STREAM_TEST_REDIS_URL") else {
+        return;
+    };
+    saga_in_one_process("redis.toml", isolated_env("redis", "URL", &url)).await;
+}
+
+#[test]
+fn saga_across_processes_on_redis() {
+    let Some(url) = service_env("STREAM_TEST_REDIS_URL") else {
+        return;
+    };
+    saga_in_two_processes("redis.toml", isolated_env("redis", "URL", &url));
+}
