@@ -1,1 +1,197 @@
-//! The kafka binder: in progress.
+//! Apache Kafka binder for `stream-core`, over librdkafka (the `rdkafka` crate).
+//!
+//! Selected by `type = "kafka"` in a configuration file once [`register`]ed. It implements
+//! transport only; retry, dead-lettering, codecs, per-key order and shutdown come from
+//! `stream-core`.
+//!
+//! * Producers are idempotent with `acks=all`: `send` returns `partition@offset` once every
+//!   in-sync replica has the message; retries inside librdkafka neither reorder nor
+//!   duplicate. Keys and headers map to Kafka's.
+//! * A consumer is a member of the binding's group (`group.id`). An acknowledgement stores an
+//!   offset only when every earlier delivery of its partition is acknowledged too, so an
+//!   out-of-order acknowledgement never commits past a message still being handled. Stored
+//!   offsets are committed every `commit-interval`, synchronously when partitions are
+//!   revoked, and when the consumer closes. A member that dies leaves its un-acknowledged
+//!   messages to the member that takes its partitions over.
+//! * Topics are created on first use with `partitions` and `replication-factor`, unless
+//!   `create-topics = false`, in which case a missing topic is an
+//!   [`ErrorKind::DestinationNotFound`](stream_core::ErrorKind::DestinationNotFound) error.
+//!
+//! ```no_run
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> stream_core::Result<()> {
+//! use std::sync::Arc;
+//! use stream_core::{Binder, BindingConfig, Channel};
+//!
+//! let binder = binder_kafka::KafkaBinder::new(binder_kafka::KafkaConfig::new("127.0.0.1:9092"))?;
+//! let channel = Channel::new(
+//!     "orders",
+//!     Arc::new(binder) as Arc<dyn Binder>,
+//!     BindingConfig::new("order-events").group("billing").concurrency(4),
+//! );
+//! let subscription = channel
+//!     .sink::<String>()
+//!     .subscribe(|order| async move {
+//!         println!("{order}");
+//!         Ok::<(), String>(())
+//!     })
+//!     .await?;
+//! channel.source::<String>().await?.send(&"order 7".to_owned()).await?;
+//! subscription.shutdown().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! From a configuration file (building the binder checks its settings, without connecting):
+//!
+//! ```
+//! # fn main() -> stream_core::Result<()> {
+//! let streams = stream_core::Streams::builder()
+//!     .register(binder_kafka::register)
+//!     .env(Vec::<(String, String)>::new())
+//!     .load_str(r#"
+//!         [binders.kafka]
+//!         type = "kafka"
+//!         brokers = "127.0.0.1:9092"
+//!         linger = "10ms"
+//!         [binders.kafka.producer]
+//!         "compression.type" = "lz4"
+//!
+//!         [bindings.orders-out]
+//!         destination = "order-events"
+//!     "#)?;
+//! assert_eq!(streams.binder("kafka").unwrap().kind(), "kafka");
+//! # Ok(())
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod admin;
+mod config;
+mod consumer;
+mod error;
+mod offsets;
+mod producer;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use rdkafka::producer::FutureProducer;
+use stream_core::{Binder, ConsumerOptions, Registry, Result};
+use tokio::sync::OnceCell;
+
+use crate::admin::Admin;
+use crate::producer::{KafkaProducer, SharedProducer};
+
+pub use crate::config::{KafkaConfig, Property};
+
+/// The binder `type` this crate registers.
+pub const KIND: &str = "kafka";
+
+/// Adds the Kafka binder to `registry` under `type = "kafka"`.
+pub fn register(registry: &mut Registry) {
+    registry.register(KIND, |settings| {
+        let config: KafkaConfig = settings.parse()?;
+        Ok(Arc::new(KafkaBinder::new(config)?) as Arc<dyn Binder>)
+    });
+}
+
+/// A connection to one Kafka cluster. Clients are made on first use: building the binder
+/// checks the settings and touches no network.
+pub struct KafkaBinder {
+    config: Arc<KafkaConfig>,
+    admin: OnceCell<Admin>,
+    producer: OnceCell<Arc<SharedProducer>>,
+}
+
+impl fmt::Debug for KafkaBinder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaBinder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaBinder {
+    /// A binder for `config`, after checking it (including every passthrough property, which
+    /// librdkafka validates without connecting).
+    pub fn new(config: KafkaConfig) -> Result<KafkaBinder> {
+        config.validate()?;
+        Ok(KafkaBinder {
+            config: Arc::new(config),
+            admin: OnceCell::new(),
+            producer: OnceCell::new(),
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.config
+    }
+
+    /// The committed offset (the next offset the group reads) of each partition of `topic`
+    /// for `group`; partitions the group never committed are absent. For operations and
+    /// tests: the reader does not join the group.
+    pub async fn committed_offsets(&self, topic: &str, group: &str) -> Result<BTreeMap<i32, i64>> {
+        consumer::group_offsets(&self.config, topic, group).await
+    }
+
+    async fn admin(&self) -> Result<&Admin> {
+        self.admin
+            .get_or_try_init(|| async { Admin::new(self.config.clone()) })
+            .await
+    }
+
+    async fn shared_producer(&self) -> Result<&Arc<SharedProducer>> {
+        self.producer
+            .get_or_try_init(|| async {
+                let inner: FutureProducer = self
+                    .config
+                    .producer_config()
+                    .create()
+                    .map_err(|e| self.config.client_error(e))?;
+                Ok(Arc::new(SharedProducer {
+                    inner,
+                    delivery_timeout: self.config.delivery_timeout,
+                }))
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl Binder for KafkaBinder {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    async fn producer(&self, destination: &str) -> Result<Box<dyn stream_core::Producer>> {
+        let admin = self.admin().await?;
+        if !admin.is_ready(destination) {
+            admin.ensure_topic(destination).await?;
+        }
+        let shared = self.shared_producer().await?;
+        Ok(Box::new(KafkaProducer::new(shared.clone(), destination)))
+    }
+
+    async fn consumer(
+        &self,
+        destination: &str,
+        options: &ConsumerOptions,
+    ) -> Result<Box<dyn stream_core::Consumer>> {
+        let partitions = self.admin().await?.ensure_topic(destination).await?;
+        let consumer =
+            consumer::KafkaConsumer::open(&self.config, destination, &partitions, options).await?;
+        Ok(Box::new(consumer))
+    }
+
+    async fn close(&self) -> Result<()> {
+        match self.producer.get() {
+            Some(producer) => producer.flush().await,
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Topic creation and metadata through librdkafka's admin client.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use stream_core::{Error, ErrorKind, Result};
+
+use crate::config::KafkaConfig;
+use crate::error::{kind_of, kind_of_code};
+
+/// Longest single metadata request; the overall wait is bounded by `connect-timeout`.
+const METADATA_ATTEMPT: Duration = Duration::from_secs(2);
+/// Pause between metadata requests while a new topic propagates.
+const METADATA_RETRY: Duration = Duration::from_millis(50);
+
+/// Makes sure topics exist before producers and consumers use them.
+pub(crate) struct Admin {
+    config: Arc<KafkaConfig>,
+    client: Arc<AdminClient<DefaultClientContext>>,
+    /// Topics known to exist with a leader for every partition.
+    ready: Mutex<HashSet<String>>,
+}
+
+impl Admin {
+    pub(crate) fn new(config: Arc<KafkaConfig>) -> Result<Admin> {
+        let client = config
+            .admin_config()
+            .create()
+            .map_err(|e| config.client_error(e))?;
+        Ok(Admin {
+            config,
+            client: Arc::new(client),
+            ready: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Returns the partitions of `topic` once every one of them has a leader, creating the
+    /// topic first if it is missing and creation is allowed.
+    pub(crate) async fn ensure_topic(&self, topic: &str) -> Result<Vec<i32>> {
+        let deadline = Instant::now() + self.config.connect_timeout;
+        let mut created = false;
+        loop {
+            match self.partitions(topic, deadline).await? {
+                Some(partitions) => {
+                    self.ready
+                        .lock()
+                        .expect("not poisoned")
+                        .insert(topic.to_owned());
+                    return Ok(partitions);
+                }
+                None if !self.config.create_topics => {
+                    return Err(Error::new(
+                        ErrorKind::DestinationNotFound,
+                        format!(
+                            "Kafka topic `{topic}` does not exist and this binder may not create \
+                             it (create-topics = false)"
+                        ),
+                    ));
+                }
+                None if !created => {
+                    self.create(topic).await?;
+                    created = true;
+                }
+                None => {
+                    // Created, not yet visible with leaders everywhere: metadata catches up
+                    // within a few hundred milliseconds.
+                    if Instant::now() >= deadline {
+                        return Err(Error::new(
+                            ErrorKind::Timeout,
+                            format!(
+                                "Kafka topic `{topic}` was created but has no leader for every \
+                                 partition after {:?} (connect-timeout)",
+                                self.config.connect_timeout
+                            ),
+                        ));
+                    }
+                    tokio::time::sleep(METADATA_RETRY).await;
+                }
+            }
+        }
+    }
+
+    /// The partitions of `topic` if it exists and every partition has a leader, None if it
+    /// does not exist (or not yet everywhere). Retries unreachable brokers until `deadline`.
+    async fn partitions(&self, topic: &str, deadline: Instant) -> Result<Option<Vec<i32>>> {
+        loop {
+            let client = self.client.clone();
+            let name = topic.to_owned();
+            let attempt = METADATA_ATTEMPT.min(deadline.saturating_duration_since(Instant::now()));
+            let fetched = tokio::task::spawn_blocking(move || {
+                let metadata = client
+                    .inner()
+                    .fetch_metadata(Some(&name), attempt.max(Duration::from_millis(100)))?;
+                let Some(found) = metadata.topics().iter().find(|t| t.name() == name) else {
+                    return Ok(None);
+                };
+                if let Some(error) = found.error() {
+                    return Err(KafkaError::MetadataFetch(error.into()));
+                }
+                if found.partitions().is_empty()
+                    || found
+                        .partitions()
+                        .iter()
+                        .any(|p| p.leader() < 0 || p.error().is_some())
+                {
+                    return Ok(None);
+                }
+                let mut partitions: Vec<i32> = found.partitions().iter().map(|p| p.id()).collect();
+                partitions.sort_unstable();
+                Ok(Some(partitions))
+            })
+            .await
+            .map_err(|e| Error::new(ErrorKind::Broker, "metadata task failed").with_source(e))?;
+            match fetched {
+                Ok(found) => return Ok(found),
+                Err(e) if kind_of(&e) == ErrorKind::DestinationNotFound => return Ok(None),
+                Err(e) if is_unreachable(&e) && Instant::now() < deadline => {
+                    tracing::debug!(brokers = %self.config.brokers, error = %e, "Kafka not reachable yet; retrying");
+                }
+                Err(e) if is_unreachable(&e) => {
+                    return Err(Error::new(
+                        ErrorKind::Connection,
+                        format!(
+                            "cannot reach Kafka at {} within {:?} (connect-timeout): {e}",
+                            self.config.brokers, self.config.connect_timeout
+                        ),
+                    )
+                    .with_source(e));
+                }
+                Err(e) => {
+                    return Err(crate::error::convert(
+                        e,
+                        format!("metadata of Kafka topic `{topic}`"),
+                    ))
+                }
+            }
+        }
+    }
+
+    async fn create(&self, topic: &str) -> Result<()> {
+        let replication = self.config.replication_factor.map_or(-1, i32::from);
+        let new_topic = NewTopic::new(
+            topic,
+            self.config.partitions,
+            TopicReplication::Fixed(replication),
+        );
+        let options = AdminOptions::new().operation_timeout(Some(self.config.connect_timeout));
+        let results = self
+            .client
+            .create_topics([&new_topic], &options)
+            .await
+            .map_err(|e| crate::error::convert(e, format!("creating Kafka topic `{topic}`")))?;
+        for result in results {
+            match result {
+                Ok(_) => {
+                    tracing::info!(
+                        topic,
+                        partitions = self.config.partitions,
+                        "created Kafka topic"
+                    );
+                }
+                // Another process (or binder) made it first: that is what we wanted.
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => {
+                    return Err(Error::new(
+                        kind_of_code(code),
+                        format!("creating Kafka topic `{topic}` failed: {code}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `topic` was seen ready before, so the first-use check can be skipped.
+    pub(crate) fn is_ready(&self, topic: &str) -> bool {
+        self.ready.lock().expect("not poisoned").contains(topic)
+    }
+}
+
+/// Errors that mean "no broker answered", as opposed to an answer we do not like.
+fn is_unreachable(error: &KafkaError) -> bool {
+    matches!(kind_of(error), ErrorKind::Connection | ErrorKind::Timeout)
+}

@@ -1,0 +1,490 @@
+//! Kafka-specific behaviour against a real broker (`STREAM_TEST_KAFKA_BROKERS`).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use binder_kafka::{KafkaBinder, KafkaConfig};
+use common::{account, binder, brokers, config, eventually, unique};
+use stream_core::{
+    Binder, BindingConfig, Channel, Consumer, ConsumerOptions, DeliveryTag, ErrorKind, Message,
+    Received, StartFrom, Subscription,
+};
+
+/// Receives until `count` deliveries arrived or `limit` passed.
+async fn receive_n(consumer: &dyn Consumer, count: usize, limit: Duration) -> Vec<Received> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    while got.len() < count && tokio::time::Instant::now() < deadline {
+        got.extend(consumer.receive(count - got.len()).await.expect("receive"));
+    }
+    got
+}
+
+fn numbered(id: u64) -> Message {
+    Message::new(id.to_string().into_bytes())
+        .with_key(format!("key-{}", id % 7))
+        .with_header("seq", id.to_string())
+}
+
+fn id_of(received: &Received) -> u64 {
+    std::str::from_utf8(received.message.payload())
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_headers_and_ids_survive_the_round_trip() {
+    let Some(brokers) = brokers("keys_headers_and_ids_survive_the_round_trip") else {
+        return;
+    };
+    let binder = binder(&brokers);
+    let topic = unique("roundtrip");
+    let consumer = binder
+        .consumer(&topic, &ConsumerOptions::new(unique("g")))
+        .await
+        .unwrap();
+    let producer = binder.producer(&topic).await.unwrap();
+    let sent = Message::new(&b"payload"[..])
+        .with_key("order-7")
+        .with_header("trace-id", "abc")
+        .with_header("trace-id", "second");
+    let id = producer.send(sent.clone()).await.unwrap();
+    let (partition, offset) = id.split_once('@').expect("id is partition@offset");
+    let got = receive_n(consumer.as_ref(), 1, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 1);
+    let received = &got[0];
+    assert_eq!(received.message.id(), id);
+    assert_eq!(
+        received.tag,
+        DeliveryTag(partition.parse().unwrap(), offset.parse().unwrap())
+    );
+    assert_eq!(received.message.key(), Some("order-7"));
+    assert_eq!(received.message.payload(), sent.payload());
+    assert_eq!(received.message.headers(), sent.headers());
+    assert_eq!(received.delivery_count, 1);
+    consumer.ack(&[received.tag]).await.unwrap();
+    consumer.close().await.unwrap();
+    producer.close().await.unwrap();
+    let err = producer.send(Message::new(&b"late"[..])).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Closed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_batch_returns_ids_in_order() {
+    let Some(brokers) = brokers("send_batch_returns_ids_in_order") else {
+        return;
+    };
+    let binder = binder(&brokers);
+    let topic = unique("batch");
+    let producer = binder.producer(&topic).await.unwrap();
+    // One key: one partition, so offsets must rise in the order given.
+    let messages: Vec<Message> = (0..500)
+        .map(|i| Message::new(format!("{i}").into_bytes()).with_key("k"))
+        .collect();
+    let ids = producer.send_batch(messages).await.unwrap();
+    assert_eq!(ids.len(), 500);
+    let offsets: Vec<i64> = ids
+        .iter()
+        .map(|id| id.split_once('@').unwrap().1.parse().unwrap())
+        .collect();
+    assert!(offsets.windows(2).all(|w| w[1] == w[0] + 1), "{offsets:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_topic_without_creation_names_the_topic() {
+    let Some(brokers) = brokers("missing_topic_without_creation_names_the_topic") else {
+        return;
+    };
+    let mut settings = config(&brokers);
+    settings.create_topics = false;
+    let binder = KafkaBinder::new(settings).unwrap();
+    let topic = unique("absent");
+    let err = binder.producer(&topic).await.err().expect("no such topic");
+    assert_eq!(err.kind(), ErrorKind::DestinationNotFound, "{err}");
+    assert!(err.message().contains(&topic), "{err}");
+    let err = binder
+        .consumer(&topic, &ConsumerOptions::new("g"))
+        .await
+        .err()
+        .expect("no such topic");
+    assert_eq!(err.kind(), ErrorKind::DestinationNotFound, "{err}");
+    // The check itself must not have created it through broker auto-creation.
+    let err = binder.producer(&topic).await.err().expect("still absent");
+    assert_eq!(err.kind(), ErrorKind::DestinationNotFound, "{err}");
+}
+
+// Needs no broker: nothing listens on port 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_broker_is_a_connection_error_naming_the_address() {
+    let mut settings = KafkaConfig::new("127.0.0.1:1");
+    settings.connect_timeout = Duration::from_secs(2);
+    let binder = KafkaBinder::new(settings).unwrap();
+    let started = std::time::Instant::now();
+    let err = binder
+        .producer("anything")
+        .await
+        .err()
+        .expect("unreachable");
+    assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
+    assert!(err.message().contains("127.0.0.1:1"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "bounded: {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_payload_is_payload_too_large() {
+    let Some(brokers) = brokers("oversized_payload_is_payload_too_large") else {
+        return;
+    };
+    let binder = binder(&brokers);
+    let producer = binder.producer(&unique("big")).await.unwrap();
+    let err = producer
+        .send(Message::new(vec![7u8; 3 * 1024 * 1024]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PayloadTooLarge, "{err}");
+    // The producer is still usable.
+    producer.send(Message::new(&b"small"[..])).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_group_sees_only_messages_published_after_it_was_created() {
+    let Some(brokers) = brokers("latest_group_sees_only_messages_published_after_it_was_created")
+    else {
+        return;
+    };
+    let binder = binder(&brokers);
+    let topic = unique("latest");
+    let producer = binder.producer(&topic).await.unwrap();
+    for i in 0..10 {
+        producer.send(numbered(i)).await.unwrap();
+    }
+    for options in [
+        ConsumerOptions::new(unique("g")).start_from(StartFrom::Latest),
+        ConsumerOptions::new(unique("anon")).anonymous(),
+    ] {
+        let consumer = binder.consumer(&topic, &options).await.unwrap();
+        // Published right after creation: a lazily resolved "latest" would skip these.
+        let base = if options.durable { 100 } else { 200 };
+        for i in base..base + 5 {
+            producer.send(numbered(i)).await.unwrap();
+        }
+        let got = receive_n(consumer.as_ref(), 5, Duration::from_secs(30)).await;
+        let ids: BTreeSet<u64> = got.iter().map(id_of).collect();
+        assert_eq!(
+            ids,
+            (base..base + 5).collect(),
+            "durable = {}",
+            options.durable
+        );
+        consumer.close().await.unwrap();
+    }
+    // Earliest sees everything.
+    let consumer = binder
+        .consumer(&topic, &ConsumerOptions::new(unique("g")))
+        .await
+        .unwrap();
+    let got = receive_n(consumer.as_ref(), 20, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 20);
+}
+
+/// Acks arrive concurrently and out of order with two messages un-acknowledged: the committed
+/// offset stops at the first of them, and a new member resumes there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_acks_never_commit_past_a_gap() {
+    let Some(brokers) = brokers("out_of_order_acks_never_commit_past_a_gap") else {
+        return;
+    };
+    let mut settings = config(&brokers);
+    settings.partitions = 1;
+    let binder = KafkaBinder::new(settings).unwrap();
+    let topic = unique("gap");
+    let group = unique("g");
+    let producer = binder.producer(&topic).await.unwrap();
+    producer
+        .send_batch((0..20).map(numbered).collect())
+        .await
+        .unwrap();
+    let consumer: Arc<dyn Consumer> = binder
+        .consumer(&topic, &ConsumerOptions::new(&group))
+        .await
+        .unwrap()
+        .into();
+    let got = receive_n(consumer.as_ref(), 20, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 20);
+    let offsets: Vec<u64> = got.iter().map(|r| r.tag.1).collect();
+    assert_eq!(offsets, (0..20).collect::<Vec<_>>());
+    // Everything but offsets 6 and 13, acked from several tasks at once, newest first.
+    let (gap, second_gap) = (6u64, 13u64);
+    let mut tasks = Vec::new();
+    for chunk in got
+        .iter()
+        .rev()
+        .map(|r| r.tag)
+        .collect::<Vec<_>>()
+        .chunks(3)
+    {
+        let tags: Vec<DeliveryTag> = chunk
+            .iter()
+            .copied()
+            .filter(|t| t.1 != gap && t.1 != second_gap)
+            .collect();
+        let consumer = consumer.clone();
+        tasks.push(tokio::spawn(async move {
+            for tag in tags {
+                consumer.ack(&[tag]).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let committed = || async { binder.committed_offsets(&topic, &group).await.unwrap() };
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            committed().await.get(&0) == Some(&(gap as i64))
+        })
+        .await,
+        "committed offset should reach the gap at {gap}: {:?}",
+        committed().await
+    );
+    // Several commit intervals later it has still not passed the gap.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(committed().await.get(&0), Some(&(gap as i64)));
+    }
+    // Closing the first gap moves the commit to the second one, not beyond.
+    consumer.ack(&[DeliveryTag(0, gap)]).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            committed().await.get(&0) == Some(&(second_gap as i64))
+        })
+        .await,
+        "{:?}",
+        committed().await
+    );
+    // A member that leaves with the second gap open hands it to the next one, which resumes
+    // exactly there.
+    consumer.close().await.unwrap();
+    assert_eq!(committed().await.get(&0), Some(&(second_gap as i64)));
+    let next = binder
+        .consumer(&topic, &ConsumerOptions::new(&group))
+        .await
+        .unwrap();
+    let again = receive_n(next.as_ref(), 7, Duration::from_secs(30)).await;
+    let offsets: Vec<u64> = again.iter().map(|r| r.tag.1).collect();
+    assert_eq!(offsets, (13..20).collect::<Vec<_>>());
+    next.close().await.unwrap();
+}
+
+/// A member dies without acknowledging anything: the survivor of its group gets every message
+/// the dead member had received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_dropped_without_acking_hands_its_messages_to_the_survivor() {
+    let Some(brokers) = brokers("member_dropped_without_acking_hands_its_messages_to_the_survivor")
+    else {
+        return;
+    };
+    let binder = binder(&brokers);
+    let topic = unique("takeover");
+    let group = unique("g");
+    let producer = binder.producer(&topic).await.unwrap();
+    let options = ConsumerOptions::new(&group);
+    let dying = binder.consumer(&topic, &options).await.unwrap();
+    let survivor: Arc<dyn Consumer> = binder.consumer(&topic, &options).await.unwrap().into();
+
+    // The survivor acks everything it gets, and records which (partition, offset) it saw.
+    let seen_by_survivor = Arc::new(Mutex::new(BTreeMap::<(u64, u64), u64>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let survivor_task = {
+        let (survivor, seen, stop) = (survivor.clone(), seen_by_survivor.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let batch = survivor.receive(64).await.unwrap();
+                let tags: Vec<DeliveryTag> = batch.iter().map(|r| r.tag).collect();
+                for r in &batch {
+                    *seen.lock().unwrap().entry((r.tag.0, r.tag.1)).or_default() += 1;
+                }
+                survivor.ack(&tags).await.unwrap();
+            }
+        })
+    };
+
+    // Publish until the dying member holds some messages (it owns one of two partitions
+    // once the group settles).
+    let mut held: Vec<Received> = Vec::new();
+    let mut next_id = 0u64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+    while held.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dying member never received anything"
+        );
+        producer
+            .send_batch((next_id..next_id + 20).map(numbered).collect())
+            .await
+            .unwrap();
+        next_id += 20;
+        held.extend(dying.receive(64).await.unwrap());
+    }
+    // Drain what it can still get of what was published, without acknowledging any of it.
+    held.extend(receive_n(dying.as_ref(), 1000, Duration::from_millis(500)).await);
+    let held_tags: BTreeSet<(u64, u64)> = held.iter().map(|r| (r.tag.0, r.tag.1)).collect();
+
+    drop(dying);
+
+    let covered = eventually(Duration::from_secs(45), || async {
+        let seen = seen_by_survivor.lock().unwrap();
+        held_tags.iter().all(|tag| seen.contains_key(tag))
+    })
+    .await;
+    let seen = seen_by_survivor.lock().unwrap().clone();
+    let missing: Vec<_> = held_tags.iter().filter(|t| !seen.contains_key(t)).collect();
+    assert!(
+        covered,
+        "un-acked messages of the dropped member never reached the survivor: {missing:?}"
+    );
+
+    // Every published message was acknowledged by the survivor: lost = 0.
+    let all_ids = next_id;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            seen_by_survivor.lock().unwrap().len() as u64 >= all_ids
+        })
+        .await
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    survivor_task.await.unwrap();
+    let seen = seen_by_survivor.lock().unwrap().clone();
+    let duplicates: u64 = seen.values().map(|n| n - 1).sum();
+    eprintln!(
+        "takeover: {} published, {} held by the dropped member, survivor saw {} distinct, {duplicates} duplicates",
+        all_ids,
+        held_tags.len(),
+        seen.len()
+    );
+    assert_eq!(seen.len() as u64, all_ids);
+    survivor.close().await.unwrap();
+}
+
+/// Publishes the next `count` ids, keyed over 16 keys.
+async fn publish(source: &stream_core::Source<u64>, next: &mut u64, count: u64) {
+    for id in *next..*next + count {
+        source
+            .send_keyed(format!("key-{}", id % 16), &id)
+            .await
+            .unwrap();
+    }
+    *next += count;
+}
+
+struct Member {
+    name: &'static str,
+    subscription: Option<Subscription>,
+}
+
+/// Two members share a topic; a third joins, one leaves, while messages flow. Every message
+/// is handled (lost = 0); duplicates are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_while_members_join_and_leave_loses_nothing() {
+    let Some(brokers) = brokers("rebalance_while_members_join_and_leave_loses_nothing") else {
+        return;
+    };
+    let mut settings = config(&brokers);
+    settings.partitions = 4;
+    let binder: Arc<dyn Binder> = Arc::new(KafkaBinder::new(settings).unwrap());
+    let topic = unique("rebalance");
+    let group = unique("g");
+    let binding = BindingConfig::new(&topic).group(&group).concurrency(4);
+    let channel = Channel::new("rebalance", binder.clone(), binding);
+    let source = channel.source::<u64>().await.unwrap();
+
+    // id -> times handled; member -> ids handled.
+    let handled = Arc::new(Mutex::new(BTreeMap::<u64, usize>::new()));
+    let by_member = Arc::new(Mutex::new(BTreeMap::<&'static str, usize>::new()));
+    let join = |name: &'static str| {
+        let (channel, handled, by_member) = (channel.clone(), handled.clone(), by_member.clone());
+        async move {
+            let subscription = channel
+                .sink::<u64>()
+                .subscribe(move |id: u64| {
+                    let (handled, by_member) = (handled.clone(), by_member.clone());
+                    async move {
+                        *handled.lock().unwrap().entry(id).or_default() += 1;
+                        *by_member.lock().unwrap().entry(name).or_default() += 1;
+                        Ok::<(), String>(())
+                    }
+                })
+                .await
+                .unwrap();
+            Member {
+                name,
+                subscription: Some(subscription),
+            }
+        }
+    };
+    let handled_by = |name: &'static str| by_member.lock().unwrap().get(name).copied().unwrap_or(0);
+    let mut next = 0u64;
+
+    let mut a = join("a").await;
+    let b = join("b").await;
+    // Both first members are working before anything changes.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while handled_by("a") == 0 || handled_by("b") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a and b never both handled messages: {:?}",
+            by_member.lock().unwrap()
+        );
+        publish(&source, &mut next, 20).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A third member joins while messages flow, and gets work.
+    let c = join("c").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while handled_by("c") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "c never handled messages: {:?}",
+            by_member.lock().unwrap()
+        );
+        publish(&source, &mut next, 20).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // One leaves (graceful shutdown) while messages flow.
+    let leaving = tokio::spawn(a.subscription.take().unwrap().shutdown());
+    publish(&source, &mut next, 100).await;
+    leaving.await.unwrap().unwrap();
+    let a_total = handled_by(a.name);
+    publish(&source, &mut next, 100).await;
+
+    let published = next;
+    let complete = eventually(Duration::from_secs(60), || async {
+        handled.lock().unwrap().len() as u64 >= published
+    })
+    .await;
+    let result = account(0..published, &handled.lock().unwrap());
+    eprintln!(
+        "rebalance: {published} published, lost {}, duplicates {}, per member {:?}",
+        result.lost.len(),
+        result.duplicates,
+        by_member.lock().unwrap()
+    );
+    assert!(
+        complete && result.lost.is_empty(),
+        "lost: {:?}",
+        result.lost
+    );
+    assert_eq!(result.unexpected, 0);
+    assert_eq!(handled_by("a"), a_total, "a handled messages after it left");
+    for member in [b, c] {
+        member.subscription.unwrap().shutdown().await.unwrap();
+    }
+}
