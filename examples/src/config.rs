@@ -16,6 +16,7 @@ pub fn builder() -> stream_core::StreamsBuilder {
     Streams::builder()
         .register(binder_memory::register)
         .register(binder_redis::register)
+        .register(binder_kafka::register)
 }
 
 /// Loads `path`, else the file named by `STREAM_CONFIG`, else [`BUILT_IN`].

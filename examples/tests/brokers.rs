@@ -148,3 +148,19 @@ fn saga_across_processes_on_redis() {
     };
     saga_in_two_processes("redis.toml", isolated_env("redis", "URL", &url));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saga_on_kafka() {
+    let Some(brokers) = service_env("STREAM_TEST_KAFKA_BROKERS") else {
+        return;
+    };
+    saga_in_one_process("kafka.toml", isolated_env("kafka", "BROKERS", &brokers)).await;
+}
+
+#[test]
+fn saga_across_processes_on_kafka() {
+    let Some(brokers) = service_env("STREAM_TEST_KAFKA_BROKERS") else {
+        return;
+    };
+    saga_in_two_processes("kafka.toml", isolated_env("kafka", "BROKERS", &brokers));
+}

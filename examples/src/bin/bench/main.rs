@@ -2,10 +2,12 @@
 //!
 //! `bench [--quick] [--json FILE] [--only memory,redis,kafka]`
 //!
-//! Redis and Kafka rows need `STREAM_TEST_REDIS_URL` / `STREAM_TEST_KAFKA_BROKERS`
-//! (`scripts/bench.sh` starts the services and sets them).
+//! The Redis and Kafka rows need `STREAM_TEST_REDIS_URL` and `STREAM_TEST_KAFKA_BROKERS`;
+//! `scripts/bench.sh` starts both services, sets them, runs this and stops them.
 
+mod kafka;
 mod memory;
+mod redis;
 mod report;
 
 use report::{Report, Settings};
@@ -13,26 +15,42 @@ use report::{Report, Settings};
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let value_of = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
     let quick = args.iter().any(|a| a == "--quick");
-    let json = args
-        .iter()
-        .position(|a| a == "--json")
-        .and_then(|i| args.get(i + 1).cloned());
-    let only: Option<Vec<String>> = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
-        .map(|list| list.split(',').map(str::to_owned).collect());
+    let only: Option<Vec<String>> =
+        value_of("--only").map(|list| list.split(',').map(str::to_owned).collect());
     let wants = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
     let settings = Settings::new(quick);
     let mut report = Report::new(&settings);
 
     if wants("memory") {
+        eprintln!("memory...");
         memory::run(&settings, &mut report).await;
-        memory::latency(&settings, &mut report).await;
+    }
+    if wants("redis") {
+        match std::env::var("STREAM_TEST_REDIS_URL") {
+            Ok(url) => {
+                eprintln!("redis at {url}...");
+                redis::run(&settings, &mut report, &url).await;
+            }
+            Err(_) => eprintln!("SKIPPED redis: STREAM_TEST_REDIS_URL is not set"),
+        }
+    }
+    if wants("kafka") {
+        match std::env::var("STREAM_TEST_KAFKA_BROKERS") {
+            Ok(brokers) => {
+                eprintln!("kafka at {brokers}...");
+                kafka::run(&settings, &mut report, &brokers).await;
+            }
+            Err(_) => eprintln!("SKIPPED kafka: STREAM_TEST_KAFKA_BROKERS is not set"),
+        }
     }
     report.print();
-    if let Some(path) = json {
+    if let Some(path) = value_of("--json") {
         report.write_json(&path).expect("write JSON results");
         eprintln!("results written to {path}");
     }

@@ -2,47 +2,35 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use binder_memory::MemoryBinder;
-use serde::{Deserialize, Serialize};
 use stream_core::{Binder, BindingConfig, Channel, Codec, Json};
 
-use crate::report::{now_micros, percentiles, throughput, Report, Row, Settings};
-
-#[derive(Clone, Serialize, Deserialize)]
-struct Payload {
-    data: String,
-}
-
-fn payload(size: usize) -> Payload {
-    // JSON overhead ({"data":""}) is 11 bytes; the rest is the string.
-    Payload {
-        data: "x".repeat(size.saturating_sub(11)),
-    }
-}
+use crate::report::{
+    now_micros, percentiles, throughput, Payload, Report, Row, Sample, Settings, Stamped, BATCH,
+};
 
 pub async fn run(settings: &Settings, report: &mut Report) {
     for &size in &settings.sizes {
-        let n = settings.messages;
-        let value = payload(size);
-        let ours = throughput(settings.runs, || end_to_end(n, value.clone())).await;
-        let raw = throughput(settings.runs, || raw_end_to_end(n, value.clone())).await;
-        report.add(Row {
-            binder: "memory",
-            metric: "end-to-end",
-            size,
-            ours,
-            raw: Some(raw),
-            unit: "msgs/s",
-        });
+        // Memory is fast: more messages per run keep start-up out of the figure.
+        let n = settings.messages * 4;
+        let value = Payload::of_size(size);
+        let ours = throughput(settings.runs, || end_to_end(n, &value)).await;
+        let raw = throughput(settings.runs, || raw_end_to_end(n, &value)).await;
+        report.add(Row::ratio("memory", "end-to-end", size, ours, raw));
     }
+    latency(settings, report).await;
+}
+
+fn channel(destination: &str) -> Channel {
+    let binder: Arc<dyn Binder> = Arc::new(MemoryBinder::new());
+    Channel::new("bench", binder, BindingConfig::new(destination).group("g"))
 }
 
 /// Publishes `n` through a Source while a Sink handler consumes them.
-async fn end_to_end(n: usize, value: Payload) -> usize {
-    let binder: Arc<dyn Binder> = Arc::new(MemoryBinder::new());
-    let config = BindingConfig::new("bench").group("g");
-    let channel = Channel::new("bench", binder, config);
+async fn end_to_end(n: usize, value: &Payload) -> usize {
+    let channel = channel("bench");
     let done = Arc::new(AtomicUsize::new(0));
     let finished = Arc::new(tokio::sync::Notify::new());
     let (d, f) = (done.clone(), finished.clone());
@@ -57,10 +45,10 @@ async fn end_to_end(n: usize, value: Payload) -> usize {
         .await
         .unwrap();
     let source = channel.source::<Payload>().await.unwrap();
-    let batch: Vec<Payload> = (0..500).map(|_| value.clone()).collect();
+    let batch: Vec<Payload> = vec![value.clone(); BATCH];
     let mut sent = 0;
     while sent < n {
-        let k = (n - sent).min(batch.len());
+        let k = (n - sent).min(BATCH);
         source.send_batch(&batch[..k]).await.unwrap();
         sent += k;
     }
@@ -69,8 +57,8 @@ async fn end_to_end(n: usize, value: Payload) -> usize {
     n
 }
 
-/// The same work by hand: encode, a tokio channel, decode.
-async fn raw_end_to_end(n: usize, value: Payload) -> usize {
+/// The same work by hand: encode, a bounded tokio channel, decode.
+async fn raw_end_to_end(n: usize, value: &Payload) -> usize {
     let codec = Json::<Payload>::new();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(256);
     let consumer = tokio::spawn(async move {
@@ -83,23 +71,16 @@ async fn raw_end_to_end(n: usize, value: Payload) -> usize {
         got
     });
     for _ in 0..n {
-        tx.send(codec.encode(&value).unwrap()).await.unwrap();
+        tx.send(codec.encode(value).unwrap()).await.unwrap();
     }
     drop(tx);
     consumer.await.unwrap()
 }
 
-#[derive(Clone, Serialize, Deserialize)]
-struct Stamped {
-    sent_micros: u64,
-    data: String,
-}
-
-/// p50/p99 end-to-end latency at a fixed rate, for ours and raw; one sample per run.
-pub async fn latency(settings: &Settings, report: &mut Report) {
+/// p50/p99 end-to-end latency at a fixed rate; one sample per run.
+async fn latency(settings: &Settings, report: &mut Report) {
     let size = 64;
-    let mut ours = (Vec::new(), Vec::new());
-    let mut raw = (Vec::new(), Vec::new());
+    let (mut ours, mut raw) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
     for _ in 0..settings.runs {
         let (p50, p99) = latency_ours(settings, size).await;
         ours.0.push(p50);
@@ -112,22 +93,20 @@ pub async fn latency(settings: &Settings, report: &mut Report) {
         ("latency p50", ours.0, raw.0),
         ("latency p99", ours.1, raw.1),
     ] {
-        report.add(Row {
-            binder: "memory",
+        report.add(Row::latency(
+            "memory",
             metric,
             size,
-            ours: crate::report::Sample { values: o },
-            raw: Some(crate::report::Sample { values: r }),
-            unit: "µs",
-        });
+            Sample { values: o },
+            Sample { values: r },
+        ));
     }
 }
 
 async fn latency_ours(settings: &Settings, size: usize) -> (f64, f64) {
-    let binder: Arc<dyn Binder> = Arc::new(MemoryBinder::new());
-    let channel = Channel::new("bench", binder, BindingConfig::new("latency").group("g"));
-    let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let channel = channel("latency");
     let n = settings.latency_messages;
+    let samples = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n)));
     let finished = Arc::new(tokio::sync::Notify::new());
     let (s, f) = (samples.clone(), finished.clone());
     let sub = channel
@@ -143,19 +122,10 @@ async fn latency_ours(settings: &Settings, size: usize) -> (f64, f64) {
         .await
         .unwrap();
     let source = channel.source::<Stamped>().await.unwrap();
-    let data = "x".repeat(size.saturating_sub(30));
-    let mut tick = tokio::time::interval(std::time::Duration::from_micros(
-        1_000_000 / settings.latency_rate,
-    ));
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / settings.latency_rate));
     for _ in 0..n {
         tick.tick().await;
-        source
-            .send(&Stamped {
-                sent_micros: now_micros(),
-                data: data.clone(),
-            })
-            .await
-            .unwrap();
+        source.send(&Stamped::now(size)).await.unwrap();
     }
     finished.notified().await;
     sub.shutdown().await.unwrap();
@@ -176,17 +146,12 @@ async fn latency_raw(settings: &Settings, size: usize) -> (f64, f64) {
         samples
     });
     let codec = Json::<Stamped>::new();
-    let data = "x".repeat(size.saturating_sub(30));
-    let mut tick = tokio::time::interval(std::time::Duration::from_micros(
-        1_000_000 / settings.latency_rate,
-    ));
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / settings.latency_rate));
     for _ in 0..n {
         tick.tick().await;
-        let m = Stamped {
-            sent_micros: now_micros(),
-            data: data.clone(),
-        };
-        tx.send(codec.encode(&m).unwrap()).await.unwrap();
+        tx.send(codec.encode(&Stamped::now(size)).unwrap())
+            .await
+            .unwrap();
     }
     drop(tx);
     percentiles(consumer.await.unwrap())

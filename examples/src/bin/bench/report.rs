@@ -1,7 +1,12 @@
-//! Repetition, medians and the output table.
+//! What every benchmark shares: payloads, repetition, medians, RSS, the output table.
 
 use std::future::Future;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// Messages per publish batch and per raw read.
+pub const BATCH: usize = 500;
 
 /// Sizes and counts for one run.
 pub struct Settings {
@@ -11,18 +16,63 @@ pub struct Settings {
     /// Messages per second while measuring latency.
     pub latency_rate: u64,
     pub latency_messages: usize,
+    /// Messages waiting when the lagging consumer starts.
+    pub backlog: usize,
+    /// How many of them it works through while RSS is sampled.
+    pub backlog_consumed: usize,
 }
 
 impl Settings {
     pub fn new(quick: bool) -> Self {
         Settings {
             sizes: vec![16, 64, 256, 1024],
-            messages: if quick { 20_000 } else { 100_000 },
+            messages: if quick { 10_000 } else { 50_000 },
             runs: if quick { 3 } else { 5 },
-            latency_rate: 2_000,
-            latency_messages: if quick { 2_000 } else { 6_000 },
+            latency_rate: 1_000,
+            latency_messages: if quick { 1_000 } else { 3_000 },
+            backlog: if quick { 100_000 } else { 1_000_000 },
+            backlog_consumed: if quick { 50_000 } else { 200_000 },
         }
     }
+}
+
+/// A JSON payload of about `size` bytes.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Payload {
+    data: String,
+}
+
+impl Payload {
+    pub fn of_size(size: usize) -> Self {
+        // `{"data":""}` is 11 bytes.
+        Payload {
+            data: "x".repeat(size.saturating_sub(11)),
+        }
+    }
+}
+
+/// A payload that carries its send time, for latency.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Stamped {
+    pub sent_micros: u64,
+    data: String,
+}
+
+impl Stamped {
+    pub fn now(size: usize) -> Self {
+        Stamped {
+            sent_micros: now_micros(),
+            data: "x".repeat(size.saturating_sub(40)),
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch.
+pub fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
 }
 
 /// One measured quantity: its runs, median and spread.
@@ -58,34 +108,68 @@ impl Sample {
     }
 }
 
-/// Runs `op` (which returns how many messages it moved) `runs` times; msgs/s per run.
+/// Runs `op` `runs` times; each run reports how many messages it moved and how long the
+/// timed part took. Returns msgs/s per run.
+pub async fn throughput_timed<F, Fut>(runs: usize, mut op: F) -> Sample
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = (usize, Duration)>,
+{
+    let mut values = Vec::new();
+    for _ in 0..runs {
+        let (moved, elapsed) = op().await;
+        values.push(moved as f64 / elapsed.as_secs_f64());
+    }
+    Sample { values }
+}
+
+/// Like [`throughput_timed`], timing the whole of `op`.
 pub async fn throughput<F, Fut>(runs: usize, mut op: F) -> Sample
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = usize>,
 {
-    let mut values = Vec::new();
-    for _ in 0..runs {
-        let start = Instant::now();
-        let moved = op().await;
-        values.push(moved as f64 / start.elapsed().as_secs_f64());
-    }
-    Sample { values }
+    throughput_timed(runs, || {
+        let fut = op();
+        async move {
+            let start = Instant::now();
+            let moved = fut.await;
+            (moved, start.elapsed())
+        }
+    })
+    .await
 }
 
-/// Latencies in microseconds, reported as p50 and p99.
+/// Latencies in microseconds, as p50 and p99.
 pub fn percentiles(mut micros: Vec<f64>) -> (f64, f64) {
     micros.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let at = |q: f64| micros[((micros.len() as f64 - 1.0) * q).round() as usize];
     (at(0.50), at(0.99))
 }
 
-/// Microseconds since the Unix epoch, carried in payloads to measure latency.
-pub fn now_micros() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as u64
+/// This process's resident set size in KiB.
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Runs `work`, sampling RSS every 20 ms: (RSS before, highest RSS seen).
+pub async fn rss_while(work: impl Future<Output = ()>) -> (u64, u64) {
+    let before = rss_kib();
+    let mut peak = before;
+    tokio::pin!(work);
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tokio::select! {
+            _ = &mut work => break,
+            _ = tick.tick() => peak = peak.max(rss_kib()),
+        }
+    }
+    (before, peak.max(rss_kib()))
 }
 
 pub struct Row {
@@ -97,8 +181,45 @@ pub struct Row {
     pub unit: &'static str,
 }
 
+impl Row {
+    pub fn ratio(
+        binder: &'static str,
+        metric: &'static str,
+        size: usize,
+        ours: Sample,
+        raw: Sample,
+    ) -> Row {
+        Row {
+            binder,
+            metric,
+            size,
+            ours,
+            raw: Some(raw),
+            unit: "msgs/s",
+        }
+    }
+
+    pub fn latency(
+        binder: &'static str,
+        metric: &'static str,
+        size: usize,
+        ours: Sample,
+        raw: Sample,
+    ) -> Row {
+        Row {
+            binder,
+            metric,
+            size,
+            ours,
+            raw: Some(raw),
+            unit: "µs",
+        }
+    }
+}
+
 pub struct Report {
     rows: Vec<Row>,
+    rss: Vec<(String, usize, usize, u64, u64)>,
     header: String,
 }
 
@@ -106,21 +227,18 @@ impl Report {
     pub fn new(settings: &Settings) -> Self {
         Report {
             rows: Vec::new(),
+            rss: Vec::new(),
             header: format!(
-                "{} messages per run, {} runs, median (spread = (max-min)/median)",
-                settings.messages, settings.runs
+                "{} messages per throughput run, {} runs each; latency at {} msgs/s over {} messages; \
+                 values are medians, spread = (max-min)/median",
+                settings.messages, settings.runs, settings.latency_rate, settings.latency_messages
             ),
         }
     }
 
     pub fn add(&mut self, row: Row) {
-        let ratio = row
-            .raw
-            .as_ref()
-            .map(|raw| format!("{:.2}", row.ours.median() / raw.median()))
-            .unwrap_or_else(|| "-".into());
         eprintln!(
-            "  {} {} {}B: {:.0} {} (raw {}) ratio {}",
+            "  {} {} {} B: ours {:.0} {}, raw {}, ratio {}",
             row.binder,
             row.metric,
             row.size,
@@ -128,18 +246,25 @@ impl Report {
             row.unit,
             row.raw
                 .as_ref()
-                .map(|r| format!("{:.0}", r.median()))
-                .unwrap_or_else(|| "-".into()),
-            ratio
+                .map_or("-".into(), |r| format!("{:.0}", r.median())),
+            row.raw.as_ref().map_or("-".into(), |r| format!(
+                "{:.2}",
+                row.ours.median() / r.median()
+            )),
         );
         self.rows.push(row);
     }
 
+    pub fn rss(&mut self, binder: &str, backlog: usize, consumed: usize, before: u64, peak: u64) {
+        eprintln!("  {binder} backlog {backlog}: RSS {} KiB before, {} KiB peak while consuming {consumed}", before, peak);
+        self.rss
+            .push((binder.to_owned(), backlog, consumed, before, peak));
+    }
+
     pub fn print(&self) {
-        println!("{}", self.header);
-        println!(
-            "| binder | metric | size | ours | spread | raw | spread | ratio ours/raw |\n|---|---|---|---|---|---|---|---|"
-        );
+        println!("{}\n", self.header);
+        println!("| binder | metric | size | ours | spread | raw | spread | ours/raw |");
+        println!("|---|---|---|---|---|---|---|---|");
         for r in &self.rows {
             let (raw, raw_spread, ratio) = match &r.raw {
                 Some(raw) => (
@@ -162,16 +287,22 @@ impl Report {
                 ratio
             );
         }
+        if !self.rss.is_empty() {
+            println!("\n| binder | backlog | consumed | RSS before (MiB) | peak RSS (MiB) | growth (MiB) |");
+            println!("|---|---|---|---|---|---|");
+            for (binder, backlog, consumed, before, peak) in &self.rss {
+                println!(
+                    "| {binder} | {backlog} | {consumed} | {:.1} | {:.1} | {:.1} |",
+                    *before as f64 / 1024.0,
+                    *peak as f64 / 1024.0,
+                    (*peak as f64 - *before as f64) / 1024.0
+                );
+            }
+        }
     }
 
     pub fn write_json(&self, path: &str) -> std::io::Result<()> {
-        let sample = |s: &Sample| {
-            serde_json::json!({
-                "runs": s.values,
-                "median": s.median(),
-                "spread_pct": s.spread_pct(),
-            })
-        };
+        let sample = |s: &Sample| serde_json::json!({ "runs": s.values, "median": s.median(), "spread_pct": s.spread_pct() });
         let rows: Vec<serde_json::Value> = self
             .rows
             .iter()
@@ -187,9 +318,17 @@ impl Report {
                 })
             })
             .collect();
+        let rss: Vec<serde_json::Value> = self
+            .rss
+            .iter()
+            .map(|(binder, backlog, consumed, before, peak)| {
+                serde_json::json!({ "binder": binder, "backlog": backlog, "consumed": consumed, "rss_before_kib": before, "rss_peak_kib": peak })
+            })
+            .collect();
         let text = serde_json::to_string_pretty(&serde_json::json!({
             "settings": self.header,
             "rows": rows,
+            "rss": rss,
         }))
         .expect("results serialize");
         std::fs::write(path, text)

@@ -1,0 +1,342 @@
+//! The Kafka binder against rdkafka used by hand: FutureProducer, StreamConsumer.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message as _;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use stream_core::{Binder, BindingConfig, Channel, Codec, Json};
+
+use crate::report::{
+    now_micros, percentiles, throughput_timed, Payload, Report, Row, Sample, Settings, Stamped,
+    BATCH,
+};
+
+pub async fn run(settings: &Settings, report: &mut Report, brokers: &str) {
+    let binder = binder(brokers);
+    let producer = raw_producer(brokers);
+    for &size in &settings.sizes {
+        let n = settings.messages;
+        let value = Payload::of_size(size);
+        let ours = throughput_timed(settings.runs, || publish_ours(&binder, n, &value)).await;
+        let raw =
+            throughput_timed(settings.runs, || publish_raw(&binder, &producer, n, &value)).await;
+        report.add(Row::ratio("kafka", "publish", size, ours, raw));
+        let ours = throughput_timed(settings.runs, || {
+            consume_ours(&binder, &producer, n, &value)
+        })
+        .await;
+        let raw = throughput_timed(settings.runs, || {
+            consume_raw(&binder, &producer, brokers, n, &value)
+        })
+        .await;
+        report.add(Row::ratio("kafka", "consume+ack", size, ours, raw));
+    }
+    latency(settings, report, &binder, &producer, brokers).await;
+    backlog_rss(settings, report, &binder, &producer).await;
+}
+
+fn binder(brokers: &str) -> Arc<dyn Binder> {
+    let streams = stream_core::Streams::builder()
+        .register(binder_kafka::register)
+        .env(Vec::<(String, String)>::new())
+        .load_str(&format!(
+            "[binders.kafka]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\n"
+        ))
+        .expect("bench configuration");
+    streams.binder("kafka").expect("declared")
+}
+
+fn raw_producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer")
+}
+
+fn raw_consumer(brokers: &str, group: &str) -> StreamConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .create()
+        .expect("consumer")
+}
+
+/// A new topic, created through the binder so both sides get the same partitions.
+async fn fresh_topic(binder: &Arc<dyn Binder>, name: &str) -> String {
+    let topic = format!("bench-{name}-{}", stream_core::unique_suffix());
+    let producer = binder.producer(&topic).await.expect("topic created");
+    producer.close().await.unwrap();
+    topic
+}
+
+async fn publish_ours(binder: &Arc<dyn Binder>, n: usize, value: &Payload) -> (usize, Duration) {
+    let topic = fresh_topic(binder, "pub").await;
+    let source = Channel::new("bench", binder.clone(), BindingConfig::new(&topic))
+        .source::<Payload>()
+        .await
+        .unwrap();
+    let batch: Vec<Payload> = vec![value.clone(); BATCH];
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < n {
+        let k = (n - sent).min(BATCH);
+        source.send_batch(&batch[..k]).await.unwrap();
+        sent += k;
+    }
+    (n, start.elapsed())
+}
+
+/// Enqueues a batch, then awaits every delivery report, like the binder's `send_batch`.
+async fn produce(producer: &FutureProducer, topic: &str, n: usize, payload: impl Fn() -> Vec<u8>) {
+    let mut sent = 0;
+    while sent < n {
+        let k = (n - sent).min(BATCH);
+        let mut reports = Vec::with_capacity(k);
+        for _ in 0..k {
+            let bytes = payload();
+            let record = FutureRecord::<(), _>::to(topic).payload(&bytes);
+            reports.push(
+                producer
+                    .send_result(record)
+                    .map_err(|(e, _)| e)
+                    .expect("queued"),
+            );
+        }
+        for report in reports {
+            report
+                .await
+                .expect("not cancelled")
+                .map_err(|(e, _)| e)
+                .expect("delivered");
+        }
+        sent += k;
+    }
+}
+
+async fn publish_raw(
+    binder: &Arc<dyn Binder>,
+    producer: &FutureProducer,
+    n: usize,
+    value: &Payload,
+) -> (usize, Duration) {
+    let topic = fresh_topic(binder, "pub-raw").await;
+    let codec = Json::<Payload>::new();
+    let start = Instant::now();
+    produce(producer, &topic, n, || {
+        codec.encode(value).unwrap().to_vec()
+    })
+    .await;
+    (n, start.elapsed())
+}
+
+async fn consume_ours(
+    binder: &Arc<dyn Binder>,
+    producer: &FutureProducer,
+    n: usize,
+    value: &Payload,
+) -> (usize, Duration) {
+    let topic = fresh_topic(binder, "con").await;
+    let payload = Json::<Payload>::new().encode(value).unwrap().to_vec();
+    produce(producer, &topic, n, || payload.clone()).await;
+    let channel = Channel::new(
+        "bench",
+        binder.clone(),
+        BindingConfig::new(&topic).group("g"),
+    );
+    let handled = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(tokio::sync::Notify::new());
+    let (h, d) = (handled.clone(), done.clone());
+    let start = Instant::now();
+    let sub = channel
+        .sink::<Payload>()
+        .subscribe(move |_p: Payload| {
+            if h.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                d.notify_one();
+            }
+            async { Ok::<(), String>(()) }
+        })
+        .await
+        .unwrap();
+    done.notified().await;
+    sub.shutdown().await.unwrap();
+    (n, start.elapsed())
+}
+
+async fn consume_raw(
+    binder: &Arc<dyn Binder>,
+    producer: &FutureProducer,
+    brokers: &str,
+    n: usize,
+    value: &Payload,
+) -> (usize, Duration) {
+    let topic = fresh_topic(binder, "con-raw").await;
+    let payload = Json::<Payload>::new().encode(value).unwrap().to_vec();
+    produce(producer, &topic, n, || payload.clone()).await;
+    let codec = Json::<Payload>::new();
+    let start = Instant::now();
+    let consumer = raw_consumer(brokers, &format!("g-{}", stream_core::unique_suffix()));
+    consumer.subscribe(&[&topic]).unwrap();
+    for _ in 0..n {
+        let m = consumer.recv().await.unwrap();
+        let _p: Payload = codec.decode(m.payload().unwrap_or_default()).unwrap();
+        consumer.store_offset_from_message(&m).unwrap();
+    }
+    consumer
+        .commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
+        .unwrap();
+    (n, start.elapsed())
+}
+
+async fn latency(
+    settings: &Settings,
+    report: &mut Report,
+    binder: &Arc<dyn Binder>,
+    producer: &FutureProducer,
+    brokers: &str,
+) {
+    let size = 64;
+    let (mut ours, mut raw) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+    for _ in 0..settings.runs {
+        let (p50, p99) = latency_ours(settings, binder, size).await;
+        ours.0.push(p50);
+        ours.1.push(p99);
+        let (p50, p99) = latency_raw(settings, binder, producer, brokers, size).await;
+        raw.0.push(p50);
+        raw.1.push(p99);
+    }
+    for (metric, o, r) in [
+        ("latency p50", ours.0, raw.0),
+        ("latency p99", ours.1, raw.1),
+    ] {
+        report.add(Row::latency(
+            "kafka",
+            metric,
+            size,
+            Sample { values: o },
+            Sample { values: r },
+        ));
+    }
+}
+
+async fn latency_ours(settings: &Settings, binder: &Arc<dyn Binder>, size: usize) -> (f64, f64) {
+    let topic = fresh_topic(binder, "lat").await;
+    let channel = Channel::new(
+        "bench",
+        binder.clone(),
+        BindingConfig::new(&topic).group("g"),
+    );
+    let n = settings.latency_messages;
+    let samples = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n)));
+    let done = Arc::new(tokio::sync::Notify::new());
+    let (s, d) = (samples.clone(), done.clone());
+    let sub = channel
+        .sink::<Stamped>()
+        .subscribe(move |m: Stamped| {
+            let mut s = s.lock().unwrap();
+            s.push(now_micros().saturating_sub(m.sent_micros) as f64);
+            if s.len() == n {
+                d.notify_one();
+            }
+            async { Ok::<(), String>(()) }
+        })
+        .await
+        .unwrap();
+    let source = channel.source::<Stamped>().await.unwrap();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / settings.latency_rate));
+    for _ in 0..n {
+        tick.tick().await;
+        source.send(&Stamped::now(size)).await.unwrap();
+    }
+    done.notified().await;
+    sub.shutdown().await.unwrap();
+    let samples = samples.lock().unwrap().clone();
+    percentiles(samples)
+}
+
+async fn latency_raw(
+    settings: &Settings,
+    binder: &Arc<dyn Binder>,
+    producer: &FutureProducer,
+    brokers: &str,
+    size: usize,
+) -> (f64, f64) {
+    let topic = fresh_topic(binder, "lat-raw").await;
+    let n = settings.latency_messages;
+    let consumer = raw_consumer(brokers, &format!("g-{}", stream_core::unique_suffix()));
+    consumer.subscribe(&[&topic]).unwrap();
+    let reader = tokio::spawn(async move {
+        let codec = Json::<Stamped>::new();
+        let mut samples = Vec::with_capacity(n);
+        while samples.len() < n {
+            let m = consumer.recv().await.unwrap();
+            let s: Stamped = codec.decode(m.payload().unwrap_or_default()).unwrap();
+            samples.push(now_micros().saturating_sub(s.sent_micros) as f64);
+            consumer.store_offset_from_message(&m).unwrap();
+        }
+        samples
+    });
+    let codec = Json::<Stamped>::new();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / settings.latency_rate));
+    for _ in 0..n {
+        tick.tick().await;
+        let bytes = codec.encode(&Stamped::now(size)).unwrap();
+        producer
+            .send(
+                FutureRecord::<(), _>::to(&topic).payload(bytes.as_ref()),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    percentiles(reader.await.unwrap())
+}
+
+async fn backlog_rss(
+    settings: &Settings,
+    report: &mut Report,
+    binder: &Arc<dyn Binder>,
+    producer: &FutureProducer,
+) {
+    let topic = fresh_topic(binder, "backlog").await;
+    let backlog = settings.backlog;
+    let payload = Json::<Payload>::new()
+        .encode(&Payload::of_size(64))
+        .unwrap()
+        .to_vec();
+    produce(producer, &topic, backlog, || payload.clone()).await;
+    let consume = backlog.min(settings.backlog_consumed);
+    let (before, peak) = crate::report::rss_while(async {
+        let channel = Channel::new(
+            "bench",
+            binder.clone(),
+            BindingConfig::new(&topic).group("g"),
+        );
+        let handled = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(tokio::sync::Notify::new());
+        let (h, d) = (handled.clone(), done.clone());
+        let sub = channel
+            .sink::<Payload>()
+            .subscribe(move |_p: Payload| {
+                if h.fetch_add(1, Ordering::Relaxed) + 1 == consume {
+                    d.notify_one();
+                }
+                async { Ok::<(), String>(()) }
+            })
+            .await
+            .unwrap();
+        done.notified().await;
+        sub.shutdown().await.unwrap();
+    })
+    .await;
+    report.rss("kafka", backlog, consume, before, peak);
+}

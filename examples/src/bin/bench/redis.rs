@@ -1,0 +1,412 @@
+//! The Redis binder against redis-rs used by hand: pipelined XADD, XREADGROUP + XACK.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use stream_core::{Binder, BindingConfig, Channel, Codec, Json};
+
+use crate::report::{
+    now_micros, percentiles, rss_kib, throughput_timed, Payload, Report, Row, Sample, Settings,
+    Stamped, BATCH,
+};
+
+pub async fn run(settings: &Settings, report: &mut Report, url: &str) {
+    let binder = binder(url);
+    let client = redis::Client::open(url).expect("valid Redis URL");
+    let conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis answers");
+    for &size in &settings.sizes {
+        let n = settings.messages;
+        let value = Payload::of_size(size);
+        let ours = throughput_timed(settings.runs, || publish_ours(&binder, n, &value)).await;
+        let raw = throughput_timed(settings.runs, || publish_raw(conn.clone(), n, &value)).await;
+        report.add(Row::ratio("redis", "publish", size, ours, raw));
+        let ours = throughput_timed(settings.runs, || {
+            consume_ours(&binder, conn.clone(), n, &value)
+        })
+        .await;
+        let raw = throughput_timed(settings.runs, || consume_raw(conn.clone(), n, &value)).await;
+        report.add(Row::ratio("redis", "consume+ack", size, ours, raw));
+    }
+    latency(settings, report, &binder, &client).await;
+    backlog_rss(settings, report, &binder, conn.clone()).await;
+}
+
+fn binder(url: &str) -> Arc<dyn Binder> {
+    let streams = stream_core::Streams::builder()
+        .register(binder_redis::register)
+        .env(Vec::<(String, String)>::new())
+        .load_str(&format!(
+            "[binders.redis]\ntype = \"redis\"\nurl = \"{url}\"\n"
+        ))
+        .expect("bench configuration");
+    streams.binder("redis").expect("declared")
+}
+
+fn fresh(name: &str) -> String {
+    format!("bench-{name}-{}", stream_core::unique_suffix())
+}
+
+async fn publish_ours(binder: &Arc<dyn Binder>, n: usize, value: &Payload) -> (usize, Duration) {
+    let dest = fresh("pub");
+    let source = Channel::new("bench", binder.clone(), BindingConfig::new(&dest))
+        .source::<Payload>()
+        .await
+        .unwrap();
+    let batch: Vec<Payload> = vec![value.clone(); BATCH];
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < n {
+        let k = (n - sent).min(BATCH);
+        source.send_batch(&batch[..k]).await.unwrap();
+        sent += k;
+    }
+    let elapsed = start.elapsed();
+    drop_stream(binder, &dest).await;
+    (n, elapsed)
+}
+
+async fn publish_raw(
+    mut conn: MultiplexedConnection,
+    n: usize,
+    value: &Payload,
+) -> (usize, Duration) {
+    let dest = fresh("pub-raw");
+    let codec = Json::<Payload>::new();
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < n {
+        let k = (n - sent).min(BATCH);
+        let mut pipe = redis::pipe();
+        for _ in 0..k {
+            let payload = codec.encode(value).unwrap();
+            pipe.cmd("XADD")
+                .arg(&dest)
+                .arg("*")
+                .arg("p")
+                .arg(payload.as_ref());
+        }
+        let _: Vec<String> = pipe.query_async(&mut conn).await.unwrap();
+        sent += k;
+    }
+    let elapsed = start.elapsed();
+    let _: () = redis::cmd("DEL")
+        .arg(&dest)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    (n, elapsed)
+}
+
+/// Fills `dest` with `n` JSON entries, outside the timed part.
+async fn prefill(conn: &mut MultiplexedConnection, dest: &str, n: usize, value: &Payload) {
+    let payload = Json::<Payload>::new().encode(value).unwrap();
+    let mut sent = 0;
+    while sent < n {
+        let k = (n - sent).min(BATCH * 4);
+        let mut pipe = redis::pipe();
+        for _ in 0..k {
+            pipe.cmd("XADD")
+                .arg(dest)
+                .arg("*")
+                .arg("p")
+                .arg(payload.as_ref())
+                .arg("h:content-type")
+                .arg("application/json")
+                .ignore();
+        }
+        let _: () = pipe.query_async(conn).await.unwrap();
+        sent += k;
+    }
+}
+
+async fn consume_ours(
+    binder: &Arc<dyn Binder>,
+    mut conn: MultiplexedConnection,
+    n: usize,
+    value: &Payload,
+) -> (usize, Duration) {
+    let dest = fresh("con");
+    prefill(&mut conn, &dest, n, value).await;
+    let channel = Channel::new(
+        "bench",
+        binder.clone(),
+        BindingConfig::new(&dest).group("g"),
+    );
+    let handled = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(tokio::sync::Notify::new());
+    let (h, d) = (handled.clone(), done.clone());
+    let start = Instant::now();
+    let sub = channel
+        .sink::<Payload>()
+        .subscribe(move |_p: Payload| {
+            if h.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                d.notify_one();
+            }
+            async { Ok::<(), String>(()) }
+        })
+        .await
+        .unwrap();
+    done.notified().await;
+    // Shutdown flushes the last acks: they are part of the work.
+    sub.shutdown().await.unwrap();
+    let elapsed = start.elapsed();
+    let _: () = redis::cmd("DEL")
+        .arg(&dest)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    (n, elapsed)
+}
+
+/// XREADGROUP COUNT 500, decode, one XACK for the batch, strictly alternating.
+async fn consume_raw(
+    mut conn: MultiplexedConnection,
+    n: usize,
+    value: &Payload,
+) -> (usize, Duration) {
+    let dest = fresh("con-raw");
+    prefill(&mut conn, &dest, n, value).await;
+    let codec = Json::<Payload>::new();
+    let start = Instant::now();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&dest)
+        .arg("g")
+        .arg("0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut handled = 0;
+    while handled < n {
+        let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("g")
+            .arg("c")
+            .arg("COUNT")
+            .arg(BATCH)
+            .arg("BLOCK")
+            .arg(1000)
+            .arg("STREAMS")
+            .arg(&dest)
+            .arg(">")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut ids = Vec::new();
+        for key in reply.keys {
+            for entry in key.ids {
+                let payload: Vec<u8> = entry.get("p").unwrap();
+                let _p: Payload = codec.decode(&payload).unwrap();
+                ids.push(entry.id);
+            }
+        }
+        if ids.is_empty() {
+            continue;
+        }
+        handled += ids.len();
+        let _: i64 = redis::cmd("XACK")
+            .arg(&dest)
+            .arg("g")
+            .arg(&ids)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let elapsed = start.elapsed();
+    let _: () = redis::cmd("DEL")
+        .arg(&dest)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    (n, elapsed)
+}
+
+async fn drop_stream(binder: &Arc<dyn Binder>, _dest: &str) {
+    // Streams are left to the throwaway bench server; nothing to do through the binder.
+    let _ = binder;
+}
+
+async fn latency(
+    settings: &Settings,
+    report: &mut Report,
+    binder: &Arc<dyn Binder>,
+    client: &redis::Client,
+) {
+    let size = 64;
+    let (mut ours, mut raw) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+    for _ in 0..settings.runs {
+        let (p50, p99) = latency_ours(settings, binder, size).await;
+        ours.0.push(p50);
+        ours.1.push(p99);
+        let (p50, p99) = latency_raw(settings, client, size).await;
+        raw.0.push(p50);
+        raw.1.push(p99);
+    }
+    for (metric, o, r) in [
+        ("latency p50", ours.0, raw.0),
+        ("latency p99", ours.1, raw.1),
+    ] {
+        report.add(Row::latency(
+            "redis",
+            metric,
+            size,
+            Sample { values: o },
+            Sample { values: r },
+        ));
+    }
+}
+
+async fn latency_ours(settings: &Settings, binder: &Arc<dyn Binder>, size: usize) -> (f64, f64) {
+    let dest = fresh("lat");
+    let channel = Channel::new(
+        "bench",
+        binder.clone(),
+        BindingConfig::new(&dest).group("g"),
+    );
+    let n = settings.latency_messages;
+    let samples = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n)));
+    let done = Arc::new(tokio::sync::Notify::new());
+    let (s, d) = (samples.clone(), done.clone());
+    let sub = channel
+        .sink::<Stamped>()
+        .subscribe(move |m: Stamped| {
+            let mut s = s.lock().unwrap();
+            s.push(now_micros().saturating_sub(m.sent_micros) as f64);
+            if s.len() == n {
+                d.notify_one();
+            }
+            async { Ok::<(), String>(()) }
+        })
+        .await
+        .unwrap();
+    let source = channel.source::<Stamped>().await.unwrap();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / settings.latency_rate));
+    for _ in 0..n {
+        tick.tick().await;
+        source.send(&Stamped::now(size)).await.unwrap();
+    }
+    done.notified().await;
+    sub.shutdown().await.unwrap();
+    let samples = samples.lock().unwrap().clone();
+    percentiles(samples)
+}
+
+async fn latency_raw(settings: &Settings, client: &redis::Client, size: usize) -> (f64, f64) {
+    let dest = fresh("lat-raw");
+    let n = settings.latency_messages;
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&dest)
+        .arg("g")
+        .arg("$")
+        .arg("MKSTREAM")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // The reader blocks, so it gets a connection of its own.
+    let mut reader = client.get_multiplexed_async_connection().await.unwrap();
+    let d = dest.clone();
+    let consumer = tokio::spawn(async move {
+        let codec = Json::<Stamped>::new();
+        let mut samples = Vec::with_capacity(n);
+        while samples.len() < n {
+            let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("g")
+                .arg("c")
+                .arg("COUNT")
+                .arg(100)
+                .arg("BLOCK")
+                .arg(1000)
+                .arg("STREAMS")
+                .arg(&d)
+                .arg(">")
+                .query_async(&mut reader)
+                .await
+                .unwrap();
+            let mut ids = Vec::new();
+            for key in reply.keys {
+                for entry in key.ids {
+                    let payload: Vec<u8> = entry.get("p").unwrap();
+                    let m: Stamped = codec.decode(&payload).unwrap();
+                    samples.push(now_micros().saturating_sub(m.sent_micros) as f64);
+                    ids.push(entry.id);
+                }
+            }
+            if !ids.is_empty() {
+                let _: i64 = redis::cmd("XACK")
+                    .arg(&d)
+                    .arg("g")
+                    .arg(&ids)
+                    .query_async(&mut reader)
+                    .await
+                    .unwrap();
+            }
+        }
+        samples
+    });
+    let codec = Json::<Stamped>::new();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / settings.latency_rate));
+    for _ in 0..n {
+        tick.tick().await;
+        let payload = codec.encode(&Stamped::now(size)).unwrap();
+        let _: String = redis::cmd("XADD")
+            .arg(&dest)
+            .arg("*")
+            .arg("p")
+            .arg(payload.as_ref())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    percentiles(consumer.await.unwrap())
+}
+
+/// A consumer working through a backlog: RSS before and at its peak.
+async fn backlog_rss(
+    settings: &Settings,
+    report: &mut Report,
+    binder: &Arc<dyn Binder>,
+    mut conn: MultiplexedConnection,
+) {
+    let dest = fresh("backlog");
+    let backlog = settings.backlog;
+    prefill(&mut conn, &dest, backlog, &Payload::of_size(64)).await;
+    let consume = backlog.min(settings.backlog_consumed);
+    let (before, peak) = crate::report::rss_while(async {
+        let channel = Channel::new(
+            "bench",
+            binder.clone(),
+            BindingConfig::new(&dest).group("g"),
+        );
+        let handled = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(tokio::sync::Notify::new());
+        let (h, d) = (handled.clone(), done.clone());
+        let sub = channel
+            .sink::<Payload>()
+            .subscribe(move |_p: Payload| {
+                if h.fetch_add(1, Ordering::Relaxed) + 1 == consume {
+                    d.notify_one();
+                }
+                async { Ok::<(), String>(()) }
+            })
+            .await
+            .unwrap();
+        done.notified().await;
+        sub.shutdown().await.unwrap();
+    })
+    .await;
+    let _: () = redis::cmd("DEL")
+        .arg(&dest)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _ = rss_kib;
+    report.rss("redis", backlog, consume, before, peak);
+}
