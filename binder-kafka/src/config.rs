@@ -293,6 +293,9 @@ impl KafkaConfig {
                 "queued.max.messages.kbytes",
                 self.fetch_queue_kbytes.to_string(),
             )
+            // The queue is kept small, so it fills often; librdkafka's default then
+            // postpones the partition's next fetch by a whole second.
+            .set("fetch.queue.backoff.ms", "10")
             .set("auto.commit.interval.ms", millis(self.commit_interval));
         for (name, value) in &self.consumer {
             config.set(name, &value.0);
