@@ -4,7 +4,15 @@
 #
 #   scripts/test.sh [extra cargo test args...]     e.g. scripts/test.sh -- --nocapture
 #
-# It exports for the tests:
+# Stage 1 (always): single-node Redis and Kafka, `cargo test --workspace --all-features ARGS`.
+# Stage 2 (cluster stage; only with STREAM_TEST_CLUSTERS=1 until the cluster tests of issue 6
+# exist: a CI run whose last cargo test runs no test would be reported as running none): stops the
+# single-node services, starts a three-master Redis Cluster (scripts/redis-cluster.sh) and a
+# three-node Kafka cluster (scripts/kafka-cluster.sh), then runs only the tests whose names
+# contain `cluster`: `cargo test --workspace --all-features -- cluster` (the extra args are
+# not passed on). The exit status is stage 1's if it failed, else stage 2's.
+#
+# Stage 1 exports for the tests:
 #   STREAM_TEST_REDIS_URL       redis://127.0.0.1:PORT
 #   STREAM_TEST_REDIS_RESTART   shell command (run it with `sh -c`) that kill -9s redis and
 #                               starts it again on the same port and data
@@ -13,8 +21,25 @@
 #                               the same ports and log dirs
 # Restarts hit the one shared broker, so tests that use them disturb concurrent tests.
 #
+# Stage 2 exports instead (the four variables above are unset there):
+#   STREAM_TEST_REDIS_CLUSTER_URLS      redis://127.0.0.1:P1,redis://127.0.0.1:P2,redis://...:P3
+#                                       (the three masters, no replicas; 16384 slots split)
+#   STREAM_TEST_REDIS_CLUSTER_RESTART   shell command prefix, ending in a space: append a node
+#                                       number N (1..3, the position in the URL list) and run it
+#                                       with `sh -c`; kill -9s that node and starts it again on
+#                                       the same port, nodes.conf and AOF, returning once
+#                                       cluster_state is ok again
+#   STREAM_TEST_KAFKA_CLUSTER_BROKERS   127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3 (broker N has
+#                                       node.id N; replication factor 3, min.insync.replicas 2)
+#   STREAM_TEST_KAFKA_CLUSTER_RESTART   the same for Kafka: append a broker number N (1..3);
+#                                       kill -9s it and starts it again on the same ports and log
+#                                       dirs, returning once it is back in every partition's ISR
+#
 # STREAM_TEST_SKIP_KAFKA=1 skips Kafka for quick local runs (the Kafka suites then report
-# themselves skipped). CI never sets it, and under CI=true it is refused.
+# themselves skipped; with STREAM_TEST_CLUSTERS=1 only the Redis Cluster is started). CI never
+# sets it, and under CI=true it is refused.
+# STREAM_TEST_CLUSTERS=1 adds stage 2 outside CI (it takes about a minute more, and the three
+# Kafka JVMs about 1.1 GB of memory).
 # STREAM_TEST_KEEP_STATE=1 keeps the brokers' state dir (logs, data) after the run.
 # The first run installs redis-server (apt) and fetches Kafka (Maven); later runs reuse them.
 set -euo pipefail
@@ -45,6 +70,8 @@ cleanup() {
   say "stopping services..."
   "$SCRIPTS/kafka.sh" stop "$STATE/kafka" >/dev/null 2>&1 || true
   "$SCRIPTS/redis.sh" stop "$STATE/redis" >/dev/null 2>&1 || true
+  "$SCRIPTS/kafka-cluster.sh" stop "$STATE/kafka-cluster" >/dev/null 2>&1 || true
+  "$SCRIPTS/redis-cluster.sh" stop "$STATE/redis-cluster" >/dev/null 2>&1 || true
   if [ "${STREAM_TEST_KEEP_STATE:-}" = 1 ]; then
     say "state kept in $STATE"
   else
@@ -81,4 +108,40 @@ cd "$ROOT"
 status=0
 cargo test --workspace --all-features "$@" || status=$?
 say "cargo test exited with status $status"
+
+if [ "${STREAM_TEST_CLUSTERS:-}" != 1 ]; then
+  exit "$status"
+fi
+
+# Stage 2. The single-node services go first: the Kafka cluster needs the memory.
+say "cluster stage: stopping the single-node services..."
+"$SCRIPTS/kafka.sh" stop "$STATE/kafka" >/dev/null 2>&1 || true
+"$SCRIPTS/redis.sh" stop "$STATE/redis" >/dev/null 2>&1 || true
+unset STREAM_TEST_REDIS_URL STREAM_TEST_REDIS_RESTART STREAM_TEST_KAFKA_BROKERS \
+  STREAM_TEST_KAFKA_RESTART
+
+say "starting a three-master Redis Cluster..."
+redis_cluster_urls=$("$SCRIPTS/redis-cluster.sh" start "$STATE/redis-cluster" | tail -n 1)
+say "redis cluster ready at $redis_cluster_urls"
+export STREAM_TEST_REDIS_CLUSTER_URLS=$redis_cluster_urls
+STREAM_TEST_REDIS_CLUSTER_RESTART="$(shq "$SCRIPTS/redis-cluster.sh") restart-node $(shq "$STATE/redis-cluster") "
+export STREAM_TEST_REDIS_CLUSTER_RESTART
+
+if [ "${STREAM_TEST_SKIP_KAFKA:-}" = 1 ]; then
+  say "STREAM_TEST_SKIP_KAFKA=1: not starting the Kafka cluster; its suites will be skipped"
+  unset STREAM_TEST_KAFKA_CLUSTER_BROKERS STREAM_TEST_KAFKA_CLUSTER_RESTART
+else
+  say "starting a three-node Kafka cluster..."
+  kafka_cluster_brokers=$("$SCRIPTS/kafka-cluster.sh" start "$STATE/kafka-cluster" | tail -n 1)
+  say "kafka cluster ready at $kafka_cluster_brokers"
+  export STREAM_TEST_KAFKA_CLUSTER_BROKERS=$kafka_cluster_brokers
+  STREAM_TEST_KAFKA_CLUSTER_RESTART="$(shq "$SCRIPTS/kafka-cluster.sh") restart-broker $(shq "$STATE/kafka-cluster") "
+  export STREAM_TEST_KAFKA_CLUSTER_RESTART
+fi
+
+say "cluster stage: running cargo test --workspace --all-features -- cluster"
+cluster_status=0
+cargo test --workspace --all-features -- cluster || cluster_status=$?
+say "cluster stage: cargo test exited with status $cluster_status"
+if [ "$status" -eq 0 ]; then status=$cluster_status; fi
 exit "$status"

@@ -1,0 +1,88 @@
+# shellcheck shell=bash
+# Redis helpers shared by scripts/redis.sh and scripts/redis-cluster.sh (sourced, not run).
+# Needs lib/common.sh, and STATE (where apt.log goes).
+
+# Installs Debian's redis-server (which brings redis-cli) if either is missing.
+ensure_redis() {
+  if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
+    return
+  fi
+  command -v apt-get >/dev/null || die "redis-server is missing and apt-get is not available; install Redis >= 7"
+  log "installing Debian's redis-server package (output in $STATE/apt.log)..."
+  if ! { as_root apt-get update -qq &&
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; } \
+    >"$STATE/apt.log" 2>&1; then
+    tail -n 30 "$STATE/apt.log" >&2
+    die "apt-get install redis-server failed (log above)"
+  fi
+  # The package may start a system redis on 6379. We never use it; stop it so it does not
+  # hold memory or a port, but do not fail where there is no init system to ask.
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    as_root systemctl disable --now redis-server >/dev/null 2>&1 || true
+  elif [ -x /etc/init.d/redis-server ]; then
+    as_root /etc/init.d/redis-server stop >/dev/null 2>&1 || true
+  fi
+  command -v redis-server >/dev/null || die "redis-server still missing after apt-get install"
+}
+
+# PID from DIR/pid if that process is still a redis-server (guards against pid reuse).
+redis_pid() {
+  local pid
+  pid=$(cat "$1/pid" 2>/dev/null) || return 1
+  if [ -z "$pid" ] || ! alive "$pid"; then return 1; fi
+  grep -q redis "/proc/$pid/comm" 2>/dev/null || return 1
+  echo "$pid"
+}
+
+# Starts redis-server DIR/redis.conf in its own session (so the caller's Ctrl-C or
+# process-group kill does not hit it, and a caller capturing our stdout does not wait for
+# it), output appended to DIR/redis.log, and waits until it answers on PORT.
+# redis_launch DIR PORT TIMEOUT
+redis_launch() {
+  local dir=$1 port=$2 timeout=$3 pid deadline
+  echo "--- $(date '+%F %T') $PROG launching on port $port ---" >>"$dir/redis.log"
+  rm -f "$dir/pid"
+  # shellcheck disable=SC2016  # $$ and $0 belong to the inner sh
+  setsid sh -c 'echo $$ >"$0"; exec redis-server "$1"' "$dir/pid" "$dir/redis.conf" \
+    </dev/null >>"$dir/redis.log" 2>&1 &
+  deadline=$((SECONDS + timeout))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    pid=$(cat "$dir/pid" 2>/dev/null || true)
+    if [ -n "$pid" ] && ! alive "$pid"; then
+      tail -n 30 "$dir/redis.log" >&2
+      die "redis-server exited during startup (log above: $dir/redis.log)"
+    fi
+    # Ready once the server on the port answers and is ours, not some other redis that
+    # holds the port (our own then fails to bind and exits, caught above).
+    if [ -n "$pid" ] && redis-cli -h 127.0.0.1 -p "$port" info server 2>/dev/null |
+      tr -d '\r' | grep -qx "process_id:$pid"; then
+      return
+    fi
+    sleep 0.1
+  done
+  tail -n 30 "$dir/redis.log" >&2
+  die "redis-server did not answer on 127.0.0.1:$port within ${timeout}s (log above)"
+}
+
+# Stops the redis-server of DIR: SIGTERM (clean shutdown; the AOF is already fsynced), SIGKILL
+# if it still runs after 10 s. Never fails.
+redis_stop() {
+  local dir=$1 pid
+  pid=$(redis_pid "$dir") || { rm -f "$dir/pid"; return 0; }
+  kill -TERM "$pid" 2>/dev/null || true
+  if ! wait_gone "$pid" 100; then
+    log "redis-server $pid ignored SIGTERM for 10s; killing"
+    kill -KILL "$pid" 2>/dev/null || true
+    wait_gone "$pid" 50 || true
+  fi
+  rm -f "$dir/pid"
+}
+
+# kill -9 (a crash: only what was fsynced to the AOF survives) the redis-server of DIR.
+redis_crash() {
+  local dir=$1 pid
+  if pid=$(redis_pid "$dir"); then
+    kill -KILL "$pid" 2>/dev/null || true
+    wait_gone "$pid" 100 || die "redis-server $pid survived SIGKILL"
+  fi
+}
