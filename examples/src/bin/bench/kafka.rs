@@ -15,6 +15,9 @@ use crate::report::{
     BATCH,
 };
 
+/// Messages sent to a new topic before a publish run is timed.
+const WARM_UP: usize = 5 * BATCH;
+
 pub async fn run(settings: &Settings, report: &mut Report, brokers: &str) {
     let binder = binder(brokers);
     let producer = raw_producer(brokers);
@@ -92,7 +95,11 @@ async fn publish_ours(binder: &Arc<dyn Binder>, n: usize, value: &Payload) -> (u
         .await
         .unwrap();
     let batch: Vec<Payload> = vec![value.clone(); BATCH];
-    source.send(value).await.unwrap(); // metadata and connections, before timing
+    // A new topic's first thousands of messages are slow on both sides (metadata, the
+    // idempotent producer's per-partition state, new log segments): warm up untimed.
+    for _ in 0..WARM_UP / BATCH {
+        source.send_batch(&batch).await.unwrap();
+    }
     let start = Instant::now();
     let mut sent = 0;
     while sent < n {
@@ -138,6 +145,10 @@ async fn publish_raw(
 ) -> (usize, Duration) {
     let topic = fresh_topic(binder, "pub-raw").await;
     let codec = Json::<Payload>::new();
+    produce(producer, &topic, WARM_UP, || {
+        codec.encode(value).unwrap().to_vec()
+    })
+    .await;
     let start = Instant::now();
     produce(producer, &topic, n, || {
         codec.encode(value).unwrap().to_vec()
