@@ -16,7 +16,7 @@ pub async fn run(settings: &Settings, report: &mut Report, url: &str) {
     let binder = binder(url);
     let client = redis::Client::open(url).expect("valid Redis URL");
     let conn = client
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&no_timeout())
         .await
         .expect("Redis answers");
     for &size in &settings.sizes {
@@ -34,6 +34,12 @@ pub async fn run(settings: &Settings, report: &mut Report, url: &str) {
     }
     latency(settings, report, &binder, &client).await;
     backlog_rss(settings, report, &binder, conn.clone()).await;
+}
+
+/// Pipelines of thousands of commands on a loaded machine outlast redis-rs's default
+/// response timeout; the benchmark waits instead of failing.
+fn no_timeout() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new().set_response_timeout(None)
 }
 
 fn binder(url: &str) -> Arc<dyn Binder> {
@@ -299,7 +305,10 @@ async fn latency_ours(settings: &Settings, binder: &Arc<dyn Binder>, size: usize
 async fn latency_raw(settings: &Settings, client: &redis::Client, size: usize) -> (f64, f64) {
     let dest = fresh("lat-raw");
     let n = settings.latency_messages;
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&no_timeout())
+        .await
+        .unwrap();
     let _: () = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(&dest)
@@ -310,7 +319,10 @@ async fn latency_raw(settings: &Settings, client: &redis::Client, size: usize) -
         .await
         .unwrap();
     // The reader blocks, so it gets a connection of its own.
-    let mut reader = client.get_multiplexed_async_connection().await.unwrap();
+    let mut reader = client
+        .get_multiplexed_async_connection_with_config(&no_timeout())
+        .await
+        .unwrap();
     let d = dest.clone();
     let consumer = tokio::spawn(async move {
         let codec = Json::<Stamped>::new();
