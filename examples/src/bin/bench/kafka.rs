@@ -11,8 +11,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use stream_core::{Binder, BindingConfig, Channel, Codec, Json};
 
 use crate::report::{
-    now_micros, percentiles, throughput_timed, Payload, Report, Row, Sample, Settings, Stamped,
-    BATCH,
+    latency_through, now_micros, percentiles, throughput_timed, Payload, Report, Row, Sample,
+    Settings, Stamped, BATCH,
 };
 
 /// Messages sent to a new topic before a publish run is timed.
@@ -257,32 +257,7 @@ async fn latency_ours(settings: &Settings, binder: &Arc<dyn Binder>, size: usize
         binder.clone(),
         BindingConfig::new(&topic).group("g"),
     );
-    let n = settings.latency_messages;
-    let samples = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n)));
-    let done = Arc::new(tokio::sync::Notify::new());
-    let (s, d) = (samples.clone(), done.clone());
-    let sub = channel
-        .sink::<Stamped>()
-        .subscribe(move |m: Stamped| {
-            let mut s = s.lock().unwrap();
-            s.push(now_micros().saturating_sub(m.sent_micros) as f64);
-            if s.len() == n {
-                d.notify_one();
-            }
-            async { Ok::<(), String>(()) }
-        })
-        .await
-        .unwrap();
-    let source = channel.source::<Stamped>().await.unwrap();
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / settings.latency_rate));
-    for _ in 0..n {
-        tick.tick().await;
-        source.send(&Stamped::now(size)).await.unwrap();
-    }
-    done.notified().await;
-    sub.shutdown().await.unwrap();
-    let samples = samples.lock().unwrap().clone();
-    percentiles(samples)
+    latency_through(&channel, settings, size).await
 }
 
 async fn latency_raw(

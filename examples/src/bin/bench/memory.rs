@@ -8,7 +8,8 @@ use binder_memory::MemoryBinder;
 use stream_core::{Binder, BindingConfig, Channel, Codec, Json};
 
 use crate::report::{
-    now_micros, percentiles, throughput, Payload, Report, Row, Sample, Settings, Stamped, BATCH,
+    latency_through, now_micros, percentiles, throughput, Payload, Report, Row, Sample, Settings,
+    Stamped, BATCH,
 };
 
 pub async fn run(settings: &Settings, report: &mut Report) {
@@ -104,33 +105,7 @@ async fn latency(settings: &Settings, report: &mut Report) {
 }
 
 async fn latency_ours(settings: &Settings, size: usize) -> (f64, f64) {
-    let channel = channel("latency");
-    let n = settings.latency_messages;
-    let samples = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n)));
-    let finished = Arc::new(tokio::sync::Notify::new());
-    let (s, f) = (samples.clone(), finished.clone());
-    let sub = channel
-        .sink::<Stamped>()
-        .subscribe(move |m: Stamped| {
-            let mut s = s.lock().unwrap();
-            s.push(now_micros().saturating_sub(m.sent_micros) as f64);
-            if s.len() == n {
-                f.notify_one();
-            }
-            async { Ok::<(), String>(()) }
-        })
-        .await
-        .unwrap();
-    let source = channel.source::<Stamped>().await.unwrap();
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / settings.latency_rate));
-    for _ in 0..n {
-        tick.tick().await;
-        source.send(&Stamped::now(size)).await.unwrap();
-    }
-    finished.notified().await;
-    sub.shutdown().await.unwrap();
-    let samples = samples.lock().unwrap().clone();
-    percentiles(samples)
+    latency_through(&channel("latency"), settings, size).await
 }
 
 async fn latency_raw(settings: &Settings, size: usize) -> (f64, f64) {

@@ -1,9 +1,11 @@
 //! What every benchmark shares: payloads, repetition, medians, RSS, the output table.
 
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use stream_core::Channel;
 
 /// Messages per publish batch and per raw read.
 pub const BATCH: usize = 500;
@@ -138,6 +140,36 @@ where
         }
     })
     .await
+}
+
+/// p50/p99 latency through `channel`'s Source and Sink at the settings' fixed rate.
+pub async fn latency_through(channel: &Channel, settings: &Settings, size: usize) -> (f64, f64) {
+    let n = settings.latency_messages;
+    let samples = Arc::new(Mutex::new(Vec::with_capacity(n)));
+    let done = Arc::new(tokio::sync::Notify::new());
+    let (s, d) = (samples.clone(), done.clone());
+    let sub = channel
+        .sink::<Stamped>()
+        .subscribe(move |m: Stamped| {
+            let mut s = s.lock().unwrap();
+            s.push(now_micros().saturating_sub(m.sent_micros) as f64);
+            if s.len() == n {
+                d.notify_one();
+            }
+            async { Ok::<(), String>(()) }
+        })
+        .await
+        .unwrap();
+    let source = channel.source::<Stamped>().await.unwrap();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / settings.latency_rate));
+    for _ in 0..n {
+        tick.tick().await;
+        source.send(&Stamped::now(size)).await.unwrap();
+    }
+    done.notified().await;
+    sub.shutdown().await.unwrap();
+    let samples = samples.lock().unwrap().clone();
+    percentiles(samples)
 }
 
 /// Latencies in microseconds, as p50 and p99.
