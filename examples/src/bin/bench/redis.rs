@@ -22,7 +22,10 @@ pub async fn run(settings: &Settings, report: &mut Report, url: &str) {
     for &size in &settings.sizes {
         let n = settings.messages;
         let value = Payload::of_size(size);
-        let ours = throughput_timed(settings.runs, || publish_ours(&binder, n, &value)).await;
+        let ours = throughput_timed(settings.runs, || {
+            publish_ours(&binder, conn.clone(), n, &value)
+        })
+        .await;
         let raw = throughput_timed(settings.runs, || publish_raw(conn.clone(), n, &value)).await;
         report.add(Row::ratio("redis", "publish", size, ours, raw));
         let ours = throughput_timed(settings.runs, || {
@@ -57,7 +60,12 @@ fn fresh(name: &str) -> String {
     format!("bench-{name}-{}", stream_core::unique_suffix())
 }
 
-async fn publish_ours(binder: &Arc<dyn Binder>, n: usize, value: &Payload) -> (usize, Duration) {
+async fn publish_ours(
+    binder: &Arc<dyn Binder>,
+    mut conn: MultiplexedConnection,
+    n: usize,
+    value: &Payload,
+) -> (usize, Duration) {
     let dest = fresh("pub");
     let source = Channel::new("bench", binder.clone(), BindingConfig::new(&dest))
         .source::<Payload>()
@@ -72,7 +80,14 @@ async fn publish_ours(binder: &Arc<dyn Binder>, n: usize, value: &Payload) -> (u
         sent += k;
     }
     let elapsed = start.elapsed();
-    drop_stream(binder, &dest).await;
+    // Deleted like the raw side's: left behind, every run's entries pile up in the server and
+    // its AOF, whose background rewrites (a fork, then compression on the other core) then
+    // land in whichever measurement runs next.
+    let _: () = redis::cmd("DEL")
+        .arg(&dest)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     (n, elapsed)
 }
 
@@ -230,11 +245,6 @@ async fn consume_raw(
         .await
         .unwrap();
     (n, elapsed)
-}
-
-async fn drop_stream(binder: &Arc<dyn Binder>, _dest: &str) {
-    // Streams are left to the throwaway bench server; nothing to do through the binder.
-    let _ = binder;
 }
 
 async fn latency(
