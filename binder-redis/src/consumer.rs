@@ -4,18 +4,22 @@
 //! Reads and acks use different connections. Redis runs the commands of one connection in
 //! order, so an `XACK` queued behind an `XREADGROUP ... BLOCK` would wait for the block to
 //! end; the blocking connection also needs a response timeout longer than `BLOCK`.
+//!
+//! `ack` queues the ids and returns; a task of the consumer sends them (see [`AckQueue`]).
 
 use std::collections::HashSet;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
-use redis::{RedisError, Value};
+use redis::{RedisError, RedisResult, Value};
 use stream_core::{
     Consumer, ConsumerOptions, DeliveryTag, Error, ErrorKind, Received, Result, StartFrom,
 };
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::connection::command_error;
@@ -29,6 +33,14 @@ const RELEASE_PAGE: usize = 500;
 const MAX_PENDING_PAGE: usize = 4096;
 /// The shortest pause between claim sweeps, whatever the configuration says.
 const MIN_CLAIM_INTERVAL: Duration = Duration::from_millis(10);
+/// How long a queued acknowledgement waits for a read to carry it before it is sent alone.
+/// Far below any sensible `claim-idle`, so no other member takes over an entry for lack of
+/// its `XACK`.
+const ACK_DELAY: Duration = Duration::from_millis(5);
+/// Acknowledgements queued and not yet confirmed beyond which `ack` waits for the queue.
+const MAX_QUEUED_ACKS: usize = 8192;
+/// Failed `XACK`s of one batch tried again before its entries are left to redelivery.
+const ACK_TRIES: u32 = 20;
 
 /// Hands this consumer's pending entries back to the group at close: their delivery time is
 /// set to 1970 so that the next `XAUTOCLAIM` of any member takes them at once. When nothing
@@ -63,6 +75,8 @@ pub(crate) struct ReadSettings {
     pub(crate) block: Duration,
     pub(crate) claim_interval: Option<Duration>,
     pub(crate) consumer_prefix: String,
+    /// How long `close` waits for queued acknowledgements to be confirmed.
+    pub(crate) command_timeout: Duration,
 }
 
 pub(crate) struct RedisConsumer {
@@ -76,12 +90,239 @@ pub(crate) struct RedisConsumer {
     claim_idle: Duration,
     claim_interval: Duration,
     block: Duration,
+    command_timeout: Duration,
     /// Held for the whole of a `receive`; core calls it from one task anyway.
     state: tokio::sync::Mutex<ReadState>,
-    /// Returned by `receive`, not yet acknowledged: claims and pending passes skip these,
-    /// so a slow handler's message is not handed to this same consumer a second time.
-    in_flight: Mutex<HashSet<DeliveryTag>>,
+    /// Returned by `receive`, not yet acknowledged in Redis: claims and pending passes skip
+    /// these, so a slow handler's message is not handed to this same consumer a second time.
+    in_flight: Arc<Mutex<InFlight>>,
+    acks: Arc<AckQueue>,
     closed: AtomicBool,
+}
+
+/// Tags of deliveries this consumer handed out and Redis has not seen acknowledged.
+type InFlight = HashSet<DeliveryTag, TagHash>;
+
+/// Hashing for [`InFlight`]: every delivery is inserted and removed once, and SipHash over
+/// its two words was a measurable part of the consumer's time. Seeded per process, so ids
+/// chosen by a producer cannot be made to collide.
+#[derive(Clone)]
+struct TagHash(u64);
+
+impl Default for TagHash {
+    fn default() -> Self {
+        TagHash(std::collections::hash_map::RandomState::new().hash_one(0u64))
+    }
+}
+
+impl BuildHasher for TagHash {
+    type Hasher = TagHasher;
+
+    fn build_hasher(&self) -> TagHasher {
+        TagHasher(self.0)
+    }
+}
+
+struct TagHasher(u64);
+
+impl Hasher for TagHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // The 64-bit finaliser of MurmurHash3: every input bit reaches every output bit.
+        let mut h = self.0 ^ n;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^= h >> 33;
+        self.0 = h;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Acknowledgements core has made and Redis has not confirmed yet.
+///
+/// Core counts a delivery against the prefetch window until `ack` returns. An `ack` that
+/// waited for `XACK` would keep that part of the window shut for a round trip per batch,
+/// so the next read could only ask for what earlier acks had already freed: small reads,
+/// each paying the full fixed cost of a round trip (and, with `appendfsync always`, of an
+/// fsync). So `ack` only queues the ids. The next `XREADGROUP` for new entries carries
+/// them: `XACK` and `XREADGROUP` go in one pipeline, which Redis runs in one event-loop
+/// turn with one fsync. Ids no read picked up within [`ACK_DELAY`] (the stream is idle and
+/// the read blocks, or the fetch loop waits) are sent on their own by [`send_acks`].
+///
+/// The handlers are done with these entries; what is in flight is the id. Until Redis
+/// confirms, the entries stay in `in_flight`, so neither a pending pass nor a claim of this
+/// consumer hands them out again, and `close` waits for the queue before leaving the group.
+/// A process that dies with acknowledgements queued leaves those entries pending, to be
+/// delivered again like any other un-acknowledged entry.
+struct AckQueue {
+    state: Mutex<AckState>,
+    /// Wakes [`send_acks`].
+    wake: Notify,
+    /// Queued or being sent, not yet settled (confirmed, or given up on).
+    outstanding: watch::Sender<usize>,
+}
+
+#[derive(Default)]
+struct AckState {
+    queued: Vec<EntryId>,
+    /// When the oldest of `queued` arrived.
+    since: Option<Instant>,
+    /// Send at once: the consumer is closing or gone.
+    urgent: bool,
+    /// The consumer is gone: [`send_acks`] sends what is left and ends.
+    dropped: bool,
+}
+
+impl AckQueue {
+    fn new() -> AckQueue {
+        AckQueue {
+            state: Mutex::default(),
+            wake: Notify::new(),
+            outstanding: watch::Sender::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AckState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, ids: impl IntoIterator<Item = EntryId>) {
+        let mut state = self.lock();
+        let before = state.queued.len();
+        state.queued.extend(ids);
+        let added = state.queued.len() - before;
+        // Counted before anyone can take them, so the count never drops below zero.
+        self.outstanding.send_modify(|n| *n += added);
+        let first = state.since.is_none();
+        state.since.get_or_insert_with(Instant::now);
+        drop(state);
+        // Later ones are due no sooner than the first, which the sender already waits for.
+        if first {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Takes everything queued, for a read to carry.
+    fn take(&self) -> Vec<EntryId> {
+        let mut state = self.lock();
+        state.since = None;
+        std::mem::take(&mut state.queued)
+    }
+
+    /// Puts back ids whose `XACK` may not have run; sending one twice is harmless.
+    fn put_back(&self, mut ids: Vec<EntryId>) {
+        let mut state = self.lock();
+        ids.append(&mut state.queued);
+        state.queued = ids;
+        state.since.get_or_insert_with(Instant::now);
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// The ids [`send_acks`] is to send now, after giving reads [`ACK_DELAY`] to carry
+    /// them; `None` once the consumer is gone and nothing is left.
+    async fn due(&self) -> Option<Vec<EntryId>> {
+        loop {
+            let wait = {
+                let mut state = self.lock();
+                match state.since {
+                    None if state.dropped => return None,
+                    None => None,
+                    Some(since) => {
+                        let due = since + ACK_DELAY;
+                        if state.urgent || state.dropped || Instant::now() >= due {
+                            state.since = None;
+                            return Some(std::mem::take(&mut state.queued));
+                        }
+                        Some(due)
+                    }
+                }
+            };
+            match wait {
+                // A wake-up sent between the look above and this wait is kept, not lost.
+                None => self.wake.notified().await,
+                Some(due) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(due) => {}
+                        _ = self.wake.notified() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn settled(&self, n: usize) {
+        self.outstanding
+            .send_modify(|outstanding| *outstanding -= n);
+    }
+
+    /// Sends what is queued without waiting for a read, and waits until it is settled.
+    async fn flush(&self) {
+        self.lock().urgent = true;
+        self.wake.notify_one();
+        self.drained_to(0).await;
+        self.lock().urgent = false;
+    }
+
+    /// Waits until at most `limit` acknowledgements are outstanding.
+    async fn drained_to(&self, limit: usize) {
+        if *self.outstanding.borrow() <= limit {
+            return;
+        }
+        let mut outstanding = self.outstanding.subscribe();
+        let _ = outstanding.wait_for(|n| *n <= limit).await;
+    }
+}
+
+/// Ids a read carries; put back into the queue if the read is dropped before the reply
+/// says whether its `XACK` ran.
+struct Carried<'a> {
+    acks: &'a AckQueue,
+    ids: Vec<EntryId>,
+}
+
+impl Carried<'_> {
+    fn settle(mut self, in_flight: &Mutex<InFlight>, outcome: RedisResult<Value>) {
+        let ids = std::mem::take(&mut self.ids);
+        match outcome {
+            Ok(_) => {
+                forget(in_flight, &ids);
+                self.acks.settled(ids.len());
+            }
+            // The group is gone, and with it what there was to acknowledge.
+            Err(e) if e.code() == Some("NOGROUP") => {
+                forget(in_flight, &ids);
+                self.acks.settled(ids.len());
+            }
+            // Sent again on their own, with the retries that path has.
+            Err(_) => self.acks.put_back(ids),
+        }
+    }
+}
+
+impl Drop for Carried<'_> {
+    fn drop(&mut self) {
+        if !self.ids.is_empty() {
+            self.acks.put_back(std::mem::take(&mut self.ids));
+        }
+    }
+}
+
+fn forget(in_flight: &Mutex<InFlight>, ids: &[EntryId]) {
+    let mut in_flight = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+    for id in ids {
+        in_flight.remove(&id.tag());
+    }
 }
 
 struct ReadState {
@@ -160,6 +401,7 @@ impl RedisConsumer {
             claim_idle: options.claim_idle,
             claim_interval,
             block: settings.block,
+            command_timeout: settings.command_timeout,
             state: tokio::sync::Mutex::new(ReadState {
                 conn: Some(read),
                 ready: true,
@@ -171,13 +413,21 @@ impl RedisConsumer {
                 // Work abandoned by a crashed member is looked for right away.
                 next_claim: Instant::now(),
             }),
-            in_flight: Mutex::new(HashSet::new()),
+            in_flight: Arc::default(),
+            acks: Arc::new(AckQueue::new()),
             closed: AtomicBool::new(false),
         };
         consumer
             .create_group(&mut consumer.commands.clone())
             .await
             .map_err(Fail::into_error)?;
+        tokio::spawn(send_acks(
+            consumer.acks.clone(),
+            consumer.in_flight.clone(),
+            consumer.commands.clone(),
+            consumer.stream.clone(),
+            consumer.group.clone(),
+        ));
         tracing::debug!(stream = %consumer.stream, group = %consumer.group, consumer = %consumer.name, "joined consumer group");
         Ok(consumer)
     }
@@ -264,17 +514,11 @@ impl RedisConsumer {
         }
         let until_claim = state.next_claim.saturating_duration_since(Instant::now());
         let block = self.block.min(until_claim).max(Duration::from_millis(1));
-        let entries = self.read(&mut conn, max, ">", Some(block)).await?;
+        let entries = self.read_new(&mut conn, max, block).await?;
         self.accept(&mut conn, entries, Origin::New).await
     }
 
-    async fn read(
-        &self,
-        conn: &mut ConnectionManager,
-        max: usize,
-        from: &str,
-        block: Option<Duration>,
-    ) -> Result<Vec<Entry>, Fail> {
+    fn xreadgroup(&self, max: usize, from: &str, block: Option<Duration>) -> redis::Cmd {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&self.group)
@@ -285,10 +529,68 @@ impl RedisConsumer {
             cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
         }
         cmd.arg("STREAMS").arg(&self.stream).arg(from);
-        let reply: Value = cmd
+        cmd
+    }
+
+    async fn read(
+        &self,
+        conn: &mut ConnectionManager,
+        max: usize,
+        from: &str,
+        block: Option<Duration>,
+    ) -> Result<Vec<Entry>, Fail> {
+        let reply: Value = self
+            .xreadgroup(max, from, block)
             .query_async(conn)
             .await
             .map_err(|e| self.fail("XREADGROUP", e))?;
+        self.parse(reply)
+    }
+
+    /// Reads new entries, carrying the queued acknowledgements in the same pipeline (see
+    /// [`AckQueue`]).
+    async fn read_new(
+        &self,
+        conn: &mut ConnectionManager,
+        max: usize,
+        block: Duration,
+    ) -> Result<Vec<Entry>, Fail> {
+        let read = self.xreadgroup(max, ">", Some(block));
+        let carried = Carried {
+            acks: &self.acks,
+            ids: self.acks.take(),
+        };
+        if carried.ids.is_empty() {
+            drop(carried);
+            let reply: Value = read
+                .query_async(conn)
+                .await
+                .map_err(|e| self.fail("XREADGROUP", e))?;
+            return self.parse(reply);
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("XACK")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg(&carried.ids);
+        pipe.add_command(read);
+        // Each reply on its own: a failed XACK must not cost the entries just read.
+        let replies: Vec<RedisResult<Value>> = match pipe.ignore_errors().query_async(conn).await {
+            Ok(replies) => replies,
+            Err(e) => return Err(self.fail("XACK + XREADGROUP", e)),
+        };
+        let mut replies = replies.into_iter();
+        let (Some(acked), Some(read)) = (replies.next(), replies.next()) else {
+            return Err(Fail::Reply(
+                format!("XACK + XREADGROUP on `{}`", self.stream),
+                Malformed("pipeline reply is short"),
+            ));
+        };
+        carried.settle(&self.in_flight, acked);
+        self.parse(read.map_err(|e| self.fail("XREADGROUP", e))?)
+    }
+
+    fn parse(&self, reply: Value) -> Result<Vec<Entry>, Fail> {
         parse_read(reply).map_err(|e| Fail::Reply(format!("XREADGROUP on `{}`", self.stream), e))
     }
 
@@ -355,7 +657,7 @@ impl RedisConsumer {
         {
             let in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             for entry in entries {
-                if entry.fields.is_none() {
+                if entry.message.is_none() {
                     deleted.push(entry.id);
                 } else if origin == Origin::New || !in_flight.contains(&entry.id.tag()) {
                     keep.push(entry);
@@ -379,7 +681,7 @@ impl RedisConsumer {
                 Some(Received {
                     tag: entry.id.tag(),
                     delivery_count,
-                    message: entry.into_message(),
+                    message: entry.message?,
                 })
             })
             .collect())
@@ -505,39 +807,11 @@ impl Consumer for RedisConsumer {
         if tags.is_empty() {
             return Ok(());
         }
-        let ids: Vec<EntryId> = tags.iter().copied().map(EntryId::from_tag).collect();
-        let mut xack = redis::cmd("XACK");
-        xack.arg(&self.stream).arg(&self.group).arg(&ids);
-        let mut result = xack.query_async::<i64>(&mut self.commands.clone()).await;
-        if matches!(&result, Err(e) if e.is_connection_dropped()) {
-            // The first command after a dropped connection fails while the connection is
-            // re-made; XACK is idempotent, so it is simply sent again once.
-            result = xack.query_async::<i64>(&mut self.commands.clone()).await;
-        }
-        // Forgotten whatever the outcome: an entry whose ack failed must be free to come
-        // back through the pending pass or a claim, as core expects of a failed ack.
-        {
-            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            for tag in tags {
-                in_flight.remove(tag);
-            }
-        }
-        match result {
-            Ok(_) => Ok(()),
-            Err(e) if e.code() == Some("NOGROUP") => {
-                tracing::warn!(stream = %self.stream, group = %self.group, count = tags.len(), "consumer group is gone; nothing left to acknowledge");
-                Ok(())
-            }
-            Err(e) => Err(command_error(
-                &format!(
-                    "XACK of {} entries on stream `{}` group `{}`",
-                    ids.len(),
-                    self.stream,
-                    self.group
-                ),
-                e,
-            )),
-        }
+        self.acks.push(tags.iter().copied().map(EntryId::from_tag));
+        // Bounds the queue when Redis cannot keep up (or is away): core's window then stays
+        // shut, as it would with an ack that waited.
+        self.acks.drained_to(MAX_QUEUED_ACKS).await;
+        Ok(())
     }
 
     async fn close(&self) -> Result<()> {
@@ -546,6 +820,13 @@ impl Consumer for RedisConsumer {
         }
         // Waits out a receive still running, then drops the blocking connection.
         self.state.lock().await.conn = None;
+        // Handed back below, an entry whose ack is still queued would be handled twice.
+        if tokio::time::timeout(self.command_timeout, self.acks.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!(stream = %self.stream, group = %self.group, consumer = %self.name, "acknowledgements still unconfirmed at close; those entries may be delivered again");
+        }
         if !self.durable {
             // An anonymous group lives exactly as long as its one consumer.
             let result = redis::cmd("XGROUP")
@@ -574,4 +855,73 @@ impl Consumer for RedisConsumer {
         }
         Ok(())
     }
+}
+
+impl Drop for RedisConsumer {
+    fn drop(&mut self) {
+        self.acks.lock().dropped = true;
+        self.acks.wake.notify_one();
+    }
+}
+
+/// Sends queued acknowledgements, one `XACK` for whatever gathered while the previous one
+/// was on its way, until the consumer is dropped and the queue is empty.
+async fn send_acks(
+    acks: Arc<AckQueue>,
+    in_flight: Arc<Mutex<InFlight>>,
+    mut conn: ConnectionManager,
+    stream: String,
+    group: String,
+) {
+    while let Some(mut ids) = acks.due().await {
+        if ids.is_empty() {
+            continue;
+        }
+        let mut tries = 0;
+        let outcome = loop {
+            let result = redis::cmd("XACK")
+                .arg(&stream)
+                .arg(&group)
+                .arg(&ids)
+                .query_async::<i64>(&mut conn)
+                .await;
+            match result {
+                Ok(_) => break Ok(()),
+                Err(e) if e.code() == Some("NOGROUP") => {
+                    tracing::warn!(%stream, %group, count = ids.len(), "consumer group is gone; nothing left to acknowledge");
+                    break Ok(());
+                }
+                // The first command after a dropped connection fails while the connection is
+                // re-made; XACK is idempotent, so it is simply sent again.
+                Err(e) if e.is_connection_dropped() && tries == 0 => {}
+                Err(e) if is_temporary(&e) && tries < ACK_TRIES => {
+                    let wait = ack_backoff(tries);
+                    tracing::warn!(%stream, %group, error = %e, retry_in = ?wait, "XACK failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => break Err(e),
+            }
+            tries += 1;
+            // Whatever was acknowledged meanwhile goes along with the retry.
+            ids.append(&mut acks.take());
+        };
+        if let Err(e) = outcome {
+            tracing::error!(%stream, %group, count = ids.len(), error = %e, "XACK failed; these entries will be delivered again");
+        }
+        // Forgotten whatever the outcome: an entry whose ack failed must be free to come
+        // back through the pending pass or a claim.
+        forget(&in_flight, &ids);
+        acks.settled(ids.len());
+    }
+}
+
+/// Errors after which the same `XACK` may pass later.
+fn is_temporary(e: &RedisError) -> bool {
+    command_error("XACK", e.clone()).is_temporary()
+}
+
+/// 50 ms doubling to 5 s, as core waits between failed acks.
+fn ack_backoff(tries: u32) -> Duration {
+    let ms = 50u64.saturating_mul(1 << tries.min(7));
+    Duration::from_millis(ms.min(5_000))
 }

@@ -22,56 +22,118 @@ pub(crate) const KEY: &str = "k";
 /// Prefix of header fields.
 pub(crate) const HEADER_PREFIX: &str = "h:";
 
+/// The number of `XADD` arguments and their total bytes that [`write_fields`] appends.
+pub(crate) fn fields_size(message: &Message) -> (usize, usize) {
+    let mut args = 2;
+    let mut bytes = PAYLOAD.len() + message.payload().len();
+    if let Some(key) = message.key() {
+        args += 2;
+        bytes += KEY.len() + key.len();
+    }
+    for (name, value) in message.headers().iter() {
+        args += 2;
+        bytes += HEADER_PREFIX.len() + name.len() + value.len();
+    }
+    (args, bytes)
+}
+
 /// Appends a message's fields to an `XADD` after its id argument.
 pub(crate) fn write_fields(cmd: &mut redis::Cmd, message: &Message) {
+    use redis::RedisWrite as _;
+    use std::io::Write as _;
+
     cmd.arg(PAYLOAD).arg(message.payload().as_ref());
     if let Some(key) = message.key() {
         cmd.arg(KEY).arg(key);
     }
     for (name, value) in message.headers().iter() {
-        cmd.arg(format!("{HEADER_PREFIX}{name}")).arg(value);
+        // Written in place: a `format!` would allocate once per header and message.
+        let mut field = cmd.writer_for_next_arg();
+        // Writing into the command's Vec cannot fail.
+        let _ = field.write_all(HEADER_PREFIX.as_bytes());
+        let _ = field.write_all(name.as_bytes());
+        drop(field);
+        cmd.arg(value);
     }
 }
 
-/// Field-value pairs of an entry, in stream order.
-pub(crate) type Fields = Vec<(Vec<u8>, Vec<u8>)>;
-
-/// One entry of a stream reply. `fields` is `None` when the entry was deleted or trimmed
+/// One entry of a stream reply. `message` is `None` when the entry was deleted or trimmed
 /// while it sat in a pending list: Redis still knows its id, not its content.
 #[derive(Debug)]
 pub(crate) struct Entry {
     pub(crate) id: EntryId,
-    pub(crate) fields: Option<Fields>,
+    pub(crate) message: Option<Message>,
 }
 
-impl Entry {
-    /// The message, with the entry id as its id.
-    pub(crate) fn into_message(self) -> Message {
-        let mut payload = Bytes::new();
-        let mut key = None;
-        let mut headers = Headers::new();
-        for (field, value) in self.fields.unwrap_or_default() {
-            match field.as_slice() {
-                f if f == PAYLOAD.as_bytes() => payload = Bytes::from(value),
-                f if f == KEY.as_bytes() => key = Some(text(value)),
-                _ => {
-                    let name = text(field);
-                    let name = match name.strip_prefix(HEADER_PREFIX) {
-                        Some(stripped) => stripped.to_owned(),
-                        None => name,
-                    };
-                    headers.append(name, text(value));
+/// The headers of the entry parsed last, as Redis sent them and as built.
+///
+/// Entries of one stream mostly carry the same headers (the codec's content type, little
+/// else), so an entry whose header fields equal the previous entry's shares its `Headers`
+/// instead of allocating a name, a value and a list of its own.
+#[derive(Default)]
+struct HeaderCache {
+    fields: Vec<(Vec<u8>, Vec<u8>)>,
+    headers: Headers,
+}
+
+/// Builds the message of one entry from its flat field-value list.
+fn message_of(
+    id: &[u8],
+    fields: impl Iterator<Item = (Value, Value)>,
+    cache: &mut HeaderCache,
+) -> Result<Message, Malformed> {
+    let mut payload = Bytes::new();
+    let mut key = None;
+    // Header fields agreeing with the cache so far; once one differs, `own` holds them all.
+    let mut matched = 0;
+    let mut own: Option<Vec<(Vec<u8>, Vec<u8>)>> = None;
+    for (field, value) in fields {
+        let (field, value) = (bytes_of(field)?, bytes_of(value)?);
+        match field.as_slice() {
+            f if f == PAYLOAD.as_bytes() => payload = Bytes::from(value),
+            f if f == KEY.as_bytes() => key = Some(text(value)),
+            _ => match &mut own {
+                Some(own) => own.push((field, value)),
+                None if cache
+                    .fields
+                    .get(matched)
+                    .is_some_and(|(f, v)| *f == field && *v == value) =>
+                {
+                    matched += 1;
                 }
-            }
+                None => {
+                    let mut list = cache.fields[..matched].to_vec();
+                    list.push((field, value));
+                    own = Some(list);
+                }
+            },
         }
-        let mut message = Message::new(payload)
-            .with_headers(headers)
-            .with_id(self.id.to_string());
-        if let Some(key) = key {
-            message = message.with_key(key);
-        }
-        message
     }
+    let headers = match own {
+        None if matched == cache.fields.len() => cache.headers.clone(),
+        own => {
+            let fields = own.unwrap_or_else(|| cache.fields[..matched].to_vec());
+            let headers = fields
+                .iter()
+                .map(|(field, value)| {
+                    let name = String::from_utf8_lossy(field);
+                    let name = name.strip_prefix(HEADER_PREFIX).unwrap_or(&name);
+                    (name.to_owned(), String::from_utf8_lossy(value).into_owned())
+                })
+                .collect::<Headers>();
+            *cache = HeaderCache {
+                fields,
+                headers: headers.clone(),
+            };
+            headers
+        }
+    };
+    let id = std::str::from_utf8(id).map_err(|_| Malformed("stream entry id"))?;
+    let mut message = Message::new(payload).with_headers(headers).with_id(id);
+    if let Some(key) = key {
+        message = message.with_key(key);
+    }
+    Ok(message)
 }
 
 fn text(bytes: Vec<u8>) -> String {
@@ -205,6 +267,7 @@ fn parse_entries(value: Value) -> Result<Vec<Entry>, Malformed> {
     let Value::Array(items) = value else {
         return Err(Malformed("stream entries are not an array"));
     };
+    let mut cache = HeaderCache::default();
     items
         .into_iter()
         .map(|item| {
@@ -215,32 +278,31 @@ fn parse_entries(value: Value) -> Result<Vec<Entry>, Malformed> {
                 return Err(Malformed("stream entry is not [id, fields]"));
             }
             let fields = pair.pop().unwrap_or(Value::Nil);
-            let id = id_of(&pair[0]).ok_or(Malformed("stream entry id"))?;
-            let fields = match fields {
+            let raw_id = match pair.pop() {
+                Some(Value::BulkString(b)) => b,
+                Some(Value::SimpleString(s)) => s.into_bytes(),
+                _ => return Err(Malformed("stream entry id")),
+            };
+            let id = std::str::from_utf8(&raw_id)
+                .ok()
+                .and_then(EntryId::parse)
+                .ok_or(Malformed("stream entry id"))?;
+            let message = match fields {
                 Value::Nil => None,
-                Value::Array(flat) => Some(pairs(flat)?),
-                Value::Map(map) => Some(
-                    map.into_iter()
-                        .map(|(f, v)| Ok((bytes_of(f)?, bytes_of(v)?)))
-                        .collect::<Result<_, Malformed>>()?,
-                ),
+                Value::Array(flat) => {
+                    if !flat.len().is_multiple_of(2) {
+                        return Err(Malformed("odd number of field values"));
+                    }
+                    let mut flat = flat.into_iter();
+                    let pairs = std::iter::from_fn(|| Some((flat.next()?, flat.next()?)));
+                    Some(message_of(&raw_id, pairs, &mut cache)?)
+                }
+                Value::Map(map) => Some(message_of(&raw_id, map.into_iter(), &mut cache)?),
                 _ => return Err(Malformed("stream entry fields")),
             };
-            Ok(Entry { id, fields })
+            Ok(Entry { id, message })
         })
         .collect()
-}
-
-fn pairs(flat: Vec<Value>) -> Result<Fields, Malformed> {
-    if !flat.len().is_multiple_of(2) {
-        return Err(Malformed("odd number of field values"));
-    }
-    let mut out = Vec::with_capacity(flat.len() / 2);
-    let mut it = flat.into_iter();
-    while let (Some(f), Some(v)) = (it.next(), it.next()) {
-        out.push((bytes_of(f)?, bytes_of(v)?));
-    }
-    Ok(out)
 }
 
 fn bytes_of(value: Value) -> Result<Vec<u8>, Malformed> {
@@ -277,24 +339,83 @@ mod tests {
         assert!(EntryId::parse("a-b").is_none());
     }
 
+    fn entry(id: &str, fields: &[(&str, &[u8])]) -> Value {
+        let flat = fields
+            .iter()
+            .flat_map(|(f, v)| [bulk(f), Value::BulkString(v.to_vec())])
+            .collect();
+        Value::Array(vec![bulk(id), Value::Array(flat)])
+    }
+
+    fn read_reply(entries: Vec<Value>) -> Value {
+        Value::Array(vec![Value::Array(vec![bulk("s"), Value::Array(entries)])])
+    }
+
+    fn headers(message: &Message) -> Vec<(&str, &str)> {
+        message.headers().iter().collect()
+    }
+
     #[test]
     fn fields_become_payload_key_and_headers() {
-        let entry = Entry {
-            id: EntryId { ms: 5, seq: 0 },
-            fields: Some(vec![
-                (b"p".to_vec(), vec![0, 159, 146, 150]),
-                (b"k".to_vec(), b"order-1".to_vec()),
-                (b"h:a".to_vec(), b"1".to_vec()),
-                (b"h:a".to_vec(), b"2".to_vec()),
-                (b"foreign".to_vec(), b"x".to_vec()),
-            ]),
-        };
-        let message = entry.into_message();
+        let reply = read_reply(vec![entry(
+            "5-0",
+            &[
+                ("p", &[0, 159, 146, 150]),
+                ("k", b"order-1"),
+                ("h:a", b"1"),
+                ("h:a", b"2"),
+                ("foreign", b"x"),
+            ],
+        )]);
+        let entries = parse_read(reply).unwrap();
+        let message = entries[0].message.as_ref().unwrap();
+        assert_eq!(entries[0].id, EntryId { ms: 5, seq: 0 });
         assert_eq!(message.id(), "5-0");
         assert_eq!(message.key(), Some("order-1"));
         assert_eq!(&message.payload()[..], &[0, 159, 146, 150]);
-        let headers: Vec<_> = message.headers().iter().collect();
-        assert_eq!(headers, vec![("a", "1"), ("a", "2"), ("foreign", "x")]);
+        assert_eq!(
+            headers(message),
+            vec![("a", "1"), ("a", "2"), ("foreign", "x")]
+        );
+    }
+
+    #[test]
+    fn headers_are_shared_only_between_entries_that_carry_the_same() {
+        let json: &[(&str, &[u8])] = &[("p", b"{}"), ("h:content-type", b"application/json")];
+        let reply = read_reply(vec![
+            entry("1-0", json),
+            entry("2-0", json),
+            entry("3-0", &[("h:content-type", b"text/plain"), ("p", b"x")]),
+            entry("4-0", &[("p", b"x")]),
+            entry(
+                "5-0",
+                &[
+                    ("p", b"x"),
+                    ("h:content-type", b"text/plain"),
+                    ("h:b", b"2"),
+                ],
+            ),
+            entry("6-0", &[("p", b"x"), ("h:content-type", b"text/plain")]),
+            entry("7-0", json),
+        ]);
+        let messages: Vec<Message> = parse_read(reply)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.message.unwrap())
+            .collect();
+        let expected: [&[(&str, &str)]; 7] = [
+            &[("content-type", "application/json")],
+            &[("content-type", "application/json")],
+            &[("content-type", "text/plain")],
+            &[],
+            &[("content-type", "text/plain"), ("b", "2")],
+            &[("content-type", "text/plain")],
+            &[("content-type", "application/json")],
+        ];
+        for (message, expected) in messages.iter().zip(expected) {
+            assert_eq!(headers(message), expected, "{}", message.id());
+        }
+        assert_eq!(&messages[2].payload()[..], b"x");
     }
 
     #[test]
@@ -308,8 +429,8 @@ mod tests {
         ])]);
         let entries = parse_read(reply).unwrap();
         assert_eq!(entries.len(), 2);
-        assert!(entries[0].fields.is_none());
-        assert_eq!(entries[1].fields.as_ref().unwrap()[0].1, b"x");
+        assert!(entries[0].message.is_none());
+        assert_eq!(&entries[1].message.as_ref().unwrap().payload()[..], b"x");
         assert!(parse_read(Value::Nil).unwrap().is_empty());
     }
 

@@ -71,6 +71,9 @@
 //! each header under `h:<name>` (repeated names repeat). The message id is the entry id
 //! (`1700000000000-0`). Fields other producers wrote come back as headers of the same name.
 //!
+//! A batch (`send_batch`) goes as `MULTI`, one `XADD` per message, `EXEC`, in transactions of
+//! up to 1024 entries: all of a transaction's entries are appended, or none.
+//!
 //! # Delivery
 //!
 //! * A consumer first re-reads its own pending list (`XREADGROUP ... 0`), then sweeps the
@@ -79,6 +82,13 @@
 //!   first two carry the delivery count of `XPENDING`, which core uses as the attempt
 //!   number, so a message that kept crashing its consumers reaches the retry limit and the
 //!   dead-letter stream.
+//! * `ack` returns once the ids are queued. The consumer's next `XREADGROUP` carries them
+//!   (`XACK` and `XREADGROUP` in one pipeline: one round trip, and one fsync on a server
+//!   with `appendfsync always`); when no read comes within a few milliseconds, a task of the
+//!   consumer sends them alone. Until Redis confirms, this consumer does not hand the entries
+//!   out again, and `close` sends what is queued before it leaves the group. A process that
+//!   dies with acknowledgements queued leaves those entries pending: they are delivered
+//!   again, as any un-acknowledged entry is.
 //! * A pending entry that was deleted or trimmed from the stream is acknowledged and
 //!   reported with a warning, never delivered as an empty message.
 //! * On close, a durable consumer hands what it did not acknowledge back to the group (the
@@ -235,6 +245,7 @@ impl Binder for RedisBinder {
             block: config.block,
             claim_interval: config.claim_interval,
             consumer_prefix: config.consumer_prefix.clone(),
+            command_timeout: config.command_timeout,
         };
         let consumer = RedisConsumer::open(commands, read, destination, options, &settings).await?;
         Ok(Box::new(consumer))

@@ -91,7 +91,10 @@ async fn entries_trimmed_while_pending_are_cleared_not_delivered() {
         .ack(&got.iter().map(|r| r.tag).collect::<Vec<_>>())
         .await
         .unwrap();
-    assert_eq!(common::pending(&mut raw, &stream, &group).await, 0);
+    assert_eq!(
+        common::pending_settles(&mut raw, &stream, &group, 0).await,
+        0
+    );
     survivor.close().await.unwrap();
 }
 
@@ -209,7 +212,10 @@ async fn entries_deleted_from_own_pending_list_are_acked_not_delivered() {
         .ack(&got.iter().map(|r| r.tag).collect::<Vec<_>>())
         .await
         .unwrap();
-    assert_eq!(common::pending(&mut raw, &stream, &group).await, 0);
+    assert_eq!(
+        common::pending_settles(&mut raw, &stream, &group, 0).await,
+        0
+    );
     consumer.close().await.unwrap();
 }
 
@@ -273,6 +279,47 @@ async fn close_hands_back_pending_entries_and_removes_idle_names() {
         "the second consumer removed its name: {names:?}"
     );
     assert_eq!(names[0], members[0].0);
+}
+
+/// `ack` returns once the ids are queued: they reach Redis by themselves shortly after, with
+/// no further `receive` to carry them, and `close` sends what is still queued before it
+/// hands the rest back, so nothing acknowledged is handed to another member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_acks_reach_redis_alone_and_before_close_hands_back() {
+    let _lock = broker_lock(false).await;
+    let Some(url) = common::redis_url() else {
+        return;
+    };
+    let (stream, group) = (common::unique("acks"), common::unique("g"));
+    let options = ConsumerOptions::new(&group).claim_idle(Duration::from_secs(3600));
+    let binder = common::binder(&url);
+    binder
+        .producer(&stream)
+        .await
+        .unwrap()
+        .send_batch((0..10).map(|n| Message::new(n.to_string())).collect())
+        .await
+        .unwrap();
+    let consumer = binder.consumer(&stream, &options).await.unwrap();
+    let got = common::receive_until(&*consumer, PATIENCE, "ten entries", |g| g.len() >= 10).await;
+    let tags: Vec<_> = got.iter().map(|r| r.tag).collect();
+    let mut raw = common::raw(&url).await;
+
+    consumer.ack(&tags[..4]).await.unwrap();
+    assert_eq!(
+        common::pending_settles(&mut raw, &stream, &group, 6).await,
+        6,
+        "acknowledged entries leave the pending list without another read"
+    );
+
+    consumer.ack(&tags[4..7]).await.unwrap();
+    consumer.close().await.unwrap();
+    let members = common::consumers(&mut raw, &stream, &group).await;
+    assert_eq!(members.len(), 1);
+    assert_eq!(
+        members[0].1, 3,
+        "close sent the queued acks before handing back the other three"
+    );
 }
 
 /// An anonymous group lives as long as its consumer: closing destroys it.

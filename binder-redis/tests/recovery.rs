@@ -84,7 +84,10 @@ async fn killed_member_batch_is_taken_over_by_xautoclaim() {
         .await
         .unwrap();
     let mut raw = common::raw(&url).await;
-    assert_eq!(common::pending(&mut raw, &stream, &group).await, 0);
+    assert_eq!(
+        common::pending_settles(&mut raw, &stream, &group, 0).await,
+        0
+    );
     survivor.close().await.unwrap();
 }
 
@@ -277,7 +280,10 @@ async fn receive_dropped_midway_loses_nothing() {
     assert_eq!(seen.len(), N, "every entry delivered, nothing foreign");
     assert_eq!(duplicates, 0, "nothing returned twice to one consumer");
     let mut raw = common::raw(&url).await;
-    assert_eq!(common::pending(&mut raw, &stream, &group).await, 0);
+    assert_eq!(
+        common::pending_settles(&mut raw, &stream, &group, 0).await,
+        0
+    );
     consumer.close().await.unwrap();
 }
 

@@ -94,9 +94,18 @@ pub trait Consumer: Send + Sync + 'static {
     async fn receive(&self, max: usize) -> Result<Vec<Received>>;
 
     /// Acknowledges deliveries: they are done and never delivered to this group again.
+    ///
+    /// A binder may return once the acknowledgement is on its way rather than recorded by
+    /// the broker (Kafka stores offsets and commits them in the background; Redis carries
+    /// `XACK` on its next read), so the next fetch need not wait a round trip. Such a binder
+    /// must not hand these deliveries out again itself, must bound what it holds queued, and
+    /// must record everything queued in [`close`](Consumer::close). A process that dies first
+    /// leaves those deliveries un-acknowledged: they are delivered again, as at-least-once
+    /// allows.
     async fn ack(&self, tags: &[DeliveryTag]) -> Result<()>;
 
-    /// Leaves the group. Un-acknowledged deliveries become available to other members.
+    /// Leaves the group, after recording every acknowledgement made so far. Un-acknowledged
+    /// deliveries become available to other members.
     async fn close(&self) -> Result<()> {
         Ok(())
     }

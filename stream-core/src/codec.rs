@@ -40,14 +40,11 @@ pub(crate) fn decode_message<T: 'static>(codec: &dyn Codec<T>, message: &Message
 
 /// Compares media types without parameters (`application/json; charset=utf-8`).
 fn same_media_type(a: &str, b: &str) -> bool {
-    let essence = |s: &str| {
-        s.split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase()
-    };
-    essence(a) == essence(b)
+    // Runs for every received message: compares in place rather than lowercasing copies.
+    fn essence(s: &str) -> &str {
+        s.split(';').next().unwrap_or("").trim()
+    }
+    essence(a).eq_ignore_ascii_case(essence(b))
 }
 
 /// JSON through serde_json, the default codec.

@@ -15,7 +15,7 @@ use crate::binder::{DeliveryTag, Received};
 use crate::codec::{decode_message, Codec};
 use crate::config::RetryConfig;
 use crate::dead_letter::{Cause, DeadLetter};
-use crate::inbound::{Closer, Inbound};
+use crate::inbound::{Backlog, Closer, Inbound};
 use crate::{Message, Result};
 
 /// A stream of [`Delivery`] values from [`Sink::stream`](crate::Sink::stream).
@@ -26,6 +26,7 @@ use crate::{Message, Result};
 /// uses [`Sink::subscribe`](crate::Sink::subscribe), which holds a key back while it retries.
 pub struct Deliveries<T> {
     deliveries: mpsc::UnboundedReceiver<Received>,
+    backlog: Arc<Backlog>,
     retries: mpsc::UnboundedReceiver<Pending>,
     codec: Arc<dyn Codec<T>>,
     settle: Arc<Settle>,
@@ -69,6 +70,7 @@ impl<T: Send + 'static> Deliveries<T> {
         });
         Deliveries {
             deliveries: inbound.deliveries,
+            backlog: inbound.backlog,
             retries,
             codec,
             settle,
@@ -120,12 +122,15 @@ impl<T: Send + 'static> Stream for Deliveries<T> {
             let pending = match this.retries.poll_recv(cx) {
                 Poll::Ready(Some(pending)) => pending,
                 _ => match this.deliveries.poll_recv(cx) {
-                    Poll::Ready(Some(received)) => Pending {
-                        attempt: received.delivery_count.max(1),
-                        message: received.message,
-                        tag: received.tag,
-                        first_failure: None,
-                    },
+                    Poll::Ready(Some(received)) => {
+                        this.backlog.take();
+                        Pending {
+                            attempt: received.delivery_count.max(1),
+                            message: received.message,
+                            tag: received.tag,
+                            first_failure: None,
+                        }
+                    }
                     Poll::Ready(None) => {
                         // The fetcher ended: say why if it failed, once.
                         if let Some(fetcher) = this.fetcher.as_mut() {

@@ -29,16 +29,22 @@ impl<I> KeyedQueue<I> {
         key.map(|key| self.hasher.hash_one(key))
     }
 
-    pub(crate) fn push(&mut self, slot: Option<u64>, item: I) {
+    /// Queues `item`; returns whether it may start now rather than after its key's earlier
+    /// items.
+    pub(crate) fn push(&mut self, slot: Option<u64>, item: I) -> bool {
         let Some(slot) = slot else {
             self.ready.push_back((None, item));
-            return;
+            return true;
         };
         match self.busy.get_mut(&slot) {
-            Some(waiting) => waiting.push_back(item),
+            Some(waiting) => {
+                waiting.push_back(item);
+                false
+            }
             None => {
                 self.busy.insert(slot, VecDeque::new());
                 self.ready.push_back((Some(slot), item));
+                true
             }
         }
     }
@@ -48,13 +54,18 @@ impl<I> KeyedQueue<I> {
         self.ready.pop_front()
     }
 
-    /// Marks the item of `slot` finished, releasing the next item of its key.
-    pub(crate) fn done(&mut self, slot: Option<u64>) {
-        let Some(slot) = slot else { return };
+    /// Marks the item of `slot` finished, releasing the next item of its key; returns
+    /// whether one was released.
+    pub(crate) fn done(&mut self, slot: Option<u64>) -> bool {
+        let Some(slot) = slot else { return false };
         match self.busy.get_mut(&slot).and_then(VecDeque::pop_front) {
-            Some(next) => self.ready.push_back((Some(slot), next)),
+            Some(next) => {
+                self.ready.push_back((Some(slot), next));
+                true
+            }
             None => {
                 self.busy.remove(&slot);
+                false
             }
         }
     }

@@ -1,10 +1,11 @@
 //! The consumer side shared by handler and pull styles: fetching under the prefetch bound,
 //! batched acknowledgements, and an orderly close.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::binder::{Consumer, ConsumerOptions, DeliveryTag, Received, StartFrom};
@@ -22,11 +23,116 @@ const ACK_TRIES: u32 = 20;
 /// A running consumer: a fetch task feeding `deliveries`, an ack task draining `acks`.
 pub(crate) struct Inbound {
     pub(crate) deliveries: mpsc::UnboundedReceiver<Received>,
+    /// Whoever takes from `deliveries` keeps this up to date.
+    pub(crate) backlog: Arc<Backlog>,
     pub(crate) acks: mpsc::UnboundedSender<DeliveryTag>,
     pub(crate) stop: watch::Sender<bool>,
     pub(crate) dead_letter: Arc<DeadLetter>,
     pub(crate) fetcher: JoinHandle<Result<()>>,
     pub(crate) closer: Closer,
+}
+
+/// What the fetch loop knows of the consuming side: deliveries fetched that could start now
+/// but have not (queued for a free handler, or not yet taken from a stream; those held back
+/// behind another delivery of their key do not count, since more of the window would not
+/// start them any sooner), and how long handlers take.
+///
+/// A broker round trip costs about as much for a few deliveries as for many, so the fetch
+/// loop does not ask for whatever single permit came back while the handlers still have
+/// work; it waits for a good part of the window (see [`Window::next_batch`]).
+#[derive(Debug, Default)]
+pub(crate) struct Backlog {
+    ready: AtomicUsize,
+    emptied: Notify,
+    /// Handling time in nanoseconds, divided by the handlers running side by side, and the
+    /// number of deliveries it covers.
+    handling_nanos: AtomicU64,
+    handled: AtomicU64,
+}
+
+impl Backlog {
+    /// `n` more deliveries can start.
+    pub(crate) fn add(&self, n: usize) {
+        self.ready.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// One delivery started, or can no longer start by itself.
+    pub(crate) fn take(&self) {
+        if self.ready.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Stored if the fetch loop is not waiting yet, so the wake-up is never lost.
+            self.emptied.notify_one();
+        }
+    }
+
+    /// A delivery was handled in `took` by one of `slots` handlers that run side by side.
+    pub(crate) fn handled(&self, took: Duration, slots: usize) {
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX) / slots.max(1) as u64;
+        self.handling_nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.handled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ready.load(Ordering::Acquire) == 0
+    }
+}
+
+/// Time per delivery on both sides of the window, in nanoseconds, smoothed.
+#[derive(Debug, Default)]
+struct Pace {
+    /// A `receive` that filled its whole batch, divided by the batch.
+    fetch: Option<u64>,
+    /// Handling, from [`Backlog`]; `None` where nobody measures it (pull-style streams).
+    handling: Option<u64>,
+    /// The [`Backlog`] totals when `handling` was last updated.
+    seen: (u64, u64),
+}
+
+/// Deliveries handled between two updates of [`Pace::handling`], so one slow delivery does
+/// not decide alone.
+const PACE_SAMPLE: u64 = 16;
+
+impl Pace {
+    fn smooth(old: Option<u64>, sample: u64) -> Option<u64> {
+        Some(match old {
+            Some(old) => (old * 3 + sample) / 4,
+            None => sample,
+        })
+    }
+
+    fn fetched(&mut self, took: Duration, asked: usize, got: usize) {
+        // A short batch means the broker ran out of entries: its time says nothing of the
+        // broker's speed (a blocking read waits for new entries).
+        if got == 0 || got < asked {
+            return;
+        }
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX) / got as u64;
+        self.fetch = Self::smooth(self.fetch, nanos);
+    }
+
+    fn update(&mut self, backlog: &Backlog) {
+        let now = (
+            backlog.handling_nanos.load(Ordering::Relaxed),
+            backlog.handled.load(Ordering::Relaxed),
+        );
+        let handled = now.1.saturating_sub(self.seen.1);
+        if handled >= PACE_SAMPLE {
+            let nanos = now.0.saturating_sub(self.seen.0) / handled;
+            self.handling = Self::smooth(self.handling, nanos);
+            self.seen = now;
+        }
+    }
+
+    /// Whether the next fetch should wait for the whole window rather than half of it.
+    ///
+    /// Half the window lets the next fetch run while handlers work through the other half,
+    /// so neither side waits for the other. When handlers get through deliveries several
+    /// times faster than the broker hands them out, that overlap hides little, and reading
+    /// the whole window in one round trip instead of two halves the broker's fixed cost per
+    /// delivery (on Redis with `appendfsync always`, an fsync per read). Slower handlers
+    /// keep half: they would sit idle through every round trip. Without measurements, half.
+    fn whole_window(&self) -> bool {
+        matches!((self.fetch, self.handling), (Some(fetch), Some(handling)) if handling.saturating_mul(4) < fetch)
+    }
 }
 
 /// What is left to do after the fetcher stopped and every ack sender is gone.
@@ -63,15 +169,17 @@ impl Inbound {
         let (deliveries_tx, deliveries) = mpsc::unbounded_channel();
         let (acks, acks_rx) = mpsc::unbounded_channel();
         let (stop, stop_rx) = watch::channel(false);
+        let backlog = Arc::new(Backlog::default());
         let fetcher = tokio::spawn(fetch_loop(
             consumer.clone(),
-            permits.clone(),
+            Window::new(permits.clone(), config.prefetch, backlog.clone()),
             deliveries_tx,
             stop_rx,
         ));
         let acker = tokio::spawn(ack_loop(consumer.clone(), permits, acks_rx));
         Ok(Inbound {
             deliveries,
+            backlog,
             acks,
             stop,
             dead_letter: dead_letter.clone(),
@@ -100,23 +208,29 @@ impl Closer {
     }
 }
 
-async fn fetch_loop(
-    consumer: Arc<dyn Consumer>,
+/// The prefetch window as the fetch loop sees it.
+struct Window {
+    /// One per delivery that may be held; each delivery holds one until acknowledged.
     permits: Arc<Semaphore>,
-    deliveries: mpsc::UnboundedSender<Received>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<()> {
-    let mut failures = 0u32;
-    loop {
-        // Each delivery holds a permit until acknowledged: at most `prefetch` are in memory.
-        let first = tokio::select! {
-            permit = permits.acquire() => permit,
-            _ = stop.wait_for(|stopped| *stopped) => return Ok(()),
-        };
-        first.expect("the semaphore is never closed").forget();
-        let mut taken = 1;
-        while taken < MAX_FETCH {
-            match permits.try_acquire() {
+    /// The most one fetch asks for.
+    size: usize,
+    backlog: Arc<Backlog>,
+}
+
+impl Window {
+    fn new(permits: Arc<Semaphore>, prefetch: usize, backlog: Arc<Backlog>) -> Window {
+        Window {
+            permits,
+            size: prefetch.min(MAX_FETCH),
+            backlog,
+        }
+    }
+
+    /// Takes up to `max` more permits that are free right now; returns how many.
+    fn take_free(&self, max: usize) -> usize {
+        let mut taken = 0;
+        while taken < max {
+            match self.permits.try_acquire() {
                 Ok(permit) => {
                     permit.forget();
                     taken += 1;
@@ -124,6 +238,59 @@ async fn fetch_loop(
                 Err(_) => break,
             }
         }
+        taken
+    }
+
+    /// Takes the permits for the next fetch: at least one, as many as are free, and, while
+    /// handlers still have deliveries to start, up to `target`. `None` once stopped.
+    async fn next_batch(&self, target: usize, stop: &mut watch::Receiver<bool>) -> Option<usize> {
+        let first = tokio::select! {
+            permit = self.permits.acquire() => permit,
+            _ = stop.wait_for(|stopped| *stopped) => return None,
+        };
+        first.expect("the semaphore is never closed").forget();
+        let mut taken = 1 + self.take_free(MAX_FETCH - 1);
+        while taken < target && !self.backlog.is_empty() {
+            let missing = u32::try_from(target - taken).unwrap_or(u32::MAX);
+            tokio::select! {
+                more = self.permits.acquire_many(missing) => {
+                    more.expect("the semaphore is never closed").forget();
+                    taken = target;
+                }
+                // Loops back to look again: a wake-up may be left over from earlier.
+                _ = self.backlog.emptied.notified() => {}
+                _ = stop.wait_for(|stopped| *stopped) => {
+                    self.permits.add_permits(taken);
+                    return None;
+                }
+            }
+            taken += self.take_free(MAX_FETCH - taken);
+        }
+        Some(taken)
+    }
+}
+
+async fn fetch_loop(
+    consumer: Arc<dyn Consumer>,
+    window: Window,
+    deliveries: mpsc::UnboundedSender<Received>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let permits = window.permits.clone();
+    let mut pace = Pace::default();
+    let mut failures = 0u32;
+    loop {
+        pace.update(&window.backlog);
+        let target = if pace.whole_window() {
+            window.size
+        } else {
+            window.size.div_ceil(2)
+        };
+        // Each delivery holds a permit until acknowledged: at most `prefetch` are in memory.
+        let Some(taken) = window.next_batch(target, &mut stop).await else {
+            return Ok(());
+        };
+        let started = Instant::now();
         let received = tokio::select! {
             received = consumer.receive(taken) => received,
             _ = stop.wait_for(|stopped| *stopped) => {
@@ -134,7 +301,9 @@ async fn fetch_loop(
         match received {
             Ok(batch) => {
                 failures = 0;
+                pace.fetched(started.elapsed(), taken, batch.len());
                 permits.add_permits(taken.saturating_sub(batch.len()));
+                window.backlog.add(batch.len());
                 for delivery in batch {
                     if deliveries.send(delivery).is_err() {
                         return Ok(());

@@ -4,7 +4,7 @@ use std::fmt::{self, Display};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -19,7 +19,7 @@ use crate::config::RetryConfig;
 use crate::dead_letter::{Cause, DeadLetter};
 use crate::deliveries::Deliveries;
 use crate::dispatch::KeyedQueue;
-use crate::inbound::Inbound;
+use crate::inbound::{Backlog, Inbound};
 use crate::{Error, ErrorKind, Message, Result};
 
 /// Consumes values of `T` from one binding.
@@ -292,6 +292,7 @@ async fn supervise<T: Send + 'static>(
 ) -> Result<()> {
     let Inbound {
         deliveries,
+        backlog,
         acks,
         stop,
         fetcher,
@@ -301,6 +302,7 @@ async fn supervise<T: Send + 'static>(
     let dispatcher = tokio::spawn(dispatch(
         worker,
         deliveries,
+        backlog,
         acks,
         concurrency,
         stop.subscribe(),
@@ -333,6 +335,7 @@ async fn supervise<T: Send + 'static>(
 async fn dispatch<T: Send + 'static>(
     worker: Arc<Worker<T>>,
     mut deliveries: mpsc::UnboundedReceiver<Received>,
+    backlog: Arc<Backlog>,
     acks: mpsc::UnboundedSender<DeliveryTag>,
     concurrency: usize,
     mut stopping: watch::Receiver<bool>,
@@ -346,7 +349,11 @@ async fn dispatch<T: Send + 'static>(
                 received = deliveries.recv() => received,
             };
             let Some(received) = received else { return };
-            if let Some(tag) = worker.process(received).await {
+            backlog.take();
+            let started = Instant::now();
+            let ack = worker.process(received).await;
+            backlog.handled(started.elapsed(), 1);
+            if let Some(tag) = ack {
                 let _ = acks.send(tag);
             }
         }
@@ -359,16 +366,24 @@ async fn dispatch<T: Send + 'static>(
             let Some((slot, received)) = queue.pop() else {
                 break;
             };
+            backlog.take();
             let worker = worker.clone();
-            running.push(async move { (slot, worker.process(received).await) });
+            running.push(async move {
+                let started = Instant::now();
+                let ack = worker.process(received).await;
+                (slot, ack, started.elapsed())
+            });
         }
         if !open && running.is_empty() {
             // Queued deliveries were never started; closing the consumer hands them back.
             return;
         }
         tokio::select! {
-            Some((slot, ack)) = running.next(), if !running.is_empty() => {
-                queue.done(slot);
+            Some((slot, ack, took)) = running.next(), if !running.is_empty() => {
+                backlog.handled(took, concurrency);
+                if queue.done(slot) {
+                    backlog.add(1);
+                }
                 if let Some(tag) = ack {
                     let _ = acks.send(tag);
                 }
@@ -376,7 +391,10 @@ async fn dispatch<T: Send + 'static>(
             received = deliveries.recv(), if open => match received {
                 Some(received) => {
                     let slot = queue.slot(received.message.key());
-                    queue.push(slot, received);
+                    if !queue.push(slot, received) {
+                        // Held back behind its key; `done` counts it again when released.
+                        backlog.take();
+                    }
                 }
                 None => open = false,
             },

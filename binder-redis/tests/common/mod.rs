@@ -109,6 +109,28 @@ pub async fn pending(
     reply.count()
 }
 
+/// Waits until `group` has `want` pending entries and returns that, or returns what it has
+/// after `ACKS_LAND`. `ack` returns once the ids are queued; the consumer sends them with its
+/// next read or a few milliseconds later, so the pending list follows shortly after.
+pub async fn pending_settles(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    want: usize,
+) -> usize {
+    let deadline = tokio::time::Instant::now() + ACKS_LAND;
+    loop {
+        let now = pending(conn, stream, group).await;
+        if now == want || tokio::time::Instant::now() >= deadline {
+            return now;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+}
+
+/// Far more than the consumer's few milliseconds before it sends queued acks on its own.
+pub const ACKS_LAND: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The pending entries of `group`: id, owner, idle ms, delivery count.
 pub async fn pending_entries(
     conn: &mut redis::aio::MultiplexedConnection,
