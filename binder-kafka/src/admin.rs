@@ -42,10 +42,34 @@ impl Admin {
     /// Returns the partitions of `topic` once every one of them has a leader, creating the
     /// topic first if it is missing and creation is allowed.
     pub(crate) async fn ensure_topic(&self, topic: &str) -> Result<Vec<i32>> {
+        self.ensure_partitioned_topic(topic, self.config.partitions)
+            .await
+    }
+
+    /// [`ensure_topic`](Admin::ensure_topic) for a partitioned binding: a topic it creates
+    /// gets at least `at_least` partitions, and an existing topic with fewer is an error.
+    pub(crate) async fn ensure_partitioned_topic(
+        &self,
+        topic: &str,
+        at_least: i32,
+    ) -> Result<Vec<i32>> {
         let deadline = Instant::now() + self.config.connect_timeout;
         let mut created = false;
         loop {
             match self.partitions(topic, deadline).await? {
+                Some(partitions) if partitions.len() < at_least as usize => {
+                    // Adding partitions would move keys to other partitions under a
+                    // running group, so it is left to an operator's deliberate step.
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "Kafka topic `{topic}` has {} partitions but the binding asks for {at_least} \
+                             (`partitions`): lower it, or add partitions to the topic with \
+                             kafka-topics.sh --alter",
+                            partitions.len()
+                        ),
+                    ));
+                }
                 Some(partitions) => {
                     self.ready
                         .lock()
@@ -63,7 +87,8 @@ impl Admin {
                     ));
                 }
                 None if !created => {
-                    self.create(topic).await?;
+                    self.create(topic, at_least.max(self.config.partitions))
+                        .await?;
                     created = true;
                 }
                 None => {
@@ -142,13 +167,9 @@ impl Admin {
         }
     }
 
-    async fn create(&self, topic: &str) -> Result<()> {
+    async fn create(&self, topic: &str, partitions: i32) -> Result<()> {
         let replication = self.config.replication_factor.map_or(-1, i32::from);
-        let new_topic = NewTopic::new(
-            topic,
-            self.config.partitions,
-            TopicReplication::Fixed(replication),
-        );
+        let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
         let options = AdminOptions::new().operation_timeout(Some(self.config.connect_timeout));
         let results = self
             .client
@@ -158,11 +179,7 @@ impl Admin {
         for result in results {
             match result {
                 Ok(_) => {
-                    tracing::info!(
-                        topic,
-                        partitions = self.config.partitions,
-                        "created Kafka topic"
-                    );
+                    tracing::info!(topic, partitions, "created Kafka topic");
                 }
                 // Another process (or binder) made it first: that is what we wanted.
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

@@ -162,9 +162,26 @@ impl KafkaConsumer {
                     (inner.clone(), topic.to_owned(), partitions.to_vec());
                 blocking(move || pin_new_group_at_end(&inner, &topic, &partitions)).await??;
             }
-            inner
-                .subscribe(&[topic])
-                .map_err(|e| convert(e, format!("subscribing to Kafka topic `{topic}`")))?;
+            match &options.partitions {
+                // Assigned by configuration (instance-index of instance-count): the member
+                // reads exactly these, from the group's committed offsets, and no rebalance
+                // ever moves them.
+                Some(mine) => {
+                    let list = static_assignment(topic, partitions, mine)?;
+                    {
+                        let mut tracker = tracking.tracker();
+                        for element in list.elements() {
+                            tracker.assign(element.partition());
+                        }
+                    }
+                    inner
+                        .assign(&list)
+                        .map_err(|e| convert(e, format!("assigning Kafka topic `{topic}`")))?;
+                }
+                None => inner
+                    .subscribe(&[topic])
+                    .map_err(|e| convert(e, format!("subscribing to Kafka topic `{topic}`")))?,
+            }
         } else {
             let (handle, topic_name, partitions) =
                 (inner.clone(), topic.to_owned(), partitions.to_vec());
@@ -218,7 +235,9 @@ impl KafkaConsumer {
         }
         let mut out = Message::new(message.payload().unwrap_or_default().to_vec())
             .with_headers(headers)
-            .with_id(format!("{partition}@{offset}"));
+            .with_id(format!("{partition}@{offset}"))
+            // Never negative on a delivered message.
+            .with_partition(partition as u32);
         if let Some(key) = message.key() {
             out = out.with_key(String::from_utf8_lossy(key));
         }
@@ -443,4 +462,25 @@ pub(crate) async fn group_offsets(
     let reader: BaseConsumer = client.create().map_err(|e| config.client_error(e))?;
     let topic = topic.to_owned();
     blocking(move || committed(&reader, &topic, None)).await?
+}
+
+/// The partitions `mine` of `topic`, each to start from the group's committed offset (or the
+/// group's start position when it has none).
+fn static_assignment(topic: &str, partitions: &[i32], mine: &[u32]) -> Result<TopicPartitionList> {
+    let mut list = TopicPartitionList::with_capacity(mine.len());
+    for &partition in mine {
+        let partition = i32::try_from(partition).unwrap_or(i32::MAX);
+        if !partitions.contains(&partition) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "partition {partition} of Kafka topic `{topic}` does not exist (it has {})",
+                    partitions.len()
+                ),
+            ));
+        }
+        list.add_partition_offset(topic, partition, Offset::Stored)
+            .map_err(|e| convert(e, "building an assignment"))?;
+    }
+    Ok(list)
 }

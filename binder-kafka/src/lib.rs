@@ -15,7 +15,7 @@
 //!   messages to the member that takes its partitions over.
 //! * Topics are created on first use with `partitions` and `replication-factor`, unless
 //!   `create-topics = false`, in which case a missing topic is an
-//!   [`ErrorKind::DestinationNotFound`](stream_core::ErrorKind::DestinationNotFound) error.
+//!   [`ErrorKind::DestinationNotFound`] error.
 //!
 //! ```no_run
 //! # #[tokio::main(flavor = "current_thread")]
@@ -80,7 +80,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use rdkafka::producer::FutureProducer;
-use stream_core::{Binder, ConsumerOptions, Registry, Result};
+use stream_core::{Binder, ConsumerOptions, Error, ErrorKind, Registry, Result};
 use tokio::sync::OnceCell;
 
 use crate::admin::Admin;
@@ -186,6 +186,22 @@ impl Binder for KafkaBinder {
         let consumer =
             consumer::KafkaConsumer::open(&self.config, destination, &partitions, options).await?;
         Ok(Box::new(consumer))
+    }
+
+    /// Kafka topics have partitions of their own: the topic gets (or must already have) at
+    /// least `partitions`, and core sets each message's partition.
+    async fn prepare_partitions(&self, destination: &str, partitions: u32) -> Result<bool> {
+        let at_least = i32::try_from(partitions).map_err(|_| {
+            Error::new(
+                ErrorKind::Config,
+                format!("{partitions} partitions are more than Kafka allows"),
+            )
+        })?;
+        self.admin()
+            .await?
+            .ensure_partitioned_topic(destination, at_least)
+            .await?;
+        Ok(true)
     }
 
     async fn close(&self) -> Result<()> {

@@ -68,6 +68,12 @@ impl KafkaProducer {
         if let Some(key) = message.key() {
             record = record.key(key);
         }
+        if let Some(partition) = message.partition() {
+            // Core picked it (a partitioned binding) with the hash librdkafka's
+            // `murmur2_random` partitioner uses, so keyed messages land where Kafka's own
+            // partitioner would put them.
+            record = record.partition(i32::try_from(partition).unwrap_or(i32::MAX));
+        }
         if !message.headers().is_empty() {
             let headers = message.headers().iter().fold(
                 OwnedHeaders::new_with_capacity(message.headers().len()),

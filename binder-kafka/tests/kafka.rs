@@ -488,3 +488,63 @@ async fn rebalance_while_members_join_and_leave_loses_nothing() {
         member.subscription.unwrap().shutdown().await.unwrap();
     }
 }
+
+/// Core's `partition_for` agrees with librdkafka's Java-compatible `murmur2_random`
+/// partitioner, so a partitioned binding and any other Kafka client put one key in one
+/// partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_for_matches_the_java_compatible_partitioner() {
+    let Some(brokers) = brokers("partition_for_matches_the_java_compatible_partitioner") else {
+        return;
+    };
+    const PARTITIONS: u32 = 6;
+    let binder =
+        KafkaBinder::new(config(&brokers).producer_property("partitioner", "murmur2_random"))
+            .unwrap();
+    let topic = unique("hash");
+    assert!(binder.prepare_partitions(&topic, PARTITIONS).await.unwrap());
+    let producer = binder.producer(&topic).await.unwrap();
+    let keys: Vec<String> = (0..200).map(|i| format!("order-{i}")).collect();
+    // No partition set: librdkafka's partitioner chooses.
+    let ids = producer
+        .send_batch(
+            keys.iter()
+                .map(|k| Message::new(&b"x"[..]).with_key(k.clone()))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let used: BTreeSet<u32> = ids
+        .iter()
+        .map(|id| id.split_once('@').unwrap().0.parse().unwrap())
+        .collect();
+    assert_eq!(
+        used.len(),
+        PARTITIONS as usize,
+        "keys spread over every partition"
+    );
+    for (key, id) in keys.iter().zip(&ids) {
+        let chosen: u32 = id.split_once('@').unwrap().0.parse().unwrap();
+        assert_eq!(
+            stream_core::partition_for(key, PARTITIONS),
+            chosen,
+            "partition of {key}"
+        );
+    }
+}
+
+/// A partitioned binding never quietly uses a topic with fewer partitions than it names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_with_too_few_partitions_is_a_config_error() {
+    let Some(brokers) = brokers("topic_with_too_few_partitions_is_a_config_error") else {
+        return;
+    };
+    let binder = binder(&brokers);
+    let topic = unique("few");
+    // Created with the binder's default of 2 (see common::config).
+    binder.producer(&topic).await.unwrap();
+    let err = binder.prepare_partitions(&topic, 4).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.message().contains("has 2 partitions"), "{err}");
+    assert!(binder.prepare_partitions(&topic, 2).await.unwrap());
+}

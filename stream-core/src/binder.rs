@@ -27,6 +27,19 @@ pub trait Binder: Send + Sync + 'static {
         options: &ConsumerOptions,
     ) -> Result<Box<dyn Consumer>>;
 
+    /// Readies `destination` to hold `partitions` partitions of the broker's own (a Kafka
+    /// topic with at least that many) and returns true. The default returns false: the
+    /// broker has no partitions, and core lays a partitioned binding out as one destination
+    /// per partition ([`partition_destination`](crate::partition_destination)).
+    ///
+    /// A binder that returns true sends each message to its
+    /// [`Message::partition`], and reads the partitions of
+    /// [`ConsumerOptions::partitions`] when that is set.
+    async fn prepare_partitions(&self, destination: &str, partitions: u32) -> Result<bool> {
+        let _ = (destination, partitions);
+        Ok(false)
+    }
+
     /// Releases connections. Producers and consumers already made stay usable until closed.
     async fn close(&self) -> Result<()> {
         Ok(())
@@ -47,6 +60,9 @@ impl<B: Binder + ?Sized> Binder for Arc<B> {
         options: &ConsumerOptions,
     ) -> Result<Box<dyn Consumer>> {
         (**self).consumer(destination, options).await
+    }
+    async fn prepare_partitions(&self, destination: &str, partitions: u32) -> Result<bool> {
+        (**self).prepare_partitions(destination, partitions).await
     }
     async fn close(&self) -> Result<()> {
         (**self).close().await
@@ -154,6 +170,10 @@ pub struct ConsumerOptions {
     /// How long another member's un-acknowledged delivery may sit idle before this member
     /// takes it over (for binders that recover pending work by idle time).
     pub claim_idle: Duration,
+    /// On a binder with partitions of its own: the partitions this member reads, assigned
+    /// by configuration (`instance-index` of `instance-count`). `None` leaves the assignment
+    /// to the broker's balancing of the group.
+    pub partitions: Option<Vec<u32>>,
 }
 
 impl ConsumerOptions {
@@ -165,6 +185,7 @@ impl ConsumerOptions {
             start_from: StartFrom::Earliest,
             prefetch: 256,
             claim_idle: Duration::from_secs(30),
+            partitions: None,
         }
     }
 
@@ -183,6 +204,12 @@ impl ConsumerOptions {
     /// Sets the idle time after which a dead member's deliveries are taken over.
     pub fn claim_idle(mut self, idle: Duration) -> Self {
         self.claim_idle = idle;
+        self
+    }
+
+    /// Sets the partitions this member reads (see [`ConsumerOptions::partitions`]).
+    pub fn partitions(mut self, partitions: Vec<u32>) -> Self {
+        self.partitions = Some(partitions);
         self
     }
 

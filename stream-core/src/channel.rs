@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::binder::Binder;
+use crate::binder::{Binder, Producer};
 use crate::codec::{Codec, Json};
 use crate::config::BindingConfig;
+use crate::partition::Partitioned;
 use crate::sink::Sink;
 use crate::source::Source;
 use crate::Result;
@@ -55,9 +56,16 @@ impl Channel {
 
     /// A source with another codec.
     pub async fn source_with<T: 'static>(&self, codec: impl Codec<T>) -> Result<Source<T>> {
-        let producer = self.binder.producer(&self.config.destination).await?;
+        // A binding built in code has not been through the file's checks.
+        self.config.validate(&self.name)?;
+        let producer: Arc<dyn Producer> = match self.config.partitions {
+            Some(partitions) => Arc::new(
+                Partitioned::open(&*self.binder, &self.config.destination, partitions).await?,
+            ),
+            None => self.binder.producer(&self.config.destination).await?.into(),
+        };
         Ok(Source::new(
-            producer.into(),
+            producer,
             Arc::new(codec),
             &self.config.destination,
             self.config.max_payload_bytes,

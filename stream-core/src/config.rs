@@ -114,6 +114,24 @@ pub struct BindingConfig {
     /// what they did not finish stays un-acknowledged and is delivered again. Default: 30 s.
     #[serde(default = "defaults::shutdown_timeout", with = "duration")]
     pub shutdown_timeout: Duration,
+    /// Splits the destination into this many partitions: a message goes to the partition of
+    /// its key ([`partition_for`](crate::partition_for)), so one key stays in one partition
+    /// and in order; messages without a key are spread round-robin. Kafka uses the topic's
+    /// partitions; Redis and memory use one stream or log per partition, named
+    /// `DESTINATION:{P}`. Producers and consumers of a destination must agree on it.
+    /// Default: none, one unpartitioned destination.
+    #[serde(default)]
+    pub partitions: Option<u32>,
+    /// This instance's number, from 0, among `instance-count` instances of a partitioned
+    /// consumer group: it reads the partitions `p` with `p % instance-count == instance-index`.
+    /// Usually set per instance through `STREAM_BINDINGS__NAME__INSTANCE_INDEX`. Default: 0.
+    #[serde(default)]
+    pub instance_index: u32,
+    /// How many instances share a partitioned consumer group, each reading only its own
+    /// partitions. Default: 1, which on Kafka leaves the assignment to the group's rebalancing
+    /// and elsewhere reads every partition.
+    #[serde(default = "defaults::instance_count")]
+    pub instance_count: u32,
 }
 
 impl BindingConfig {
@@ -131,6 +149,9 @@ impl BindingConfig {
             max_payload_bytes: defaults::max_payload_bytes(),
             claim_idle: defaults::claim_idle(),
             shutdown_timeout: defaults::shutdown_timeout(),
+            partitions: None,
+            instance_index: 0,
+            instance_count: defaults::instance_count(),
         }
     }
 
@@ -188,6 +209,31 @@ impl BindingConfig {
         self
     }
 
+    /// Splits the destination into `partitions` partitions.
+    pub fn partitions(mut self, partitions: u32) -> Self {
+        self.partitions = Some(partitions);
+        self
+    }
+
+    /// Makes this consumer instance `index` of `count` that share the partitions.
+    pub fn instance(mut self, index: u32, count: u32) -> Self {
+        self.instance_index = index;
+        self.instance_count = count;
+        self
+    }
+
+    /// The partitions this instance consumes, in order; `None` when the binding is not
+    /// partitioned.
+    pub fn assigned_partitions(&self) -> Option<Vec<u32>> {
+        let partitions = self.partitions?;
+        let count = self.instance_count.max(1);
+        Some(
+            (0..partitions)
+                .filter(|p| p % count == self.instance_index)
+                .collect(),
+        )
+    }
+
     /// The dead-letter destination, default applied.
     pub fn dead_letter_destination(&self) -> String {
         self.dead_letter
@@ -216,6 +262,32 @@ impl BindingConfig {
         }
         if !(self.retry.multiplier >= 1.0 && self.retry.multiplier.is_finite()) {
             return bad("`retry.multiplier` must be a finite number >= 1.0");
+        }
+        if self.partitions == Some(0) {
+            return bad("`partitions` must be at least 1");
+        }
+        if self.instance_count == 0 {
+            return bad("`instance-count` must be at least 1");
+        }
+        if self.instance_index >= self.instance_count {
+            return bad(&format!(
+                "`instance-index` {} is out of range for `instance-count` {} (indexes start at 0)",
+                self.instance_index, self.instance_count
+            ));
+        }
+        if self.instance_count > 1 {
+            match self.partitions {
+                None => {
+                    return bad("`instance-count` above 1 needs `partitions`: instances share a group by splitting its partitions")
+                }
+                Some(partitions) if self.instance_index >= partitions => {
+                    return bad(&format!(
+                        "instance {} of {} would read no partition: there are only {partitions}",
+                        self.instance_index, self.instance_count
+                    ))
+                }
+                Some(_) => {}
+            }
         }
         Ok(())
     }
@@ -263,6 +335,9 @@ impl RetryConfig {
 
 mod defaults {
     use std::time::Duration;
+    pub fn instance_count() -> u32 {
+        1
+    }
     pub fn concurrency() -> usize {
         1
     }
@@ -624,5 +699,44 @@ mod tests {
             Some("kafka")
         );
         assert_eq!(nearest("zzzzzz", &["kafka", "memory"]), None);
+    }
+
+    #[test]
+    fn partitioned_instances_come_from_file_and_environment() {
+        let c = Config::parse(
+            "[bindings.in]\ndestination = \"d\"\ngroup = \"g\"\npartitions = 6\ninstance-count = 3\n",
+            "streams.toml",
+            "STREAM",
+            vec![("STREAM_BINDINGS__IN__INSTANCE_INDEX".to_owned(), "2".to_owned())],
+        )
+        .unwrap();
+        let b = &c.bindings["in"];
+        assert_eq!(
+            (b.partitions, b.instance_index, b.instance_count),
+            (Some(6), 2, 3)
+        );
+        assert_eq!(b.assigned_partitions(), Some(vec![2, 5]));
+        assert_eq!(BindingConfig::new("d").assigned_partitions(), None);
+    }
+
+    #[test]
+    fn partition_settings_that_cannot_work_are_refused() {
+        for (extra, complaint) in [
+            ("partitions = 0", "`partitions` must be at least 1"),
+            ("instance-count = 0", "`instance-count` must be at least 1"),
+            (
+                "partitions = 4\ninstance-count = 2\ninstance-index = 2",
+                "out of range",
+            ),
+            ("instance-count = 2", "needs `partitions`"),
+            (
+                "partitions = 2\ninstance-count = 3\ninstance-index = 2",
+                "would read no partition",
+            ),
+        ] {
+            let err = parse(&format!("[bindings.in]\ndestination = \"d\"\n{extra}\n")).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Config);
+            assert!(err.message().contains(complaint), "{extra}: {err}");
+        }
     }
 }

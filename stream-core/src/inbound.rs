@@ -1,8 +1,9 @@
 //! The consumer side shared by handler and pull styles: fetching under the prefetch bound,
 //! batched acknowledgements, and an orderly close.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
@@ -11,6 +12,7 @@ use tokio::task::JoinHandle;
 use crate::binder::{Consumer, ConsumerOptions, DeliveryTag, Received, StartFrom};
 use crate::channel::Channel;
 use crate::dead_letter::DeadLetter;
+use crate::partition::partition_destination;
 use crate::Result;
 
 /// Largest batch asked of a binder in one `receive`, whatever the prefetch.
@@ -59,8 +61,9 @@ impl Backlog {
     /// One delivery started, or can no longer start by itself.
     pub(crate) fn take(&self) {
         if self.ready.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // Stored if the fetch loop is not waiting yet, so the wake-up is never lost.
-            self.emptied.notify_one();
+            // Every fetch loop (one per partition) waits on this; each registers before it
+            // looks at the count, so none misses the wake-up.
+            self.emptied.notify_waiters();
         }
     }
 
@@ -135,9 +138,77 @@ impl Pace {
     }
 }
 
+/// The binder consumers behind one sink: one, or one per partition destination.
+///
+/// With several, each delivery's tag is swapped for one of core's own on the way in, and
+/// swapped back on the way to `ack`: tags are only unique within one binder consumer (two
+/// Redis streams hand out the same entry ids).
+struct Members {
+    consumers: Vec<Arc<dyn Consumer>>,
+    /// Core's tag → (member, the member's tag); unused with one member.
+    routes: Mutex<HashMap<DeliveryTag, (usize, DeliveryTag)>>,
+    next_tag: AtomicU64,
+}
+
+impl Members {
+    fn new(consumers: Vec<Arc<dyn Consumer>>) -> Members {
+        Members {
+            consumers,
+            routes: Mutex::default(),
+            next_tag: AtomicU64::new(0),
+        }
+    }
+
+    fn routed(&self) -> bool {
+        self.consumers.len() > 1
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<DeliveryTag, (usize, DeliveryTag)>> {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gives deliveries of `member` core's tags.
+    fn admit(&self, member: usize, batch: &mut [Received]) {
+        if !self.routed() {
+            return;
+        }
+        let mut routes = self.lock();
+        for received in batch {
+            let tag = DeliveryTag(self.next_tag.fetch_add(1, Ordering::Relaxed), 0);
+            routes.insert(tag, (member, received.tag));
+            received.tag = tag;
+        }
+    }
+
+    /// Splits core's tags into each member's own.
+    fn route(&self, tags: &[DeliveryTag]) -> Vec<(usize, Vec<DeliveryTag>)> {
+        if !self.routed() {
+            return vec![(0, tags.to_vec())];
+        }
+        let mut by_member: Vec<Vec<DeliveryTag>> = vec![Vec::new(); self.consumers.len()];
+        let mut routes = self.lock();
+        for tag in tags {
+            if let Some((member, own)) = routes.remove(tag) {
+                by_member[member].push(own);
+            }
+        }
+        by_member
+            .into_iter()
+            .enumerate()
+            .filter(|(_, tags)| !tags.is_empty())
+            .collect()
+    }
+
+    async fn close(&self) -> Result<()> {
+        let results =
+            futures::future::join_all(self.consumers.iter().map(|consumer| consumer.close())).await;
+        results.into_iter().collect()
+    }
+}
+
 /// What is left to do after the fetcher stopped and every ack sender is gone.
 pub(crate) struct Closer {
-    consumer: Arc<dyn Consumer>,
+    members: Arc<Members>,
     acker: JoinHandle<()>,
     dead_letter: Arc<DeadLetter>,
     pub(crate) timeout: Duration,
@@ -146,6 +217,8 @@ pub(crate) struct Closer {
 impl Inbound {
     pub(crate) async fn open(channel: &Channel) -> Result<Inbound> {
         let config = &channel.config;
+        // A binding built in code has not been through the file's checks.
+        config.validate(&channel.name)?;
         let options = match &config.group {
             Some(group) => ConsumerOptions::new(group.clone()).start_from(config.start_from),
             None => ConsumerOptions::new(format!("anonymous.{}", crate::unique_suffix()))
@@ -154,11 +227,43 @@ impl Inbound {
         }
         .prefetch(config.prefetch)
         .claim_idle(config.claim_idle);
-        let consumer: Arc<dyn Consumer> = channel
-            .binder
-            .consumer(&config.destination, &options)
-            .await?
-            .into();
+        // (partition of the destination read, if core laid it out, and its consumer)
+        let mut opened: Vec<(Option<u32>, Arc<dyn Consumer>)> = Vec::new();
+        match (config.partitions, config.assigned_partitions()) {
+            (Some(count), Some(assigned))
+                if !channel
+                    .binder
+                    .prepare_partitions(&config.destination, count)
+                    .await? =>
+            {
+                for partition in assigned {
+                    let destination = partition_destination(&config.destination, partition);
+                    match channel.binder.consumer(&destination, &options).await {
+                        Ok(consumer) => opened.push((Some(partition), consumer.into())),
+                        Err(e) => {
+                            // Leaves the groups joined so far instead of stranding them.
+                            for (_, consumer) in &opened {
+                                let _ = consumer.close().await;
+                            }
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+            (_, assigned) => {
+                let options = match assigned {
+                    Some(assigned) if config.instance_count > 1 => {
+                        options.clone().partitions(assigned)
+                    }
+                    _ => options.clone(),
+                };
+                let consumer = channel
+                    .binder
+                    .consumer(&config.destination, &options)
+                    .await?;
+                opened.push((None, consumer.into()));
+            }
+        }
         let dead_letter = Arc::new(DeadLetter::new(
             channel.binder.clone(),
             config.dead_letter_destination(),
@@ -170,13 +275,32 @@ impl Inbound {
         let (acks, acks_rx) = mpsc::unbounded_channel();
         let (stop, stop_rx) = watch::channel(false);
         let backlog = Arc::new(Backlog::default());
-        let fetcher = tokio::spawn(fetch_loop(
-            consumer.clone(),
-            Window::new(permits.clone(), config.prefetch, backlog.clone()),
-            deliveries_tx,
-            stop_rx,
+        let members = Arc::new(Members::new(
+            opened
+                .iter()
+                .map(|(_, consumer)| consumer.clone())
+                .collect(),
         ));
-        let acker = tokio::spawn(ack_loop(consumer.clone(), permits, acks_rx));
+        // Each partition's loop asks for its share of the window, so an idle partition
+        // blocked in a read does not hold the window the busy ones need.
+        let share = config.prefetch.div_ceil(opened.len()).max(1);
+        let loops = opened.iter().enumerate().map(|(index, (partition, _))| {
+            fetch_loop(
+                Fetcher {
+                    members: members.clone(),
+                    index,
+                    partition: *partition,
+                },
+                Window::new(permits.clone(), share, backlog.clone()),
+                deliveries_tx.clone(),
+                stop_rx.clone(),
+            )
+        });
+        // One failing loop ends them all: the sink reports the error and closes.
+        let loops = futures::future::try_join_all(loops);
+        drop(deliveries_tx);
+        let fetcher = tokio::spawn(async move { loops.await.map(drop) });
+        let acker = tokio::spawn(ack_loop(members.clone(), permits, acks_rx));
         Ok(Inbound {
             deliveries,
             backlog,
@@ -185,7 +309,7 @@ impl Inbound {
             dead_letter: dead_letter.clone(),
             fetcher,
             closer: Closer {
-                consumer,
+                members,
                 acker,
                 dead_letter,
                 timeout: config.shutdown_timeout,
@@ -204,7 +328,7 @@ impl Closer {
             tracing::warn!("acknowledgements still outstanding at shutdown; those messages will be delivered again");
         }
         self.dead_letter.close().await;
-        self.consumer.close().await
+        self.members.close().await
     }
 }
 
@@ -249,29 +373,43 @@ impl Window {
             _ = stop.wait_for(|stopped| *stopped) => return None,
         };
         first.expect("the semaphore is never closed").forget();
-        let mut taken = 1 + self.take_free(MAX_FETCH - 1);
-        while taken < target && !self.backlog.is_empty() {
+        let mut taken = 1 + self.take_free(self.size - 1);
+        while taken < target {
+            // Registered before the look at the count, so an emptying in between still wakes.
+            let emptied = self.backlog.emptied.notified();
+            let mut emptied = std::pin::pin!(emptied);
+            emptied.as_mut().enable();
+            if self.backlog.is_empty() {
+                break;
+            }
             let missing = u32::try_from(target - taken).unwrap_or(u32::MAX);
             tokio::select! {
                 more = self.permits.acquire_many(missing) => {
                     more.expect("the semaphore is never closed").forget();
                     taken = target;
                 }
-                // Loops back to look again: a wake-up may be left over from earlier.
-                _ = self.backlog.emptied.notified() => {}
+                _ = emptied => {}
                 _ = stop.wait_for(|stopped| *stopped) => {
                     self.permits.add_permits(taken);
                     return None;
                 }
             }
-            taken += self.take_free(MAX_FETCH - taken);
+            taken += self.take_free(self.size - taken);
         }
         Some(taken)
     }
 }
 
+/// Which member a fetch loop reads.
+struct Fetcher {
+    members: Arc<Members>,
+    index: usize,
+    /// The partition its destination holds, when core laid the partitions out.
+    partition: Option<u32>,
+}
+
 async fn fetch_loop(
-    consumer: Arc<dyn Consumer>,
+    fetcher: Fetcher,
     window: Window,
     deliveries: mpsc::UnboundedSender<Received>,
     mut stop: watch::Receiver<bool>,
@@ -292,16 +430,23 @@ async fn fetch_loop(
         };
         let started = Instant::now();
         let received = tokio::select! {
-            received = consumer.receive(taken) => received,
+            received = fetcher.members.consumers[fetcher.index].receive(taken) => received,
             _ = stop.wait_for(|stopped| *stopped) => {
                 permits.add_permits(taken);
                 return Ok(());
             }
         };
         match received {
-            Ok(batch) => {
+            Ok(mut batch) => {
                 failures = 0;
                 pace.fetched(started.elapsed(), taken, batch.len());
+                fetcher.members.admit(fetcher.index, &mut batch);
+                if let Some(partition) = fetcher.partition {
+                    for received in &mut batch {
+                        let message = std::mem::take(&mut received.message);
+                        received.message = message.with_partition(partition);
+                    }
+                }
                 permits.add_permits(taken.saturating_sub(batch.len()));
                 window.backlog.add(batch.len());
                 for delivery in batch {
@@ -330,31 +475,41 @@ async fn fetch_loop(
 }
 
 async fn ack_loop(
-    consumer: Arc<dyn Consumer>,
+    members: Arc<Members>,
     permits: Arc<Semaphore>,
     mut acks: mpsc::UnboundedReceiver<DeliveryTag>,
 ) {
     let mut batch = Vec::with_capacity(MAX_ACK_BATCH);
     // Acks that arrive while one is in flight are gathered into the next batch.
     while acks.recv_many(&mut batch, MAX_ACK_BATCH).await > 0 {
-        let mut tries = 0;
-        loop {
-            match consumer.ack(&batch).await {
-                Ok(()) => break,
-                Err(e) if e.is_temporary() && tries < ACK_TRIES => {
-                    tries += 1;
-                    let wait = reconnect_backoff(tries);
-                    tracing::warn!(error = %e, retry_in = ?wait, "ack failed; retrying");
-                    tokio::time::sleep(wait).await;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, count = batch.len(), "ack failed; these messages will be delivered again");
-                    break;
-                }
-            }
-        }
+        let routed = members.route(&batch);
+        futures::future::join_all(
+            routed
+                .iter()
+                .map(|(member, tags)| ack_with_retries(&*members.consumers[*member], tags)),
+        )
+        .await;
         permits.add_permits(batch.len());
         batch.clear();
+    }
+}
+
+async fn ack_with_retries(consumer: &dyn Consumer, tags: &[DeliveryTag]) {
+    let mut tries = 0;
+    loop {
+        match consumer.ack(tags).await {
+            Ok(()) => return,
+            Err(e) if e.is_temporary() && tries < ACK_TRIES => {
+                tries += 1;
+                let wait = reconnect_backoff(tries);
+                tracing::warn!(error = %e, retry_in = ?wait, "ack failed; retrying");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, count = tags.len(), "ack failed; these messages will be delivered again");
+                return;
+            }
+        }
     }
 }
 

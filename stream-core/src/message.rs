@@ -114,6 +114,7 @@ pub struct Message {
     key: Option<String>,
     headers: Headers,
     payload: Bytes,
+    partition: Option<u32>,
 }
 
 impl Message {
@@ -143,6 +144,14 @@ impl Message {
         self
     }
 
+    /// Sets the partition: on a message to send, where a binder with partitions of its own
+    /// (Kafka) puts it; on a received message, where it came from. A partitioned binding sets
+    /// it from the key (see [`partition_for`](crate::partition_for)).
+    pub fn with_partition(mut self, partition: u32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+
     /// Replaces all headers.
     pub fn with_headers(mut self, headers: Headers) -> Self {
         self.headers = headers;
@@ -158,6 +167,11 @@ impl Message {
     /// The key, if any.
     pub fn key(&self) -> Option<&str> {
         self.key.as_deref()
+    }
+
+    /// The partition the message goes to or came from, where the destination has partitions.
+    pub fn partition(&self) -> Option<u32> {
+        self.partition
     }
 
     /// The headers.

@@ -19,7 +19,11 @@ pub struct Source<T> {
     max_payload_bytes: usize,
     /// The content-type header, built once and shared by every message.
     headers: Headers,
+    /// Gives values sent without an explicit key theirs.
+    key_of: Option<Arc<KeyFn<T>>>,
 }
+
+type KeyFn<T> = dyn Fn(&T) -> String + Send + Sync;
 
 impl<T> Clone for Source<T> {
     fn clone(&self) -> Self {
@@ -29,6 +33,7 @@ impl<T> Clone for Source<T> {
             destination: self.destination.clone(),
             max_payload_bytes: self.max_payload_bytes,
             headers: self.headers.clone(),
+            key_of: self.key_of.clone(),
         }
     }
 }
@@ -56,7 +61,23 @@ impl<T: 'static> Source<T> {
             destination: destination.into(),
             max_payload_bytes,
             headers,
+            key_of: None,
         }
+    }
+
+    /// Keys every value that [`send`](Source::send) and [`send_batch`](Source::send_batch)
+    /// publish with `key_of(value)`, so values with one key are handled in order and, on a
+    /// partitioned binding, land in one partition.
+    ///
+    /// ```
+    /// # async fn doc(source: stream_core::Source<(u64, String)>) -> stream_core::Result<()> {
+    /// let orders = source.keyed_by(|(order_id, _): &(u64, String)| order_id.to_string());
+    /// orders.send(&(7, "created".into())).await?; // key "7"
+    /// # Ok(()) }
+    /// ```
+    pub fn keyed_by(mut self, key_of: impl Fn(&T) -> String + Send + Sync + 'static) -> Self {
+        self.key_of = Some(Arc::new(key_of));
+        self
     }
 
     /// The destination this source publishes to.
@@ -64,19 +85,25 @@ impl<T: 'static> Source<T> {
         &self.destination
     }
 
-    /// Encodes `value` into a message with its `content-type` header, to add a key or headers
+    /// Encodes `value` into a message with its `content-type` header and its key, if the
+    /// source is [`keyed_by`](Source::keyed_by) a function, to add a key or headers
     /// before [`send_message`](Source::send_message).
     pub fn encode(&self, value: &T) -> Result<Message> {
         let payload = self.codec.encode(value)?;
-        Ok(Message::new(payload).with_headers(self.headers.clone()))
+        let message = Message::new(payload).with_headers(self.headers.clone());
+        Ok(match &self.key_of {
+            Some(key_of) => message.with_key(key_of(value)),
+            None => message,
+        })
     }
 
-    /// Publishes `value` without a key.
+    /// Publishes `value`, keyed if the source is [`keyed_by`](Source::keyed_by) a function.
     pub async fn send(&self, value: &T) -> Result<String> {
         self.send_message(self.encode(value)?).await
     }
 
-    /// Publishes `value` under `key`; messages with one key are handled in order.
+    /// Publishes `value` under `key`; messages with one key are handled in order. The key
+    /// given here wins over [`keyed_by`](Source::keyed_by).
     pub async fn send_keyed(&self, key: impl Into<String>, value: &T) -> Result<String> {
         self.send_message(self.encode(value)?.with_key(key)).await
     }

@@ -905,3 +905,135 @@ pub async fn broker_restart_mid_stream(h: &dyn Harness) {
     sub.shutdown().await.unwrap();
     tally.assert_complete("broker_restart_mid_stream", accepted);
 }
+
+/// What a partitioned case records of each handling: (instance, key, n, partition).
+type Handled = Arc<Mutex<Vec<(u32, String, u64, Option<u32>)>>>;
+
+/// A subscription of `instance` of `instances` that records into `handled` and `tally`.
+async fn partition_member(
+    binder: &Arc<dyn Binder>,
+    config: &crate::BindingConfig,
+    (instance, instances): (u32, u32),
+    handled: &Handled,
+    tally: &Tally,
+) -> crate::Subscription {
+    let (handled, tally) = (handled.clone(), tally.clone());
+    channel(binder, config.clone().instance(instance, instances))
+        .sink::<Event>()
+        .subscribe_envelope(move |e: crate::Envelope<Event>| {
+            let key = e.message().key().unwrap_or_default().to_owned();
+            let partition = e.message().partition();
+            handled
+                .lock()
+                .unwrap()
+                .push((instance, key, e.payload().n, partition));
+            tally.record(e.payload().n);
+            async { Ok::<(), String>(()) }
+        })
+        .await
+        .unwrap()
+}
+
+/// A partitioned binding split across two instances of one group: every key lands in the
+/// partition its hash names, is read by one instance only, and in publish order; nothing is
+/// lost.
+pub async fn partitioned_instances_split_keys_in_order(h: &dyn Harness) {
+    const PARTITIONS: u32 = 4;
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("parts");
+    let config = test_binding(&dest, &caps)
+        .group(unique("g"))
+        .partitions(PARTITIONS)
+        .concurrency(2);
+    let handled: Handled = Arc::default();
+    let tally = Tally::new();
+    let mut subs = Vec::new();
+    for instance in 0..2 {
+        let member = h.binder().await;
+        subs.push(partition_member(&member, &config, (instance, 2), &handled, &tally).await);
+    }
+    let source = channel(&binder, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap()
+        .keyed_by(|e: &Event| format!("key-{}", e.n % 8));
+    // Half one by one, half in batches, which are split by partition.
+    for n in 0..100 {
+        source.send(&ev(n)).await.unwrap();
+    }
+    let rest: Vec<Event> = (100..200).map(ev).collect();
+    for chunk in rest.chunks(25) {
+        source.send_batch(chunk).await.unwrap();
+    }
+    wait_until(caps.patience, "200 messages are handled", || {
+        tally.has_all(0..200)
+    })
+    .await;
+    for sub in subs {
+        sub.shutdown().await.unwrap();
+    }
+    tally.assert_complete("partitioned_instances_split_keys_in_order", 0..200);
+    let handled = handled.lock().unwrap();
+    let mut readers: HashMap<&str, u32> = HashMap::new();
+    let mut order: HashMap<&str, Vec<u64>> = HashMap::new();
+    for (instance, key, n, partition) in handled.iter() {
+        let expected = crate::partition_for(key, PARTITIONS);
+        assert_eq!(*partition, Some(expected), "partition of {key} (n = {n})");
+        assert_eq!(
+            expected % 2,
+            *instance,
+            "{key} is in partition {expected}, which instance {} reads",
+            expected % 2
+        );
+        let reader = *readers.entry(key).or_insert(*instance);
+        assert_eq!(reader, *instance, "{key} was read by both instances");
+        order.entry(key).or_default().push(*n);
+    }
+    assert_eq!(order.len(), 8, "every key arrived");
+    for (key, ns) in &order {
+        let mut sorted = ns.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        // A redelivery may repeat a message, never put it before an earlier one.
+        let mut first_seen = ns.clone();
+        let mut seen = std::collections::HashSet::new();
+        first_seen.retain(|n| seen.insert(*n));
+        assert_eq!(first_seen, sorted, "order of {key}");
+    }
+}
+
+/// A single consumer of a partitioned binding reads every partition.
+pub async fn partitioned_single_instance_reads_every_partition(h: &dyn Harness) {
+    const PARTITIONS: u32 = 3;
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("parts-one");
+    let config = test_binding(&dest, &caps)
+        .group(unique("g"))
+        .partitions(PARTITIONS);
+    let handled: Handled = Arc::default();
+    let tally = Tally::new();
+    let sub = partition_member(&binder, &config, (0, 1), &handled, &tally).await;
+    let source = channel(&binder, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap();
+    // Unkeyed messages go round-robin, so every partition gets some.
+    for n in 0..60 {
+        source.send(&ev(n)).await.unwrap();
+    }
+    wait_until(caps.patience, "60 messages are handled", || {
+        tally.has_all(0..60)
+    })
+    .await;
+    sub.shutdown().await.unwrap();
+    tally.assert_complete("partitioned_single_instance_reads_every_partition", 0..60);
+    let partitions: std::collections::BTreeSet<Option<u32>> =
+        handled.lock().unwrap().iter().map(|h| h.3).collect();
+    assert_eq!(
+        partitions,
+        (0..PARTITIONS).map(Some).collect(),
+        "messages came from every partition"
+    );
+}

@@ -75,6 +75,10 @@ impl Binder for CountingBinder {
             outstanding: AtomicUsize::new(0),
         }))
     }
+
+    async fn prepare_partitions(&self, destination: &str, partitions: u32) -> Result<bool> {
+        self.inner.prepare_partitions(destination, partitions).await
+    }
 }
 
 struct CountingConsumer {

@@ -168,6 +168,8 @@ macro_rules! conformance_suite {
                 producer_close_flushes,
                 oversized_payload_is_rejected,
                 new_group_start_position,
+                partitioned_instances_split_keys_in_order,
+                partitioned_single_instance_reads_every_partition,
                 broker_restart_mid_stream,
             );
         }
