@@ -4,13 +4,13 @@
 #
 #   scripts/test.sh [extra cargo test args...]     e.g. scripts/test.sh -- --nocapture
 #
-# Stage 1 (always): single-node Redis and Kafka, `cargo test --workspace --all-features ARGS`.
-# Stage 2 (cluster stage; only with STREAM_TEST_CLUSTERS=1 until the cluster tests of issue 6
-# exist: a CI run whose last cargo test runs no test would be reported as running none): stops the
-# single-node services, starts a three-master Redis Cluster (scripts/redis-cluster.sh) and a
-# three-node Kafka cluster (scripts/kafka-cluster.sh), then runs only the tests whose names
-# contain `cluster`: `cargo test --workspace --all-features -- cluster` (the extra args are
-# not passed on). The exit status is stage 1's if it failed, else stage 2's.
+# Stage 1: single-node Redis and Kafka, `cargo test --workspace --all-features ARGS` with
+# `--skip cluster` added for the test binaries.
+# Stage 2 (the cluster stage): stops the single-node services, starts a three-master Redis
+# Cluster (scripts/redis-cluster.sh) and a three-node Kafka cluster (scripts/kafka-cluster.sh),
+# then runs only the tests whose names contain `cluster`:
+# `cargo test --workspace --all-features -- cluster` (the extra args are not passed on).
+# The exit status is stage 1's if it failed, else stage 2's.
 #
 # Stage 1 exports for the tests:
 #   STREAM_TEST_REDIS_URL       redis://127.0.0.1:PORT
@@ -36,10 +36,10 @@
 #                                       dirs, returning once it is back in every partition's ISR
 #
 # STREAM_TEST_SKIP_KAFKA=1 skips Kafka for quick local runs (the Kafka suites then report
-# themselves skipped; with STREAM_TEST_CLUSTERS=1 only the Redis Cluster is started). CI never
-# sets it, and under CI=true it is refused.
-# STREAM_TEST_CLUSTERS=1 adds stage 2 outside CI (it takes about a minute more, and the three
-# Kafka JVMs about 1.1 GB of memory).
+# themselves skipped; in stage 2 only the Redis Cluster is started). CI never sets it, and
+# under CI=true it is refused.
+# STREAM_TEST_CLUSTERS=0 leaves stage 2 out of a quick local run (it takes a few minutes
+# more, and the three Kafka JVMs about 1.1 GB of memory); refused under CI=true.
 # STREAM_TEST_KEEP_STATE=1 keeps the brokers' state dir (logs, data) after the run.
 # The first run installs redis-server (apt) and fetches Kafka (Maven); later runs reuse them.
 set -euo pipefail
@@ -57,6 +57,10 @@ shq() {
 
 if [ "${STREAM_TEST_SKIP_KAFKA:-}" = 1 ] && [ "${CI:-}" = true ]; then
   say "STREAM_TEST_SKIP_KAFKA=1 is not allowed under CI=true"
+  exit 2
+fi
+if [ "${STREAM_TEST_CLUSTERS:-}" = 0 ] && [ "${CI:-}" = true ]; then
+  say "STREAM_TEST_CLUSTERS=0 is not allowed under CI=true"
   exit 2
 fi
 
@@ -103,13 +107,26 @@ else
   export STREAM_TEST_KAFKA_RESTART
 fi
 
-say "running cargo test --workspace --all-features $*"
+# Tests whose names contain `cluster` need the clusters of stage 2; stage 1 leaves them out
+# (under CI=true they would fail for want of their services, as they should).
+args=("$@")
+has_separator=false
+for arg in "${args[@]}"; do
+  if [ "$arg" = -- ]; then has_separator=true; fi
+done
+if [ "$has_separator" = true ]; then
+  args+=(--skip cluster)
+else
+  args+=(-- --skip cluster)
+fi
+say "running cargo test --workspace --all-features ${args[*]}"
 cd "$ROOT"
 status=0
-cargo test --workspace --all-features "$@" || status=$?
+cargo test --workspace --all-features "${args[@]}" || status=$?
 say "cargo test exited with status $status"
 
-if [ "${STREAM_TEST_CLUSTERS:-}" != 1 ]; then
+if [ "${STREAM_TEST_CLUSTERS:-}" = 0 ]; then
+  say "STREAM_TEST_CLUSTERS=0: skipping the cluster stage"
   exit "$status"
 fi
 

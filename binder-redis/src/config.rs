@@ -22,8 +22,16 @@ use stream_core::{Error, ErrorKind, Result};
 /// trim = { max-len = 1000000 }
 /// ```
 ///
-/// The password, whether under `password` or inside `url`, never appears in `Debug` output,
-/// logs or error messages.
+/// A Redis Cluster is named by its seed nodes instead of `url`:
+///
+/// ```toml
+/// [binders.redis]
+/// type = "redis"
+/// nodes = ["redis://10.0.0.1:6379", "redis://10.0.0.2:6379", "redis://10.0.0.3:6379"]
+/// ```
+///
+/// The password, whether under `password` or inside `url` or `nodes`, never appears in
+/// `Debug` output, logs or error messages.
 #[derive(Clone, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct RedisConfig {
@@ -31,6 +39,15 @@ pub struct RedisConfig {
     /// TLS. Default: `redis://127.0.0.1:6379`.
     #[serde(default = "defaults::url")]
     pub url: String,
+    /// Seed nodes of a Redis Cluster, each written like `url` but without `/db` (a cluster has
+    /// database 0 only): `["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]`, or one string
+    /// with the URLs separated by commas (as an environment variable holds them). When set,
+    /// the binder talks to the cluster: it learns the other masters and the slot map from
+    /// whichever seed answers, follows `MOVED`/`ASK` redirects, and `url` must be left out.
+    /// One seed is enough; more let the binder start while some are down. Default: empty,
+    /// one standalone server at `url`.
+    #[serde(default, deserialize_with = "node_list")]
+    pub nodes: Vec<String>,
     /// ACL user name, replacing one given in `url`. Default: the one in `url`, else none.
     #[serde(default, deserialize_with = "scalar_text")]
     pub username: Option<String>,
@@ -129,6 +146,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: defaults::url(),
+            nodes: Vec::new(),
             username: None,
             password: None,
             consumer_prefix: defaults::consumer_prefix(),
@@ -152,6 +170,23 @@ impl RedisConfig {
             url: url.into(),
             ..RedisConfig::default()
         }
+    }
+
+    /// The defaults, connecting to the Redis Cluster that `nodes` (seed node URLs) belong to.
+    pub fn with_nodes<I, S>(nodes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        RedisConfig {
+            nodes: nodes.into_iter().map(Into::into).collect(),
+            ..RedisConfig::default()
+        }
+    }
+
+    /// Whether this names a Redis Cluster (`nodes` is set) rather than one server.
+    pub fn is_cluster(&self) -> bool {
+        !self.nodes.is_empty()
     }
 
     /// Checks what can be checked without a network: the URL, durations and trimming.
@@ -185,26 +220,54 @@ impl RedisConfig {
                 "`tls-cert-file` and `tls-key-file` go together (mutual TLS needs both)",
             ));
         }
+        if self.is_cluster() {
+            // `url` has a default, so only a changed one can be told apart from none.
+            if self.url != defaults::url() {
+                return Err(config_error(
+                    "`url` and `nodes` exclude each other: `url` names one server, `nodes` the \
+                     seed nodes of a Redis Cluster",
+                ));
+            }
+            if self.nodes.iter().any(|node| node.trim().is_empty()) {
+                return Err(config_error("`nodes` has an empty entry"));
+            }
+        }
         let tls_files = self.tls_ca_file.is_some() || self.tls_cert_file.is_some();
-        if tls_files && !self.url.starts_with("rediss://") {
+        if tls_files && !self.addresses().iter().all(|a| a.starts_with("rediss://")) {
             return Err(config_error(
-                "`tls-ca-file`, `tls-cert-file` and `tls-key-file` need a `rediss://` url",
+                "`tls-ca-file`, `tls-cert-file` and `tls-key-file` need `rediss://` urls",
             ));
         }
         Ok(())
+    }
+
+    /// The URL of the server, or the cluster's seed nodes.
+    pub(crate) fn addresses(&self) -> Vec<&str> {
+        if self.is_cluster() {
+            self.nodes.iter().map(String::as_str).collect()
+        } else {
+            vec![self.url.as_str()]
+        }
     }
 
     /// The URL with its password replaced by `***`: what errors and logs show.
     pub fn redacted_url(&self) -> String {
         redact_url(&self.url)
     }
+
+    /// The seed node URLs with their passwords replaced by `***`.
+    pub fn redacted_nodes(&self) -> Vec<String> {
+        self.nodes.iter().map(|node| redact_url(node)).collect()
+    }
 }
 
-// Hand-written so that neither `password` nor a password inside `url` is ever printed.
+// Hand-written so that neither `password` nor a password inside `url` or `nodes` is ever
+// printed.
 impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisConfig")
             .field("url", &self.redacted_url())
+            .field("nodes", &self.redacted_nodes())
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("consumer_prefix", &self.consumer_prefix)
@@ -299,6 +362,36 @@ fn scalar_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Err
         }
     }
     d.deserialize_any(Text).map(Some)
+}
+
+/// A list of node URLs, or one string of them separated by commas (environment overrides
+/// arrive as one string).
+fn node_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct Nodes;
+    impl<'de> serde::de::Visitor<'de> for Nodes {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of node URLs, or one string of them separated by commas")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Vec<String>, E> {
+            Ok(v.split(',')
+                .map(str::trim)
+                .filter(|node| !node.is_empty())
+                .map(str::to_owned)
+                .collect())
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Vec<String>, A::Error> {
+            let mut nodes = Vec::new();
+            while let Some(node) = seq.next_element::<String>()? {
+                nodes.push(node);
+            }
+            Ok(nodes)
+        }
+    }
+    d.deserialize_any(Nodes)
 }
 
 fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -421,6 +514,39 @@ mod tests {
             shown.contains("redis://app:***@db:6379/1?password=***"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn nodes_name_a_cluster_as_a_list_or_one_string() {
+        let listed = parse(r#"nodes = ["redis://a:7000", "redis://b:7001"]"#).unwrap();
+        assert!(listed.is_cluster());
+        assert_eq!(listed.nodes, ["redis://a:7000", "redis://b:7001"]);
+        listed.validate().unwrap();
+        // What `STREAM_BINDERS__REDIS__NODES=...` arrives as.
+        let joined = parse(r#"nodes = "redis://a:7000, redis://b:7001,""#).unwrap();
+        assert_eq!(joined.nodes, listed.nodes);
+        assert!(!parse("").unwrap().is_cluster());
+    }
+
+    #[test]
+    fn nodes_and_url_exclude_each_other() {
+        let err = parse("url = \"redis://h:1\"\nnodes = [\"redis://a:7000\"]")
+            .and_then(|c| c.validate())
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.message().contains("exclude each other"), "{err}");
+        let err = parse("nodes = [\"redis://a:7000\"]\ntls-ca-file = \"/ca.pem\"")
+            .and_then(|c| c.validate())
+            .unwrap_err();
+        assert!(err.message().contains("rediss://"), "{err}");
+    }
+
+    #[test]
+    fn debug_hides_passwords_in_nodes() {
+        let config = RedisConfig::with_nodes(["redis://:n0desecret@a:7000", "redis://b:7001"]);
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("n0desecret"), "{shown}");
+        assert!(shown.contains("redis://:***@a:7000"), "{shown}");
     }
 
     #[test]

@@ -3,7 +3,12 @@
 //!
 //! Reads and acks use different connections. Redis runs the commands of one connection in
 //! order, so an `XACK` queued behind an `XREADGROUP ... BLOCK` would wait for the block to
-//! end; the blocking connection also needs a response timeout longer than `BLOCK`.
+//! end; the blocking connection also needs a response timeout longer than `BLOCK`. On a
+//! Redis Cluster the blocking connection is a cluster connection of the consumer's own (one
+//! connection to each master, the read going to the stream's), for the same two reasons.
+//! redis-rs sends a cluster command again after a redirect or a dropped connection; a read
+//! whose reply was lost that way may have left entries in this consumer's pending list that
+//! it never saw, and the claim sweep hands them out once they have been idle `claim-idle`.
 //!
 //! `ack` queues the ids and returns; a task of the consumer sends them (see [`AckQueue`]).
 
@@ -14,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use redis::{RedisError, RedisResult, Value};
 use stream_core::{
     Consumer, ConsumerOptions, DeliveryTag, Error, ErrorKind, Received, Result, StartFrom,
@@ -22,7 +26,7 @@ use stream_core::{
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use crate::connection::command_error;
+use crate::connection::{command_error, Conn};
 use crate::entry::{parse_autoclaim, parse_pending_count, parse_read, Entry, EntryId, Malformed};
 
 /// The start of a stream or pending list.
@@ -81,7 +85,7 @@ pub(crate) struct ReadSettings {
 
 pub(crate) struct RedisConsumer {
     /// Shared with the binder's producers: acks, group setup, close.
-    commands: ConnectionManager,
+    commands: Conn,
     stream: String,
     group: String,
     name: String,
@@ -327,7 +331,7 @@ fn forget(in_flight: &Mutex<InFlight>, ids: &[EntryId]) {
 
 struct ReadState {
     /// The blocking-read connection; `None` once closed.
-    conn: Option<ConnectionManager>,
+    conn: Option<Conn>,
     /// The group is known to exist since the last interruption.
     ready: bool,
     /// A `receive` began and did not return its batch (an error, or the future was
@@ -377,8 +381,8 @@ impl RedisConsumer {
     /// Joins (creating if needed) the group, so that a `latest` group starts now, not at the
     /// first `receive`.
     pub(crate) async fn open(
-        commands: ConnectionManager,
-        read: ConnectionManager,
+        commands: Conn,
+        read: Conn,
         stream: &str,
         options: &ConsumerOptions,
         settings: &ReadSettings,
@@ -432,7 +436,7 @@ impl RedisConsumer {
         Ok(consumer)
     }
 
-    async fn create_group(&self, conn: &mut ConnectionManager) -> Result<(), Fail> {
+    async fn create_group(&self, conn: &mut Conn) -> Result<(), Fail> {
         let start = match self.start {
             StartFrom::Earliest => "0",
             StartFrom::Latest => "$",
@@ -534,7 +538,7 @@ impl RedisConsumer {
 
     async fn read(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         max: usize,
         from: &str,
         block: Option<Duration>,
@@ -551,7 +555,7 @@ impl RedisConsumer {
     /// [`AckQueue`]).
     async fn read_new(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         max: usize,
         block: Duration,
     ) -> Result<Vec<Entry>, Fail> {
@@ -596,7 +600,7 @@ impl RedisConsumer {
 
     async fn claim(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         state: &mut ReadState,
         max: usize,
     ) -> Result<Vec<Received>, Fail> {
@@ -645,7 +649,7 @@ impl RedisConsumer {
     /// consumer is still handling are skipped, and redelivered ones get their count.
     async fn accept(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         entries: Vec<Entry>,
         origin: Origin,
     ) -> Result<Vec<Received>, Fail> {
@@ -689,11 +693,7 @@ impl RedisConsumer {
 
     /// Acknowledges entries whose content is gone, so they leave the pending list instead of
     /// coming back forever as empty messages.
-    async fn clear_deleted(
-        &self,
-        conn: &mut ConnectionManager,
-        ids: &[EntryId],
-    ) -> Result<(), Fail> {
+    async fn clear_deleted(&self, conn: &mut Conn, ids: &[EntryId]) -> Result<(), Fail> {
         redis::cmd("XACK")
             .arg(&self.stream)
             .arg(&self.group)
@@ -716,7 +716,7 @@ impl RedisConsumer {
     /// `None` for an entry no longer pending for this consumer.
     async fn delivery_counts(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         entries: &[Entry],
     ) -> Result<Vec<Option<u32>>, Fail> {
         if entries.is_empty() {
@@ -869,7 +869,7 @@ impl Drop for RedisConsumer {
 async fn send_acks(
     acks: Arc<AckQueue>,
     in_flight: Arc<Mutex<InFlight>>,
-    mut conn: ConnectionManager,
+    mut conn: Conn,
     stream: String,
     group: String,
 ) {

@@ -74,6 +74,28 @@
 //! A batch (`send_batch`) goes as `MULTI`, one `XADD` per message, `EXEC`, in transactions of
 //! up to 1024 entries: all of a transaction's entries are appended, or none.
 //!
+//! # Redis Cluster
+//!
+//! `nodes = ["redis://10.0.0.1:6379", ...]` (seed nodes; see [`RedisConfig::nodes`]) instead
+//! of `url` connects to a Redis Cluster through redis-rs's cluster client: each command goes
+//! to the master that serves its stream key's slot, `MOVED`/`ASK` redirects are followed,
+//! and a node that went away is reconnected in the background. Every command of the binder
+//! names one stream key, so no command is ever cross-slot, and each destination (each
+//! partition's stream, for a partitioned binding) lives wholly on the master of its slot.
+//!
+//! * Batches stay transactions: redis-rs sends a `MULTI`/`EXEC` pipeline to the master of
+//!   its key's slot. It does not follow a redirect of a transaction (it comes back as
+//!   `EXECABORT` listing the `MOVED` errors); since such a transaction ran nothing, the
+//!   producer asks the cluster where the slot lives now and sends it again, within
+//!   `command-timeout`. During a slot migration (`ASK`) it is sent again until the
+//!   migration has finished.
+//! * Each consumer reads through a cluster connection of its own, so that its blocking
+//!   `XREADGROUP` holds up nothing else; acks and group administration share the binder's.
+//! * `MOVED`, `ASK`, `TRYAGAIN`, `CLUSTERDOWN` and lost connections are temporary errors:
+//!   redis-rs retries them with backoff within `command-timeout`, then core or the caller
+//!   does. After a dropped connection redis-rs sends the command again, so an `XADD` whose
+//!   reply was lost in a crash may be appended twice (a duplicate, never a loss).
+//!
 //! # Delivery
 //!
 //! * A consumer first re-reads its own pending list (`XREADGROUP ... 0`), then sweeps the
@@ -114,7 +136,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use stream_core::{
     Binder, Consumer, ConsumerOptions, Error, ErrorKind, Producer, Registry, Result,
 };
@@ -122,7 +143,7 @@ use tokio::sync::OnceCell;
 
 pub use config::{RedisConfig, TrimConfig};
 
-use connection::Endpoint;
+use connection::{Conn, Endpoint};
 use consumer::{ReadSettings, RedisConsumer};
 use producer::{RedisProducer, TrimRule};
 
@@ -138,7 +159,8 @@ pub fn register(registry: &mut Registry) {
     });
 }
 
-/// A connection to one Redis server, making producers and consumers of its streams.
+/// A connection to one Redis server or to a Redis Cluster, making producers and consumers of
+/// its streams.
 ///
 /// Cheap to clone; clones share connections. The first producer or consumer connects.
 #[derive(Clone)]
@@ -152,7 +174,7 @@ struct Inner {
     trim: Option<TrimRule>,
     /// Publishing, acks and group administration of every producer and consumer, multiplexed
     /// on one connection; made on first use.
-    commands: OnceCell<ConnectionManager>,
+    commands: OnceCell<Conn>,
     closed: AtomicBool,
 }
 
@@ -184,7 +206,7 @@ impl RedisBinder {
         &self.inner.config
     }
 
-    async fn commands(&self) -> Result<ConnectionManager> {
+    async fn commands(&self) -> Result<Conn> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(Error::new(
                 ErrorKind::Closed,

@@ -6,19 +6,25 @@
 //! until `EXEC`, which runs the whole chunk in one event-loop turn: one fsync per chunk. It
 //! also makes a chunk all-or-nothing, so a chunk refused at queue time (loading, OOM) is
 //! known not to have run any of its entries.
+//!
+//! On a Redis Cluster the transactions stay: redis-rs's cluster connection sends a pipeline,
+//! `atomic()` or not, whole to the master of the slot of its first keyed command, and every
+//! command of a chunk names the same stream key. What redis-rs does not do for a transaction
+//! is follow a redirect: a chunk sent to a master that lost the slot comes back as
+//! `EXECABORT` listing a `MOVED` per `XADD`, so `RedisProducer::retrying` makes the
+//! connection relearn the slot and sends the chunk again (it ran nothing).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use redis::{RedisError, RedisResult, ServerErrorKind};
 use stream_core::{Error, ErrorKind, Message, Producer, Result};
 use tokio::time::Instant;
 
 use crate::config::Trim;
-use crate::connection::command_error;
+use crate::connection::{command_error, is_transient_refusal, Conn};
 use crate::entry::{fields_size, write_fields};
 
 /// XADD trimming as configured, `~` or `=`.
@@ -41,7 +47,7 @@ const MAX_CHUNK_ENTRIES: usize = 1024;
 const MAX_CHUNK_BYTES: usize = 4 << 20;
 
 pub(crate) struct RedisProducer {
-    conn: ConnectionManager,
+    conn: Conn,
     stream: String,
     trim: Option<TrimRule>,
     /// How long a send keeps trying while Redis refuses it (restarting, loading its data).
@@ -51,7 +57,7 @@ pub(crate) struct RedisProducer {
 
 impl RedisProducer {
     pub(crate) fn new(
-        conn: ConnectionManager,
+        conn: Conn,
         stream: &str,
         trim: Option<TrimRule>,
         patience: Duration,
@@ -80,6 +86,9 @@ impl RedisProducer {
             match attempt().await {
                 Err(e) if not_executed(&e, commands) && Instant::now() + wait < deadline => {
                     tracing::debug!(stream = %self.stream, error = %e, retry_in = ?wait, "redis refused XADD; sending it again");
+                    if redirected(&e) {
+                        self.conn.clone().relearn_slot(&self.stream).await;
+                    }
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(MAX_RETRY);
                 }
@@ -213,8 +222,8 @@ fn chunk_len(messages: &[Message]) -> usize {
 }
 
 /// Whether Redis certainly ran none of the `commands` sent: a refused connection, a
-/// rejection before running (loading its data, a failover) of every one of them, or a
-/// transaction that one such rejection aborted.
+/// rejection before running (loading its data, a failover, a slot served elsewhere) of every
+/// one of them, or a transaction that one such rejection aborted.
 fn not_executed(e: &RedisError, commands: usize) -> bool {
     if e.is_connection_refusal() {
         return true;
@@ -223,19 +232,23 @@ fn not_executed(e: &RedisError, commands: usize) -> bool {
     let Some(errors) = e.clone().into_server_errors() else {
         return false;
     };
-    let rejected = errors.iter().all(|(_, server)| {
-        matches!(
-            server.kind(),
-            Some(
-                ServerErrorKind::BusyLoading
-                    | ServerErrorKind::TryAgain
-                    | ServerErrorKind::MasterDown
-                    | ServerErrorKind::ClusterDown
-                    | ServerErrorKind::ReadOnly
-            )
-        )
-    });
+    let rejected = errors
+        .iter()
+        .all(|(_, server)| server.kind().is_some_and(is_transient_refusal));
     // A pipeline error lists only the commands that failed; the others ran. An aborted
     // transaction ran nothing, whichever of its commands were refused.
     rejected && !errors.is_empty() && (aborted || errors.len() == commands)
+}
+
+/// Whether a cluster node refused the commands because their slot has moved to another
+/// node. A single command's redirect is followed by redis-rs itself; this one reached us
+/// because it was part of a transaction. (`ASK`, a slot half-way through a migration, is not
+/// helped by this: redis-rs cannot send a transaction after `ASKING`, so it is sent again
+/// until the migration ends and the refusal becomes `MOVED`.)
+fn redirected(e: &RedisError) -> bool {
+    e.clone().into_server_errors().is_some_and(|errors| {
+        errors
+            .iter()
+            .any(|(_, server)| server.kind() == Some(ServerErrorKind::Moved))
+    })
 }
