@@ -176,7 +176,9 @@ wait_ready() {
     for item in "$@"; do
       n=${item%%:*}
       off=${item#*:}
-      tail -c +"$((off + 1))" "$(node_dir "$n")/kafka.log" | grep -q 'Kafka Server started' ||
+      # Not `tail | grep -q`: under pipefail, tail dies of SIGPIPE once grep has matched
+      # and quit with more than a pipe buffer of log still to write, failing the check.
+      grep -q 'Kafka Server started' < <(tail -c +"$((off + 1))" "$(node_dir "$n")/kafka.log") ||
         started=
     done
     if [ -n "$started" ]; then

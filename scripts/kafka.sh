@@ -105,7 +105,9 @@ launch() {
       die "the broker exited during startup (log above: $STATE/kafka.log)"
     fi
     # Cheap check first (no JVM), then a real metadata round trip through the listener.
-    if tail -c +"$((offset + 1))" "$STATE/kafka.log" | grep -q 'Kafka Server started' &&
+    # Not `tail | grep -q`: under pipefail, tail dies of SIGPIPE once grep has matched and
+    # quit with more than a pipe buffer of log still to write, failing the check.
+    if grep -q 'Kafka Server started' < <(tail -c +"$((offset + 1))" "$STATE/kafka.log") &&
       run_tool org.apache.kafka.tools.TopicCommand \
         --bootstrap-server "127.0.0.1:$port" --list >/dev/null 2>&1; then
       return

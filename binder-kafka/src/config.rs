@@ -30,7 +30,8 @@ use stream_core::{Error, ErrorKind, Result};
 /// Properties the binder owns because delivery guarantees depend on them are refused in the
 /// passthrough tables: `bootstrap.servers` (use `brokers`), `group.id` (the binding's
 /// `group`), `auto.offset.reset` (the binding's `start-from`), `enable.auto.commit`,
-/// `enable.auto.offset.store` and `enable.idempotence`.
+/// `enable.auto.offset.store`, `enable.idempotence` and `acks` (alias
+/// `request.required.acks`).
 #[derive(Clone, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct KafkaConfig {
@@ -47,8 +48,11 @@ pub struct KafkaConfig {
     /// work of a topic. Default: 3.
     #[serde(default = "defaults::partitions")]
     pub partitions: i32,
-    /// Replication factor of topics the binder creates. Default: the broker's
-    /// `default.replication.factor`.
+    /// Replication factor of topics the binder creates. Default: unset, so that the brokers'
+    /// `default.replication.factor` applies: 1 on a single broker (Kafka's own default), and
+    /// on a cluster whatever its operators chose for every topic, typically 3. Together with
+    /// the brokers' `min.insync.replicas` it decides how many broker losses an acknowledged
+    /// `send` survives; a topic that exists already keeps its own.
     #[serde(default)]
     pub replication_factor: Option<i16>,
     /// How long the producer waits to fill a batch (`linger.ms`). Default: `"5ms"`.
@@ -141,6 +145,14 @@ const RESERVED: &[(&str, &str)] = &[
     (
         "enable.idempotence",
         "producers are always idempotent so retries neither reorder nor duplicate",
+    ),
+    (
+        "acks",
+        "`send` succeeds only once every in-sync replica has the message (acks=all)",
+    ),
+    (
+        "request.required.acks",
+        "`send` succeeds only once every in-sync replica has the message (acks=all)",
     ),
 ];
 
@@ -457,6 +469,17 @@ mod tests {
         assert_eq!(native.get("session.timeout.ms"), Some("6000"));
         assert_eq!(native.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(c.producer_config().get("enable.idempotence"), Some("true"));
+        assert_eq!(c.producer_config().get("acks"), Some("all"));
+        assert_eq!(c.replication_factor, None);
+    }
+
+    #[test]
+    fn replication_factor_is_read_and_checked() {
+        let c = parse("brokers = \"b:1\"\nreplication-factor = 3\n").unwrap();
+        assert_eq!(c.replication_factor, Some(3));
+        let err = parse("brokers = \"b:1\"\nreplication-factor = 0\n").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.message().contains("replication-factor"), "{err}");
     }
 
     #[test]
@@ -473,6 +496,14 @@ mod tests {
     fn reserved_and_unknown_librdkafka_properties_are_refused() {
         let err = parse("brokers = \"b:1\"\n[client]\n\"group.id\" = \"x\"\n").unwrap_err();
         assert!(err.message().contains("group.id"), "{err}");
+        // A weaker `acks` would let `send` succeed before the in-sync replicas have the
+        // message; librdkafka itself only refuses it once the first producer is made.
+        for name in ["acks", "request.required.acks"] {
+            let err =
+                parse(&format!("brokers = \"b:1\"\n[producer]\n\"{name}\" = 1\n")).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Config);
+            assert!(err.message().contains(name), "{err}");
+        }
         let err = parse("brokers = \"b:1\"\n[producer]\n\"lingr.ms\" = 3\n").unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Config);
         assert!(err.message().contains("lingr.ms"), "{err}");

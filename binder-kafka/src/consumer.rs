@@ -22,7 +22,7 @@ use stream_core::{
 };
 
 use crate::config::KafkaConfig;
-use crate::error::convert;
+use crate::error::{convert, kind_of};
 use crate::offsets::OffsetTracker;
 
 /// How long one `receive` waits for a first message before returning an empty batch.
@@ -249,6 +249,11 @@ impl KafkaConsumer {
         }
     }
 
+    fn note_recovering(&self, error: &KafkaError) {
+        // librdkafka logs these itself (through `tracing`, as errors of the client).
+        tracing::debug!(topic = %self.tracking.topic, error = %error, "librdkafka is recovering; consuming on");
+    }
+
     fn receive_error(&self, error: KafkaError) -> Error {
         let fatal = matches!(error, KafkaError::MessageConsumptionFatal(_));
         // librdkafka reconnects and rejoins by itself; only a fatal error ends the consumer.
@@ -267,10 +272,14 @@ impl Consumer for KafkaConsumer {
         // Cancel safety: `recv` takes a message out of librdkafka only in the poll that
         // returns it, and everything after it below runs without an await point, so a
         // dropped future never loses a message it had taken.
-        let first = match tokio::time::timeout(POLL_INTERVAL, inner.recv()).await {
-            Err(_) => return Ok(Vec::new()),
-            Ok(Err(e)) => return Err(self.receive_error(e)),
-            Ok(Ok(message)) => message,
+        let deadline = tokio::time::Instant::now() + POLL_INTERVAL;
+        let first = loop {
+            match tokio::time::timeout_at(deadline, inner.recv()).await {
+                Err(_) => return Ok(Vec::new()),
+                Ok(Ok(message)) => break message,
+                Ok(Err(e)) if is_recovering(&e) => self.note_recovering(&e),
+                Ok(Err(e)) => return Err(self.receive_error(e)),
+            }
         };
         let mut batch = Vec::with_capacity(max.clamp(1, 256));
         batch.push(self.take(&first));
@@ -279,6 +288,7 @@ impl Consumer for KafkaConsumer {
         while batch.len() < max {
             match stream.next().now_or_never() {
                 Some(Some(Ok(message))) => batch.push(self.take(&message)),
+                Some(Some(Err(e))) if is_recovering(&e) => self.note_recovering(&e),
                 Some(Some(Err(e))) => {
                     // Reported on the next call if it persists; these messages go out now.
                     tracing::debug!(topic = %self.tracking.topic, error = %e, "consumer error after a partial batch");
@@ -358,6 +368,18 @@ impl Drop for KafkaConsumer {
             runtime.spawn_blocking(move || drop(inner));
         }
     }
+}
+
+/// Whether `error`, taken from the consumer queue, only reports something librdkafka is
+/// already recovering from by itself: a broker connection that dropped or was refused, a
+/// leader or coordinator being looked up again, a request that timed out. librdkafka queues
+/// one such report per failed attempt and meanwhile keeps fetching from the brokers that are
+/// up. Returned as receive failures, they made core back off once per report, so after a
+/// broker died the messages of partitions that had already failed over to live brokers
+/// waited behind a growing queue of reports (a stall of a minute and more on a cluster).
+fn is_recovering(error: &KafkaError) -> bool {
+    matches!(error, KafkaError::MessageConsumption(_))
+        && matches!(kind_of(error), ErrorKind::Connection | ErrorKind::Timeout)
 }
 
 /// Runs blocking librdkafka calls off the async worker threads.
@@ -483,4 +505,33 @@ fn static_assignment(topic: &str, partitions: &[i32], mine: &[u32]) -> Result<To
             .map_err(|e| convert(e, "building an assignment"))?;
     }
     Ok(list)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_reports_are_consumed_past_and_other_errors_are_returned() {
+        for code in [
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::NotCoordinator,
+            RDKafkaErrorCode::RequestTimedOut,
+        ] {
+            assert!(
+                is_recovering(&KafkaError::MessageConsumption(code)),
+                "{code:?}"
+            );
+        }
+        // A fatal error ends the consumer, whatever its code; a missing topic or a refused
+        // authorization does not go away by reconnecting.
+        for error in [
+            KafkaError::MessageConsumptionFatal(RDKafkaErrorCode::BrokerTransportFailure),
+            KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopicOrPartition),
+            KafkaError::MessageConsumption(RDKafkaErrorCode::TopicAuthorizationFailed),
+        ] {
+            assert!(!is_recovering(&error), "{error:?}");
+        }
+    }
 }

@@ -13,9 +13,13 @@
 //!   offsets are committed every `commit-interval`, synchronously when partitions are
 //!   revoked, and when the consumer closes. A member that dies leaves its un-acknowledged
 //!   messages to the member that takes its partitions over.
-//! * Topics are created on first use with `partitions` and `replication-factor`, unless
-//!   `create-topics = false`, in which case a missing topic is an
-//!   [`ErrorKind::DestinationNotFound`] error.
+//! * Topics are created on first use with `partitions` and `replication-factor` (unset: the
+//!   brokers' `default.replication.factor`), unless `create-topics = false`, in which case a
+//!   missing topic is an [`ErrorKind::DestinationNotFound`] error.
+//! * A broker that dies is survived as long as the remaining in-sync replicas satisfy the
+//!   topic's `min.insync.replicas`: librdkafka follows leaders and the group coordinator to
+//!   the brokers that take over, and the connection errors it reports meanwhile are logged,
+//!   not returned, so consumers keep reading the partitions whose leaders are up.
 //!
 //! ```no_run
 //! # #[tokio::main(flavor = "current_thread")]
