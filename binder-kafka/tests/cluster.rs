@@ -53,7 +53,7 @@ fn cluster_brokers(test: &str) -> Option<String> {
     );
     skip(&format!(
         "kafka cluster test {test}: {BROKERS_VAR} is not set (the cluster stage of \
-         scripts/test.sh, STREAM_TEST_CLUSTERS=1, starts a three-node cluster and sets it)"
+         scripts/test.sh starts a three-node cluster and sets it)"
     ));
     None
 }
