@@ -22,7 +22,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::TopicPartitionList;
-use stream_core::testing::{broker_lock, skip, Capabilities, Harness};
+use stream_core::testing::{broker_lock, Capabilities, Harness};
 use stream_core::{Binder, BindingConfig, Channel, Error, ErrorKind};
 
 const BROKERS_VAR: &str = "STREAM_TEST_KAFKA_CLUSTER_BROKERS";
@@ -30,32 +30,11 @@ const RESTART_VAR: &str = "STREAM_TEST_KAFKA_CLUSTER_RESTART";
 /// The replication factor `scripts/kafka-cluster.sh` configures as the brokers' default.
 const CLUSTER_REPLICAS: usize = 3;
 
-/// The cluster's bootstrap list, or None after a visible skip message.
-///
-/// `scripts/test.sh` runs every test twice over: stage 1 against a single broker, where
-/// these tests must not run, and the cluster stage, which sets the variable. So while the
-/// single-broker variable is set, a missing cluster is a skip even under `CI=true`; with no
-/// Kafka at all it is a skip too, except under `CI=true`, where it is a failure (as
-/// `stream_core::testing::service_env` has it for single brokers).
-fn cluster_brokers(test: &str) -> Option<String> {
-    if let Ok(brokers) = std::env::var(BROKERS_VAR) {
-        if !brokers.trim().is_empty() {
-            return Some(brokers);
-        }
-    }
-    let single_broker_stage =
-        std::env::var("STREAM_TEST_KAFKA_BROKERS").is_ok_and(|b| !b.trim().is_empty());
-    let ci = std::env::var("CI").is_ok_and(|ci| ci == "true" || ci == "1");
-    assert!(
-        single_broker_stage || !ci,
-        "{test}: {BROKERS_VAR} is not set but CI=true: the Kafka cluster tests must not be \
-         skipped in CI (run scripts/test.sh with its cluster stage)"
-    );
-    skip(&format!(
-        "kafka cluster test {test}: {BROKERS_VAR} is not set (the cluster stage of \
-         scripts/test.sh starts a three-node cluster and sets it)"
-    ));
-    None
+/// The cluster's bootstrap list, or None after a visible skip message (a failure under
+/// `CI=true`). `scripts/test.sh` leaves these tests out of its single-broker stage with
+/// `--skip cluster` and runs them in its cluster stage, which sets the variable.
+fn cluster_brokers(_test: &str) -> Option<String> {
+    stream_core::testing::service_env(BROKERS_VAR)
 }
 
 fn restart_prefix() -> Option<String> {
