@@ -180,11 +180,8 @@ impl Members {
         }
     }
 
-    /// Splits core's tags into each member's own.
+    /// Splits core's tags into each member's own; only called when [`Members::routed`].
     fn route(&self, tags: &[DeliveryTag]) -> Vec<(usize, Vec<DeliveryTag>)> {
-        if !self.routed() {
-            return vec![(0, tags.to_vec())];
-        }
         let mut by_member: Vec<Vec<DeliveryTag>> = vec![Vec::new(); self.consumers.len()];
         let mut routes = self.lock();
         for tag in tags {
@@ -482,13 +479,17 @@ async fn ack_loop(
     let mut batch = Vec::with_capacity(MAX_ACK_BATCH);
     // Acks that arrive while one is in flight are gathered into the next batch.
     while acks.recv_many(&mut batch, MAX_ACK_BATCH).await > 0 {
-        let routed = members.route(&batch);
-        futures::future::join_all(
-            routed
-                .iter()
-                .map(|(member, tags)| ack_with_retries(&*members.consumers[*member], tags)),
-        )
-        .await;
+        if members.routed() {
+            let routed = members.route(&batch);
+            futures::future::join_all(
+                routed
+                    .iter()
+                    .map(|(member, tags)| ack_with_retries(&*members.consumers[*member], tags)),
+            )
+            .await;
+        } else {
+            ack_with_retries(&*members.consumers[0], &batch).await;
+        }
         permits.add_permits(batch.len());
         batch.clear();
     }

@@ -27,8 +27,10 @@ pub mod header {
 /// Ordered message headers. Names may repeat; lookups return the first match.
 ///
 /// Cloning is cheap: clones share storage until one of them is changed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Headers(Arc<Vec<(String, String)>>);
+#[derive(Debug, Clone, Default)]
+// `None` until the first header: most received messages carry few headers or none, and an
+// empty set should not cost an allocation per message.
+pub struct Headers(Option<Arc<Vec<(String, String)>>>);
 
 impl Headers {
     /// No headers.
@@ -37,12 +39,16 @@ impl Headers {
     }
 
     fn entries(&mut self) -> &mut Vec<(String, String)> {
-        Arc::make_mut(&mut self.0)
+        Arc::make_mut(self.0.get_or_insert_with(Default::default))
+    }
+
+    fn as_slice(&self) -> &[(String, String)] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
     }
 
     /// The first value under `name`.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
+        self.as_slice()
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
@@ -70,27 +76,37 @@ impl Headers {
 
     /// Iterates in insertion order.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &str)> {
-        self.0.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+        self.as_slice()
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
     }
 
     /// Number of headers.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.as_slice().len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.as_slice().is_empty()
     }
 }
 
+impl PartialEq for Headers {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Headers {}
+
 impl<N: Into<String>, V: Into<String>> FromIterator<(N, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (N, V)>>(iter: I) -> Self {
-        Headers(Arc::new(
-            iter.into_iter()
-                .map(|(n, v)| (n.into(), v.into()))
-                .collect(),
-        ))
+        let entries: Vec<(String, String)> = iter
+            .into_iter()
+            .map(|(n, v)| (n.into(), v.into()))
+            .collect();
+        Headers((!entries.is_empty()).then(|| Arc::new(entries)))
     }
 }
 

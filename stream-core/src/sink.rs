@@ -9,6 +9,7 @@ use std::time::{Instant, SystemTime};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -332,6 +333,49 @@ async fn supervise<T: Send + 'static>(
 }
 
 /// Feeds deliveries to the worker: at most `concurrency` at once, one at a time per key.
+/// Acknowledgements on their way from the handlers to the ack loop, sent in bursts.
+///
+/// Sent one by one, each acknowledgement tended to find the ack loop asleep and woke it:
+/// a thread wake-up per message, which on two cores cost more than the handler. They are
+/// sent when the deliveries run dry (so a quiet consumer acknowledges at once) or after
+/// [`AckBuffer::BURST`] of them.
+struct AckBuffer {
+    sender: mpsc::UnboundedSender<DeliveryTag>,
+    pending: Vec<DeliveryTag>,
+}
+
+impl AckBuffer {
+    const BURST: usize = 32;
+
+    fn new(sender: mpsc::UnboundedSender<DeliveryTag>) -> Self {
+        AckBuffer {
+            sender,
+            pending: Vec::with_capacity(Self::BURST),
+        }
+    }
+
+    fn push(&mut self, tag: DeliveryTag) {
+        self.pending.push(tag);
+        if self.pending.len() >= Self::BURST {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        for tag in self.pending.drain(..) {
+            // The ack loop outlives every dispatcher; a send fails only at teardown.
+            let _ = self.sender.send(tag);
+        }
+    }
+}
+
+impl Drop for AckBuffer {
+    fn drop(&mut self) {
+        // Handled messages are acknowledged whatever way the dispatcher ends.
+        self.flush();
+    }
+}
+
 async fn dispatch<T: Send + 'static>(
     worker: Arc<Worker<T>>,
     mut deliveries: mpsc::UnboundedReceiver<Received>,
@@ -340,21 +384,37 @@ async fn dispatch<T: Send + 'static>(
     concurrency: usize,
     mut stopping: watch::Receiver<bool>,
 ) {
+    let mut acks = AckBuffer::new(acks);
     if concurrency == 1 {
-        // One at a time is per-key order already; no scheduling needed.
+        // One at a time is per-key order already; no scheduling needed. This loop runs once
+        // per message, so it avoids what it can: while deliveries are waiting it takes them
+        // without a `select!`, and a handler that starts right after the previous one ended
+        // starts at that one's end time (one clock read per message, not two).
+        let mut previous_end = None;
         loop {
-            let received = tokio::select! {
-                biased;
-                _ = stopping.wait_for(|s| *s) => return,
-                received = deliveries.recv() => received,
+            let (received, started) = match deliveries.try_recv() {
+                Ok(received) if !*stopping.borrow() => {
+                    (received, previous_end.unwrap_or_else(Instant::now))
+                }
+                Ok(_) | Err(TryRecvError::Disconnected) => return,
+                Err(TryRecvError::Empty) => {
+                    acks.flush();
+                    let received = tokio::select! {
+                        biased;
+                        _ = stopping.wait_for(|s| *s) => return,
+                        received = deliveries.recv() => received,
+                    };
+                    let Some(received) = received else { return };
+                    (received, Instant::now())
+                }
             };
-            let Some(received) = received else { return };
             backlog.take();
-            let started = Instant::now();
             let ack = worker.process(received).await;
-            backlog.handled(started.elapsed(), 1);
+            let ended = Instant::now();
+            backlog.handled(ended.saturating_duration_since(started), 1);
+            previous_end = Some(ended);
             if let Some(tag) = ack {
-                let _ = acks.send(tag);
+                acks.push(tag);
             }
         }
     }
@@ -378,6 +438,9 @@ async fn dispatch<T: Send + 'static>(
             // Queued deliveries were never started; closing the consumer hands them back.
             return;
         }
+        if deliveries.is_empty() {
+            acks.flush();
+        }
         tokio::select! {
             Some((slot, ack, took)) = running.next(), if !running.is_empty() => {
                 backlog.handled(took, concurrency);
@@ -385,7 +448,7 @@ async fn dispatch<T: Send + 'static>(
                     backlog.add(1);
                 }
                 if let Some(tag) = ack {
-                    let _ = acks.send(tag);
+                    acks.push(tag);
                 }
             }
             received = deliveries.recv(), if open => match received {
