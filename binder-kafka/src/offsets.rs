@@ -5,7 +5,7 @@
 //! the committed offset may only move to the first delivered message that is still
 //! un-acknowledged. Committing any further would lose that message if this member died.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, VecDeque};
 
 /// Delivered and acknowledged offsets of the partitions this consumer owns.
 #[derive(Debug, Default)]
@@ -15,10 +15,11 @@ pub(crate) struct OffsetTracker {
 
 #[derive(Debug, Default)]
 struct Partition {
-    /// Delivered offsets not yet covered by `position`, and whether each was acknowledged.
-    /// Kafka offsets have holes (transaction markers, compaction), so the delivered ones are
-    /// listed rather than assumed to be consecutive.
-    outstanding: BTreeMap<i64, bool>,
+    /// Delivered offsets not yet covered by `position`, ascending, and whether each was
+    /// acknowledged. Kafka offsets have holes (transaction markers, compaction), so the
+    /// delivered ones are listed rather than assumed to be consecutive. A deque, because
+    /// offsets arrive in order (appended) and leave in order (popped), once per message.
+    outstanding: VecDeque<(i64, bool)>,
     /// The offset to commit: every delivered offset below it is acknowledged. None until the
     /// first acknowledgement moves it.
     position: Option<i64>,
@@ -50,7 +51,15 @@ impl OffsetTracker {
         if state.position.is_some_and(|position| offset < position) {
             return;
         }
-        state.outstanding.entry(offset).or_insert(false);
+        match state.outstanding.back() {
+            Some(&(last, _)) if offset <= last => {
+                // Delivered again after a seek back: keep the list sorted and single.
+                if let Err(at) = state.outstanding.binary_search_by_key(&offset, |&(o, _)| o) {
+                    state.outstanding.insert(at, (offset, false));
+                }
+            }
+            _ => state.outstanding.push_back((offset, false)),
+        }
     }
 
     /// Records acknowledgements and returns, for each partition whose commit position moved,
@@ -62,8 +71,8 @@ impl OffsetTracker {
                 // Revoked since delivery: no longer ours to commit.
                 continue;
             };
-            if let Some(acked) = state.outstanding.get_mut(&offset) {
-                *acked = true;
+            if let Ok(at) = state.outstanding.binary_search_by_key(&offset, |&(o, _)| o) {
+                state.outstanding[at].1 = true;
                 if !touched.contains(&partition) {
                     touched.push(partition);
                 }
@@ -75,12 +84,9 @@ impl OffsetTracker {
             .filter_map(|partition| {
                 let state = self.partitions.get_mut(&partition)?;
                 let mut moved = None;
-                while let Some(entry) = state.outstanding.first_entry() {
-                    if !*entry.get() {
-                        break;
-                    }
-                    moved = Some(*entry.key() + 1);
-                    entry.remove();
+                while let Some(&(offset, true)) = state.outstanding.front() {
+                    moved = Some(offset + 1);
+                    state.outstanding.pop_front();
                 }
                 let position = moved?;
                 state.position = Some(position);
@@ -105,7 +111,7 @@ impl OffsetTracker {
     pub(crate) fn unacked(&self) -> usize {
         self.partitions
             .values()
-            .map(|p| p.outstanding.values().filter(|acked| !**acked).count())
+            .map(|p| p.outstanding.iter().filter(|(_, acked)| !acked).count())
             .sum()
     }
 }
