@@ -11,8 +11,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use stream_core::{Binder, BindingConfig, Channel, Codec, Json};
 
 use crate::report::{
-    latency_through, now_micros, percentiles, throughput_timed, Payload, Report, Row, Sample,
-    Settings, Stamped, BATCH,
+    compare_latency, compare_timed, lagging_consumer_rss, latency_through, now_micros, percentiles,
+    Payload, Report, Row, Settings, Stamped, BATCH,
 };
 
 /// Messages sent to a new topic before a publish run is timed.
@@ -22,27 +22,50 @@ pub async fn run(settings: &Settings, report: &mut Report, brokers: &str) {
     let binder = binder(brokers);
     let producer = raw_producer(brokers);
     for &size in &settings.sizes {
-        let n = settings.messages;
+        let n = settings.kafka_publish_messages;
         let value = Payload::of_size(size);
-        let ours = throughput_timed(settings.runs, || publish_ours(&binder, n, &value)).await;
-        let raw =
-            throughput_timed(settings.runs, || publish_raw(&binder, &producer, n, &value)).await;
-        report.add(Row::ratio("kafka", "publish", size, ours, raw));
-        let ours = throughput_timed(settings.runs, || {
-            consume_ours(&binder, &producer, n, &value)
-        })
-        .await;
-        let raw = throughput_timed(settings.runs, || {
-            consume_raw(&binder, &producer, brokers, n, &value)
-        })
+        if settings.wants("publish") {
+            let (ours, raw) = compare_timed(
+                settings.runs,
+                || publish_ours(&binder, n, &value),
+                || publish_raw(&binder, &producer, n, &value),
+            )
+            .await;
+            report.add(Row::ratio("kafka", "publish", size, ours, raw));
+        }
+        if !settings.wants("consume") {
+            continue;
+        }
+        // One backlog per size, read by a new group each run.
+        let n = settings.kafka_consume_messages;
+        let topic = fresh_topic(&binder, "con").await;
+        let payload = Json::<Payload>::new().encode(&value).unwrap().to_vec();
+        produce(&producer, &topic, n, || payload.clone()).await;
+        let (ours, raw) = compare_timed(
+            settings.runs,
+            || consume_ours(&binder, &topic, n),
+            || consume_raw(brokers, &topic, n),
+        )
         .await;
         report.add(Row::ratio("kafka", "consume+ack", size, ours, raw));
     }
-    latency(settings, report, &binder, &producer, brokers).await;
-    backlog_rss(settings, report, &binder, &producer).await;
+    if settings.wants("latency") {
+        compare_latency(
+            report,
+            "kafka",
+            64,
+            settings.runs,
+            || latency_ours(settings, &binder, 64),
+            || latency_raw(settings, &binder, &producer, brokers, 64),
+        )
+        .await;
+    }
+    if settings.wants("rss") {
+        backlog_rss(settings, report, &binder, &producer).await;
+    }
 }
 
-fn binder(brokers: &str) -> Arc<dyn Binder> {
+pub fn binder(brokers: &str) -> Arc<dyn Binder> {
     let streams = stream_core::Streams::builder()
         .register(binder_kafka::register)
         .env(Vec::<(String, String)>::new())
@@ -157,19 +180,12 @@ async fn publish_raw(
     (n, start.elapsed())
 }
 
-async fn consume_ours(
-    binder: &Arc<dyn Binder>,
-    producer: &FutureProducer,
-    n: usize,
-    value: &Payload,
-) -> (usize, Duration) {
-    let topic = fresh_topic(binder, "con").await;
-    let payload = Json::<Payload>::new().encode(value).unwrap().to_vec();
-    produce(producer, &topic, n, || payload.clone()).await;
+async fn consume_ours(binder: &Arc<dyn Binder>, topic: &str, n: usize) -> (usize, Duration) {
+    let group = format!("g-{}", stream_core::unique_suffix());
     let channel = Channel::new(
         "bench",
         binder.clone(),
-        BindingConfig::new(&topic).group("g"),
+        BindingConfig::new(topic).group(&group),
     );
     let handled = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(tokio::sync::Notify::new());
@@ -193,19 +209,10 @@ async fn consume_ours(
     (n - 1, elapsed)
 }
 
-async fn consume_raw(
-    binder: &Arc<dyn Binder>,
-    producer: &FutureProducer,
-    brokers: &str,
-    n: usize,
-    value: &Payload,
-) -> (usize, Duration) {
-    let topic = fresh_topic(binder, "con-raw").await;
-    let payload = Json::<Payload>::new().encode(value).unwrap().to_vec();
-    produce(producer, &topic, n, || payload.clone()).await;
+async fn consume_raw(brokers: &str, topic: &str, n: usize) -> (usize, Duration) {
     let codec = Json::<Payload>::new();
     let consumer = raw_consumer(brokers, &format!("g-{}", stream_core::unique_suffix()));
-    consumer.subscribe(&[&topic]).unwrap();
+    consumer.subscribe(&[topic]).unwrap();
     let mut start = None;
     for _ in 0..n {
         let m = consumer.recv().await.unwrap();
@@ -213,41 +220,11 @@ async fn consume_raw(
         let _p: Payload = codec.decode(m.payload().unwrap_or_default()).unwrap();
         consumer.store_offset_from_message(&m).unwrap();
     }
+    let elapsed = start.expect("a message was consumed").elapsed();
     consumer
         .commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
         .unwrap();
-    (n - 1, start.expect("a message was consumed").elapsed())
-}
-
-async fn latency(
-    settings: &Settings,
-    report: &mut Report,
-    binder: &Arc<dyn Binder>,
-    producer: &FutureProducer,
-    brokers: &str,
-) {
-    let size = 64;
-    let (mut ours, mut raw) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
-    for _ in 0..settings.runs {
-        let (p50, p99) = latency_ours(settings, binder, size).await;
-        ours.0.push(p50);
-        ours.1.push(p99);
-        let (p50, p99) = latency_raw(settings, binder, producer, brokers, size).await;
-        raw.0.push(p50);
-        raw.1.push(p99);
-    }
-    for (metric, o, r) in [
-        ("latency p50", ours.0, raw.0),
-        ("latency p99", ours.1, raw.1),
-    ] {
-        report.add(Row::latency(
-            "kafka",
-            metric,
-            size,
-            Sample { values: o },
-            Sample { values: r },
-        ));
-    }
+    (n - 1, elapsed)
 }
 
 async fn latency_ours(settings: &Settings, binder: &Arc<dyn Binder>, size: usize) -> (f64, f64) {
@@ -299,6 +276,7 @@ async fn latency_raw(
     percentiles(reader.await.unwrap())
 }
 
+/// A consumer working through a backlog: RSS before and at its peak.
 async fn backlog_rss(
     settings: &Settings,
     report: &mut Report,
@@ -313,28 +291,6 @@ async fn backlog_rss(
         .to_vec();
     produce(producer, &topic, backlog, || payload.clone()).await;
     let consume = backlog.min(settings.backlog_consumed);
-    let (before, peak) = crate::report::rss_while(async {
-        let channel = Channel::new(
-            "bench",
-            binder.clone(),
-            BindingConfig::new(&topic).group("g"),
-        );
-        let handled = Arc::new(AtomicUsize::new(0));
-        let done = Arc::new(tokio::sync::Notify::new());
-        let (h, d) = (handled.clone(), done.clone());
-        let sub = channel
-            .sink::<Payload>()
-            .subscribe(move |_p: Payload| {
-                if h.fetch_add(1, Ordering::Relaxed) + 1 == consume {
-                    d.notify_one();
-                }
-                async { Ok::<(), String>(()) }
-            })
-            .await
-            .unwrap();
-        done.notified().await;
-        sub.shutdown().await.unwrap();
-    })
-    .await;
+    let (before, peak) = lagging_consumer_rss("kafka", &topic, consume).await;
     report.rss("kafka", backlog, consume, before, peak);
 }

@@ -1,6 +1,9 @@
 //! Benchmarks every binder against its raw client in the same run (BRIEF section 8).
 //!
-//! `bench [--quick] [--json FILE] [--only memory,redis,kafka]`
+//! `bench [--quick] [--json FILE] [--only memory,redis,kafka]
+//!        [--metrics publish,consume,latency,rss] [--sizes 16,64,256,1024] [--side ours|raw]`
+//!
+//! `--metrics`, `--sizes` and `--side ours|raw` narrow a run down, for profiling one path.
 //!
 //! The Redis and Kafka rows need `STREAM_TEST_REDIS_URL` and `STREAM_TEST_KAFKA_BROKERS`;
 //! `scripts/bench.sh` starts both services, sets them, runs this and stops them.
@@ -20,22 +23,47 @@ async fn main() {
             .position(|a| a == flag)
             .and_then(|i| args.get(i + 1).cloned())
     };
+    if let Some(at) = args.iter().position(|a| a == report::LAGGING_CONSUMER) {
+        let [binder, destination, count] = [1, 2, 3].map(|i| args[at + i].clone());
+        let binder = match binder.as_str() {
+            "redis" => redis::binder(&std::env::var("STREAM_TEST_REDIS_URL").unwrap()),
+            _ => kafka::binder(&std::env::var("STREAM_TEST_KAFKA_BROKERS").unwrap()),
+        };
+        let count = count.parse().expect("a message count");
+        report::run_lagging_consumer(binder, &destination, count).await;
+        return;
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let only: Option<Vec<String>> =
         value_of("--only").map(|list| list.split(',').map(str::to_owned).collect());
     let wants = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
-    let settings = Settings::new(quick);
+    if let Some(side) = value_of("--side") {
+        report::ONLY_SIDE.set(side).unwrap();
+    }
+    let mut settings = Settings::new(quick);
+    settings.metrics =
+        value_of("--metrics").map(|list| list.split(',').map(str::to_owned).collect());
+    if let Some(sizes) = value_of("--sizes") {
+        settings.sizes = sizes
+            .split(',')
+            .map(|s| s.parse().expect("--sizes takes byte counts"))
+            .collect();
+    }
+    let started = std::time::Instant::now();
+    let lap = |name: &str| eprintln!("{name} done at {:.0?}", started.elapsed());
     let mut report = Report::new(&settings);
 
     if wants("memory") {
         eprintln!("memory...");
         memory::run(&settings, &mut report).await;
+        lap("memory");
     }
     if wants("redis") {
         match std::env::var("STREAM_TEST_REDIS_URL") {
             Ok(url) => {
                 eprintln!("redis at {url}...");
                 redis::run(&settings, &mut report, &url).await;
+                lap("redis");
             }
             Err(_) => eprintln!("SKIPPED redis: STREAM_TEST_REDIS_URL is not set"),
         }
@@ -45,6 +73,7 @@ async fn main() {
             Ok(brokers) => {
                 eprintln!("kafka at {brokers}...");
                 kafka::run(&settings, &mut report, &brokers).await;
+                lap("kafka");
             }
             Err(_) => eprintln!("SKIPPED kafka: STREAM_TEST_KAFKA_BROKERS is not set"),
         }

@@ -8,20 +8,39 @@ use binder_memory::MemoryBinder;
 use stream_core::{Binder, BindingConfig, Channel, Codec, Json};
 
 use crate::report::{
-    latency_through, now_micros, percentiles, throughput, Payload, Report, Row, Sample, Settings,
-    Stamped, BATCH,
+    compare, compare_latency, latency_through, now_micros, percentiles, Payload, Report, Row,
+    Settings, Stamped, BATCH,
 };
 
 pub async fn run(settings: &Settings, report: &mut Report) {
-    for &size in &settings.sizes {
-        // Memory is fast: more messages per run keep start-up out of the figure.
-        let n = settings.messages * 4;
+    let sizes = if settings.wants("publish") || settings.wants("consume") {
+        &settings.sizes[..]
+    } else {
+        &[]
+    };
+    for &size in sizes {
+        let n = settings.memory_messages;
         let value = Payload::of_size(size);
-        let ours = throughput(settings.runs, || end_to_end(n, &value)).await;
-        let raw = throughput(settings.runs, || raw_end_to_end(n, &value)).await;
+        let (ours, raw) = compare(
+            settings.runs,
+            || end_to_end(n, &value),
+            || raw_end_to_end(n, &value),
+        )
+        .await;
         report.add(Row::ratio("memory", "end-to-end", size, ours, raw));
     }
-    latency(settings, report).await;
+    if !settings.wants("latency") {
+        return;
+    }
+    compare_latency(
+        report,
+        "memory",
+        64,
+        settings.runs,
+        || latency_through_channel(settings, 64),
+        || latency_raw(settings, 64),
+    )
+    .await;
 }
 
 fn channel(destination: &str) -> Channel {
@@ -78,33 +97,7 @@ async fn raw_end_to_end(n: usize, value: &Payload) -> usize {
     consumer.await.unwrap()
 }
 
-/// p50/p99 end-to-end latency at a fixed rate; one sample per run.
-async fn latency(settings: &Settings, report: &mut Report) {
-    let size = 64;
-    let (mut ours, mut raw) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
-    for _ in 0..settings.runs {
-        let (p50, p99) = latency_ours(settings, size).await;
-        ours.0.push(p50);
-        ours.1.push(p99);
-        let (p50, p99) = latency_raw(settings, size).await;
-        raw.0.push(p50);
-        raw.1.push(p99);
-    }
-    for (metric, o, r) in [
-        ("latency p50", ours.0, raw.0),
-        ("latency p99", ours.1, raw.1),
-    ] {
-        report.add(Row::latency(
-            "memory",
-            metric,
-            size,
-            Sample { values: o },
-            Sample { values: r },
-        ));
-    }
-}
-
-async fn latency_ours(settings: &Settings, size: usize) -> (f64, f64) {
+async fn latency_through_channel(settings: &Settings, size: usize) -> (f64, f64) {
     latency_through(&channel("latency"), settings, size).await
 }
 

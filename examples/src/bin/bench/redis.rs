@@ -8,8 +8,8 @@ use redis::aio::MultiplexedConnection;
 use stream_core::{Binder, BindingConfig, Channel, Codec, Json};
 
 use crate::report::{
-    latency_through, now_micros, percentiles, rss_kib, throughput_timed, Payload, Report, Row,
-    Sample, Settings, Stamped, BATCH,
+    compare_latency, compare_timed, lagging_consumer_rss, latency_through, now_micros, percentiles,
+    Payload, Report, Row, Settings, Stamped, BATCH,
 };
 
 pub async fn run(settings: &Settings, report: &mut Report, url: &str) {
@@ -20,23 +20,47 @@ pub async fn run(settings: &Settings, report: &mut Report, url: &str) {
         .await
         .expect("Redis answers");
     for &size in &settings.sizes {
-        let n = settings.messages;
+        let n = settings.redis_messages;
         let value = Payload::of_size(size);
-        let ours = throughput_timed(settings.runs, || {
-            publish_ours(&binder, conn.clone(), n, &value)
-        })
+        if settings.wants("publish") {
+            let (ours, raw) = compare_timed(
+                settings.runs,
+                || publish_ours(&binder, conn.clone(), n, &value),
+                || publish_raw(conn.clone(), n, &value),
+            )
+            .await;
+            report.add(Row::ratio("redis", "publish", size, ours, raw));
+        }
+        if !settings.wants("consume") {
+            continue;
+        }
+        // One backlog per size, read by a new group each run: every run reads the same
+        // entries, and filling the stream stays out of the loop.
+        let dest = fresh("con");
+        prefill(&mut conn.clone(), &dest, n, &value).await;
+        let (ours, raw) = compare_timed(
+            settings.runs,
+            || consume_ours(&binder, &dest, n),
+            || consume_raw(conn.clone(), &dest, n),
+        )
         .await;
-        let raw = throughput_timed(settings.runs, || publish_raw(conn.clone(), n, &value)).await;
-        report.add(Row::ratio("redis", "publish", size, ours, raw));
-        let ours = throughput_timed(settings.runs, || {
-            consume_ours(&binder, conn.clone(), n, &value)
-        })
-        .await;
-        let raw = throughput_timed(settings.runs, || consume_raw(conn.clone(), n, &value)).await;
         report.add(Row::ratio("redis", "consume+ack", size, ours, raw));
+        delete(conn.clone(), &dest).await;
     }
-    latency(settings, report, &binder, &client).await;
-    backlog_rss(settings, report, &binder, conn.clone()).await;
+    if settings.wants("latency") {
+        compare_latency(
+            report,
+            "redis",
+            64,
+            settings.runs,
+            || latency_ours(settings, &binder, 64),
+            || latency_raw(settings, &client, 64),
+        )
+        .await;
+    }
+    if settings.wants("rss") {
+        backlog_rss(settings, report, conn.clone()).await;
+    }
 }
 
 /// Pipelines of thousands of commands on a loaded machine outlast redis-rs's default
@@ -45,7 +69,7 @@ fn no_timeout() -> redis::AsyncConnectionConfig {
     redis::AsyncConnectionConfig::new().set_response_timeout(None)
 }
 
-fn binder(url: &str) -> Arc<dyn Binder> {
+pub fn binder(url: &str) -> Arc<dyn Binder> {
     let streams = stream_core::Streams::builder()
         .register(binder_redis::register)
         .env(Vec::<(String, String)>::new())
@@ -62,7 +86,7 @@ fn fresh(name: &str) -> String {
 
 async fn publish_ours(
     binder: &Arc<dyn Binder>,
-    mut conn: MultiplexedConnection,
+    conn: MultiplexedConnection,
     n: usize,
     value: &Payload,
 ) -> (usize, Duration) {
@@ -83,11 +107,7 @@ async fn publish_ours(
     // Deleted like the raw side's: left behind, every run's entries pile up in the server and
     // its AOF, whose background rewrites (a fork, then compression on the other core) then
     // land in whichever measurement runs next.
-    let _: () = redis::cmd("DEL")
-        .arg(&dest)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    delete(conn, &dest).await;
     (n, elapsed)
 }
 
@@ -115,12 +135,16 @@ async fn publish_raw(
         sent += k;
     }
     let elapsed = start.elapsed();
+    delete(conn, &dest).await;
+    (n, elapsed)
+}
+
+async fn delete(mut conn: MultiplexedConnection, key: &str) {
     let _: () = redis::cmd("DEL")
-        .arg(&dest)
+        .arg(key)
         .query_async(&mut conn)
         .await
         .unwrap();
-    (n, elapsed)
 }
 
 /// Fills `dest` with `n` JSON entries, outside the timed part.
@@ -145,18 +169,12 @@ async fn prefill(conn: &mut MultiplexedConnection, dest: &str, n: usize, value: 
     }
 }
 
-async fn consume_ours(
-    binder: &Arc<dyn Binder>,
-    mut conn: MultiplexedConnection,
-    n: usize,
-    value: &Payload,
-) -> (usize, Duration) {
-    let dest = fresh("con");
-    prefill(&mut conn, &dest, n, value).await;
+async fn consume_ours(binder: &Arc<dyn Binder>, dest: &str, n: usize) -> (usize, Duration) {
+    let group = format!("g-{}", stream_core::unique_suffix());
     let channel = Channel::new(
         "bench",
         binder.clone(),
-        BindingConfig::new(&dest).group("g"),
+        BindingConfig::new(dest).group(&group),
     );
     let handled = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(tokio::sync::Notify::new());
@@ -176,28 +194,18 @@ async fn consume_ours(
     // To the last handled message, as the raw loop; acks are pipelined behind handling.
     let elapsed = start.elapsed();
     sub.shutdown().await.unwrap();
-    let _: () = redis::cmd("DEL")
-        .arg(&dest)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
     (n, elapsed)
 }
 
 /// XREADGROUP COUNT 500, decode, one XACK for the batch, strictly alternating.
-async fn consume_raw(
-    mut conn: MultiplexedConnection,
-    n: usize,
-    value: &Payload,
-) -> (usize, Duration) {
-    let dest = fresh("con-raw");
-    prefill(&mut conn, &dest, n, value).await;
+async fn consume_raw(mut conn: MultiplexedConnection, dest: &str, n: usize) -> (usize, Duration) {
+    let group = format!("g-{}", stream_core::unique_suffix());
     let codec = Json::<Payload>::new();
     let start = Instant::now();
     let _: () = redis::cmd("XGROUP")
         .arg("CREATE")
-        .arg(&dest)
-        .arg("g")
+        .arg(dest)
+        .arg(&group)
         .arg("0")
         .query_async(&mut conn)
         .await
@@ -206,14 +214,14 @@ async fn consume_raw(
     while handled < n {
         let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
             .arg("GROUP")
-            .arg("g")
+            .arg(&group)
             .arg("c")
             .arg("COUNT")
             .arg(BATCH)
             .arg("BLOCK")
             .arg(1000)
             .arg("STREAMS")
-            .arg(&dest)
+            .arg(dest)
             .arg(">")
             .query_async(&mut conn)
             .await
@@ -231,50 +239,14 @@ async fn consume_raw(
         }
         handled += ids.len();
         let _: i64 = redis::cmd("XACK")
-            .arg(&dest)
-            .arg("g")
+            .arg(dest)
+            .arg(&group)
             .arg(&ids)
             .query_async(&mut conn)
             .await
             .unwrap();
     }
-    let elapsed = start.elapsed();
-    let _: () = redis::cmd("DEL")
-        .arg(&dest)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    (n, elapsed)
-}
-
-async fn latency(
-    settings: &Settings,
-    report: &mut Report,
-    binder: &Arc<dyn Binder>,
-    client: &redis::Client,
-) {
-    let size = 64;
-    let (mut ours, mut raw) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
-    for _ in 0..settings.runs {
-        let (p50, p99) = latency_ours(settings, binder, size).await;
-        ours.0.push(p50);
-        ours.1.push(p99);
-        let (p50, p99) = latency_raw(settings, client, size).await;
-        raw.0.push(p50);
-        raw.1.push(p99);
-    }
-    for (metric, o, r) in [
-        ("latency p50", ours.0, raw.0),
-        ("latency p99", ours.1, raw.1),
-    ] {
-        report.add(Row::latency(
-            "redis",
-            metric,
-            size,
-            Sample { values: o },
-            Sample { values: r },
-        ));
-    }
+    (n, start.elapsed())
 }
 
 async fn latency_ours(settings: &Settings, binder: &Arc<dyn Binder>, size: usize) -> (f64, f64) {
@@ -366,44 +338,12 @@ async fn latency_raw(settings: &Settings, client: &redis::Client, size: usize) -
 }
 
 /// A consumer working through a backlog: RSS before and at its peak.
-async fn backlog_rss(
-    settings: &Settings,
-    report: &mut Report,
-    binder: &Arc<dyn Binder>,
-    mut conn: MultiplexedConnection,
-) {
+async fn backlog_rss(settings: &Settings, report: &mut Report, conn: MultiplexedConnection) {
     let dest = fresh("backlog");
     let backlog = settings.backlog;
-    prefill(&mut conn, &dest, backlog, &Payload::of_size(64)).await;
+    prefill(&mut conn.clone(), &dest, backlog, &Payload::of_size(64)).await;
     let consume = backlog.min(settings.backlog_consumed);
-    let (before, peak) = crate::report::rss_while(async {
-        let channel = Channel::new(
-            "bench",
-            binder.clone(),
-            BindingConfig::new(&dest).group("g"),
-        );
-        let handled = Arc::new(AtomicUsize::new(0));
-        let done = Arc::new(tokio::sync::Notify::new());
-        let (h, d) = (handled.clone(), done.clone());
-        let sub = channel
-            .sink::<Payload>()
-            .subscribe(move |_p: Payload| {
-                if h.fetch_add(1, Ordering::Relaxed) + 1 == consume {
-                    d.notify_one();
-                }
-                async { Ok::<(), String>(()) }
-            })
-            .await
-            .unwrap();
-        done.notified().await;
-        sub.shutdown().await.unwrap();
-    })
-    .await;
-    let _: () = redis::cmd("DEL")
-        .arg(&dest)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let _ = rss_kib;
+    let (before, peak) = lagging_consumer_rss("redis", &dest, consume).await;
+    delete(conn, &dest).await;
     report.rss("redis", backlog, consume, before, peak);
 }

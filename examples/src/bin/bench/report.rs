@@ -10,11 +10,23 @@ use stream_core::Channel;
 /// Messages per publish batch and per raw read.
 pub const BATCH: usize = 500;
 
-/// Sizes and counts for one run.
+/// Sizes and counts for one run. Counts differ per binder and per side so that every timed
+/// run lasts a few hundred milliseconds in full mode: a run of a few milliseconds measures
+/// the scheduler, not the binder.
 pub struct Settings {
+    pub quick: bool,
+    /// What to measure: `publish`, `consume`, `latency`, `rss`; None for everything.
+    pub metrics: Option<Vec<String>>,
     pub sizes: Vec<usize>,
-    pub messages: usize,
     pub runs: usize,
+    /// Messages per memory end-to-end run.
+    pub memory_messages: usize,
+    /// Messages per Redis publish and consume run.
+    pub redis_messages: usize,
+    /// Messages per Kafka publish run.
+    pub kafka_publish_messages: usize,
+    /// Messages per Kafka consume run (Kafka consumes several times faster than it accepts).
+    pub kafka_consume_messages: usize,
     /// Messages per second while measuring latency.
     pub latency_rate: u64,
     pub latency_messages: usize,
@@ -26,15 +38,30 @@ pub struct Settings {
 
 impl Settings {
     pub fn new(quick: bool) -> Self {
+        let pick = |quick_value, full_value| if quick { quick_value } else { full_value };
         Settings {
+            quick,
+            metrics: None,
             sizes: vec![16, 64, 256, 1024],
-            messages: if quick { 10_000 } else { 50_000 },
-            runs: if quick { 3 } else { 5 },
+            runs: pick(3, 5),
+            memory_messages: pick(200_000, 1_000_000),
+            redis_messages: pick(20_000, 100_000),
+            kafka_publish_messages: pick(20_000, 100_000),
+            kafka_consume_messages: pick(50_000, 300_000),
             latency_rate: 1_000,
-            latency_messages: if quick { 1_000 } else { 3_000 },
-            backlog: if quick { 100_000 } else { 1_000_000 },
-            backlog_consumed: if quick { 50_000 } else { 200_000 },
+            latency_messages: pick(1_000, 3_000),
+            backlog: pick(100_000, 1_000_000),
+            backlog_consumed: pick(50_000, 300_000),
         }
+    }
+}
+
+impl Settings {
+    /// Whether `metric` is to be measured.
+    pub fn wants(&self, metric: &str) -> bool {
+        self.metrics
+            .as_ref()
+            .is_none_or(|m| m.iter().any(|x| x == metric))
     }
 }
 
@@ -110,36 +137,93 @@ impl Sample {
     }
 }
 
-/// Runs `op` `runs` times; each run reports how many messages it moved and how long the
-/// timed part took. Returns msgs/s per run.
-pub async fn throughput_timed<F, Fut>(runs: usize, mut op: F) -> Sample
+/// Set by `--side ours|raw`: only that side of the throughput rows runs (for a profiler).
+pub static ONLY_SIDE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Runs `ours` and `raw` alternately, `runs` times each; every run reports how many messages
+/// it moved and how long the timed part took. Alternating puts drift in the machine (a
+/// background AOF rewrite, page cache, frequency scaling) on both sides alike.
+pub async fn compare_timed<A, FA, B, FB>(runs: usize, mut ours: A, mut raw: B) -> (Sample, Sample)
 where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = (usize, Duration)>,
+    A: FnMut() -> FA,
+    FA: Future<Output = (usize, Duration)>,
+    B: FnMut() -> FB,
+    FB: Future<Output = (usize, Duration)>,
 {
-    let mut values = Vec::new();
+    let show_cpu = std::env::var_os("BENCH_CPU").is_some();
+    let rate = |side: &str, cpu_before: f64, (moved, elapsed): (usize, Duration)| {
+        if show_cpu {
+            let cpu = cpu_seconds() - cpu_before;
+            eprintln!(
+                "    {side}: {moved} in {elapsed:.2?}, process CPU {cpu:.2} s ({:.0}% of one core)",
+                100.0 * cpu / elapsed.as_secs_f64()
+            );
+        }
+        moved as f64 / elapsed.as_secs_f64()
+    };
+    let (mut o, mut r) = (Vec::new(), Vec::new());
+    let side = ONLY_SIDE.get().map(String::as_str);
     for _ in 0..runs {
-        let (moved, elapsed) = op().await;
-        values.push(moved as f64 / elapsed.as_secs_f64());
+        if side != Some("raw") {
+            let cpu = cpu_seconds();
+            o.push(rate("ours", cpu, ours().await));
+        }
+        if side != Some("ours") {
+            let cpu = cpu_seconds();
+            r.push(rate("raw", cpu, raw().await));
+        }
     }
-    Sample { values }
+    (Sample { values: o }, Sample { values: r })
 }
 
-/// Like [`throughput_timed`], timing the whole of `op`.
-pub async fn throughput<F, Fut>(runs: usize, mut op: F) -> Sample
+/// Like [`compare_timed`], timing the whole of each run.
+pub async fn compare<A, FA, B, FB>(runs: usize, mut ours: A, mut raw: B) -> (Sample, Sample)
 where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = usize>,
+    A: FnMut() -> FA,
+    FA: Future<Output = usize>,
+    B: FnMut() -> FB,
+    FB: Future<Output = usize>,
 {
-    throughput_timed(runs, || {
-        let fut = op();
-        async move {
-            let start = Instant::now();
-            let moved = fut.await;
-            (moved, start.elapsed())
-        }
-    })
-    .await
+    async fn timed(fut: impl Future<Output = usize>) -> (usize, Duration) {
+        let start = Instant::now();
+        let moved = fut.await;
+        (moved, start.elapsed())
+    }
+    compare_timed(runs, || timed(ours()), || timed(raw())).await
+}
+
+/// Latency p50 and p99 rows from `runs` alternating runs of each side.
+pub async fn compare_latency<A, FA, B, FB>(
+    report: &mut Report,
+    binder: &'static str,
+    size: usize,
+    runs: usize,
+    mut ours: A,
+    mut raw: B,
+) where
+    A: FnMut() -> FA,
+    FA: Future<Output = (f64, f64)>,
+    B: FnMut() -> FB,
+    FB: Future<Output = (f64, f64)>,
+{
+    let (mut o, mut r) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+    for _ in 0..runs {
+        let (p50, p99) = ours().await;
+        o.0.push(p50);
+        o.1.push(p99);
+        let (p50, p99) = raw().await;
+        r.0.push(p50);
+        r.1.push(p99);
+    }
+    for (metric, o, r) in [("latency p50", o.0, r.0), ("latency p99", o.1, r.1)] {
+        report.add(Row::latency(
+            binder,
+            metric,
+            size,
+            Sample { values: o },
+            Sample { values: r },
+        ));
+    }
 }
 
 /// p50/p99 latency through `channel`'s Source and Sink at the settings' fixed rate.
@@ -179,6 +263,23 @@ pub fn percentiles(mut micros: Vec<f64>) -> (f64, f64) {
     (at(0.50), at(0.99))
 }
 
+/// User and system CPU time of this process so far, in seconds (`BENCH_CPU=1` prints it per
+/// run; it includes set-up that the timed part leaves out).
+pub fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum();
+    ticks / 100.0
+}
+
 /// This process's resident set size in KiB.
 pub fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -202,6 +303,70 @@ pub async fn rss_while(work: impl Future<Output = ()>) -> (u64, u64) {
         }
     }
     (before, peak.max(rss_kib()))
+}
+
+/// The flag that turns this program into the lagging consumer of [`lagging_consumer_rss`].
+pub const LAGGING_CONSUMER: &str = "--lagging-consumer";
+
+/// Peak RSS of a consumer working through `count` messages of the backlog in `destination`:
+/// (RSS before it subscribed, highest RSS seen), in KiB. It runs in a process of its own,
+/// started from this program: in this one, memory the allocator kept from earlier rows would
+/// absorb a consumer that buffered far ahead without RSS moving.
+pub async fn lagging_consumer_rss(binder: &str, destination: &str, count: usize) -> (u64, u64) {
+    let args = [
+        LAGGING_CONSUMER.to_owned(),
+        binder.to_owned(),
+        destination.to_owned(),
+        count.to_string(),
+    ];
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(std::env::current_exe().expect("own path"))
+            .args(args)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("lagging consumer starts")
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "lagging consumer failed");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut numbers = text
+        .split_whitespace()
+        .map(|n| n.parse().expect("RSS in KiB"));
+    (numbers.next().unwrap(), numbers.next().unwrap())
+}
+
+/// The lagging consumer's side: a durable group with a no-op handler that handles `count`
+/// messages of `destination`, its RSS sampled all along; prints "before peak" in KiB.
+pub async fn run_lagging_consumer(
+    binder: Arc<dyn stream_core::Binder>,
+    destination: &str,
+    count: usize,
+) {
+    let (before, peak) = rss_while(async {
+        let channel = Channel::new(
+            "bench",
+            binder,
+            stream_core::BindingConfig::new(destination).group("lagging"),
+        );
+        let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let done = Arc::new(tokio::sync::Notify::new());
+        let (h, d) = (handled.clone(), done.clone());
+        let sub = channel
+            .sink::<Payload>()
+            .subscribe(move |_p: Payload| {
+                if h.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == count {
+                    d.notify_one();
+                }
+                async { Ok::<(), String>(()) }
+            })
+            .await
+            .unwrap();
+        done.notified().await;
+        sub.shutdown().await.unwrap();
+    })
+    .await;
+    println!("{before} {peak}");
 }
 
 pub struct Row {
@@ -261,9 +426,17 @@ impl Report {
             rows: Vec::new(),
             rss: Vec::new(),
             header: format!(
-                "{} messages per throughput run, {} runs each; latency at {} msgs/s over {} messages; \
+                "{} mode; messages per run: memory {}, redis {}, kafka publish {}, kafka consume {}; \
+                 {} alternating runs of each side; latency at {} msgs/s over {} messages; \
                  values are medians, spread = (max-min)/median",
-                settings.messages, settings.runs, settings.latency_rate, settings.latency_messages
+                if settings.quick { "quick" } else { "full" },
+                settings.memory_messages,
+                settings.redis_messages,
+                settings.kafka_publish_messages,
+                settings.kafka_consume_messages,
+                settings.runs,
+                settings.latency_rate,
+                settings.latency_messages
             ),
         }
     }
