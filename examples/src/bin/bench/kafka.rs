@@ -11,8 +11,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use stream_core::{Binder, BindingConfig, Channel, Codec, Json};
 
 use crate::report::{
-    compare_latency, compare_timed, lagging_consumer_rss, latency_through, now_micros, percentiles,
-    Payload, Report, Row, Settings, Stamped, BATCH,
+    compare_latency, compare_timed, lagging_consumer_rss, latency_through, paced, Payload, Report,
+    Row, Samples, Settings, Stamped, BATCH,
 };
 
 /// Messages sent to a new topic before a publish run is timed.
@@ -185,7 +185,7 @@ async fn consume_ours(binder: &Arc<dyn Binder>, topic: &str, n: usize) -> (usize
     let channel = Channel::new(
         "bench",
         binder.clone(),
-        BindingConfig::new(topic).group(&group),
+        crate::report::consume_binding(topic, &group),
     );
     let handled = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(tokio::sync::Notify::new());
@@ -245,35 +245,37 @@ async fn latency_raw(
     size: usize,
 ) -> (f64, f64) {
     let topic = fresh_topic(binder, "lat-raw").await;
-    let n = settings.latency_messages;
+    let samples = Samples::new(settings.latency_messages);
     let consumer = raw_consumer(brokers, &format!("g-{}", stream_core::unique_suffix()));
     consumer.subscribe(&[&topic]).unwrap();
+    let s = samples.clone();
     let reader = tokio::spawn(async move {
         let codec = Json::<Stamped>::new();
-        let mut samples = Vec::with_capacity(n);
-        while samples.len() < n {
+        loop {
             let m = consumer.recv().await.unwrap();
-            let s: Stamped = codec.decode(m.payload().unwrap_or_default()).unwrap();
-            samples.push(now_micros().saturating_sub(s.sent_micros) as f64);
+            s.record(&codec.decode(m.payload().unwrap_or_default()).unwrap());
             consumer.store_offset_from_message(&m).unwrap();
         }
-        samples
     });
     let codec = Json::<Stamped>::new();
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / settings.latency_rate));
-    for _ in 0..n {
-        tick.tick().await;
-        let bytes = codec.encode(&Stamped::now(size)).unwrap();
-        producer
-            .send(
-                FutureRecord::<(), _>::to(&topic).payload(bytes.as_ref()),
-                Duration::from_secs(10),
-            )
-            .await
+    paced(settings, size, &samples, |m| {
+        let bytes = codec.encode(&m).unwrap();
+        let delivery = producer
+            .send_result(FutureRecord::<(), _>::to(&topic).payload(bytes.as_ref()))
             .map_err(|(e, _)| e)
-            .unwrap();
-    }
-    percentiles(reader.await.unwrap())
+            .expect("queued");
+        async move {
+            delivery
+                .await
+                .expect("not cancelled")
+                .map_err(|(e, _)| e)
+                .expect("delivered");
+        }
+    })
+    .await;
+    let result = samples.percentiles().await;
+    reader.abort();
+    result
 }
 
 /// A consumer working through a backlog: RSS before and at its peak.

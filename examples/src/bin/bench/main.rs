@@ -1,9 +1,11 @@
 //! Benchmarks every binder against its raw client in the same run (BRIEF section 8).
 //!
 //! `bench [--quick] [--json FILE] [--only memory,redis,kafka]
-//!        [--metrics publish,consume,latency,rss] [--sizes 16,64,256,1024] [--side ours|raw]`
+//!        [--metrics publish,consume,latency,rss] [--sizes 16,64,256,1024] [--side ours|raw]
+//!        [--prefetch N]`
 //!
-//! `--metrics`, `--sizes` and `--side ours|raw` narrow a run down, for profiling one path.
+//! `--metrics`, `--sizes` and `--side ours|raw` narrow a run down, for profiling one path;
+//! `--prefetch` sets the consume rows' prefetch (default: the binding default).
 //!
 //! The Redis and Kafka rows need `STREAM_TEST_REDIS_URL` and `STREAM_TEST_KAFKA_BROKERS`;
 //! `scripts/bench.sh` starts both services, sets them, runs this and stops them.
@@ -37,6 +39,11 @@ async fn main() {
     let only: Option<Vec<String>> =
         value_of("--only").map(|list| list.split(',').map(str::to_owned).collect());
     let wants = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
+    if let Some(prefetch) = value_of("--prefetch") {
+        report::PREFETCH
+            .set(prefetch.parse().expect("--prefetch takes a count"))
+            .unwrap();
+    }
     if let Some(side) = value_of("--side") {
         report::ONLY_SIDE.set(side).unwrap();
     }

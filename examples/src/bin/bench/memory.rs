@@ -2,14 +2,13 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use binder_memory::MemoryBinder;
 use stream_core::{Binder, BindingConfig, Channel, Codec, Json};
 
 use crate::report::{
-    compare, compare_latency, latency_through, now_micros, percentiles, Payload, Report, Row,
-    Settings, Stamped, BATCH,
+    compare, compare_latency, latency_through, paced, Payload, Report, Row, Samples, Settings,
+    Stamped, BATCH,
 };
 
 pub async fn run(settings: &Settings, report: &mut Report) {
@@ -102,25 +101,23 @@ async fn latency_through_channel(settings: &Settings, size: usize) -> (f64, f64)
 }
 
 async fn latency_raw(settings: &Settings, size: usize) -> (f64, f64) {
-    let n = settings.latency_messages;
+    let samples = Samples::new(settings.latency_messages);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(256);
+    let s = samples.clone();
     let consumer = tokio::spawn(async move {
         let codec = Json::<Stamped>::new();
-        let mut samples = Vec::with_capacity(n);
         while let Some(b) = rx.recv().await {
-            let m: Stamped = codec.decode(&b).unwrap();
-            samples.push(now_micros().saturating_sub(m.sent_micros) as f64);
+            s.record(&codec.decode(&b).unwrap());
         }
-        samples
     });
     let codec = Json::<Stamped>::new();
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / settings.latency_rate));
-    for _ in 0..n {
-        tick.tick().await;
-        tx.send(codec.encode(&Stamped::now(size)).unwrap())
-            .await
-            .unwrap();
-    }
+    paced(settings, size, &samples, |m| {
+        let (tx, bytes) = (tx.clone(), codec.encode(&m).unwrap());
+        async move { tx.send(bytes).await.unwrap() }
+    })
+    .await;
+    let result = samples.percentiles().await;
     drop(tx);
-    percentiles(consumer.await.unwrap())
+    consumer.await.unwrap();
+    result
 }

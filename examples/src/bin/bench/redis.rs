@@ -8,8 +8,8 @@ use redis::aio::MultiplexedConnection;
 use stream_core::{Binder, BindingConfig, Channel, Codec, Json};
 
 use crate::report::{
-    compare_latency, compare_timed, lagging_consumer_rss, latency_through, now_micros, percentiles,
-    Payload, Report, Row, Settings, Stamped, BATCH,
+    compare_latency, compare_timed, lagging_consumer_rss, latency_through, paced, Payload, Report,
+    Row, Samples, Settings, Stamped, BATCH,
 };
 
 pub async fn run(settings: &Settings, report: &mut Report, url: &str) {
@@ -174,7 +174,7 @@ async fn consume_ours(binder: &Arc<dyn Binder>, dest: &str, n: usize) -> (usize,
     let channel = Channel::new(
         "bench",
         binder.clone(),
-        BindingConfig::new(dest).group(&group),
+        crate::report::consume_binding(dest, &group),
     );
     let handled = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(tokio::sync::Notify::new());
@@ -261,7 +261,7 @@ async fn latency_ours(settings: &Settings, binder: &Arc<dyn Binder>, size: usize
 
 async fn latency_raw(settings: &Settings, client: &redis::Client, size: usize) -> (f64, f64) {
     let dest = fresh("lat-raw");
-    let n = settings.latency_messages;
+    let samples = Samples::new(settings.latency_messages);
     let mut conn = client
         .get_multiplexed_async_connection_with_config(&no_timeout())
         .await
@@ -280,11 +280,12 @@ async fn latency_raw(settings: &Settings, client: &redis::Client, size: usize) -
         .get_multiplexed_async_connection_with_config(&no_timeout())
         .await
         .unwrap();
-    let d = dest.clone();
+    let (d, s) = (dest.clone(), samples.clone());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
     let consumer = tokio::spawn(async move {
         let codec = Json::<Stamped>::new();
-        let mut samples = Vec::with_capacity(n);
-        while samples.len() < n {
+        while !stopped.load(Ordering::Relaxed) {
             let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
                 .arg("GROUP")
                 .arg("g")
@@ -292,7 +293,7 @@ async fn latency_raw(settings: &Settings, client: &redis::Client, size: usize) -
                 .arg("COUNT")
                 .arg(100)
                 .arg("BLOCK")
-                .arg(1000)
+                .arg(100)
                 .arg("STREAMS")
                 .arg(&d)
                 .arg(">")
@@ -303,8 +304,7 @@ async fn latency_raw(settings: &Settings, client: &redis::Client, size: usize) -
             for key in reply.keys {
                 for entry in key.ids {
                     let payload: Vec<u8> = entry.get("p").unwrap();
-                    let m: Stamped = codec.decode(&payload).unwrap();
-                    samples.push(now_micros().saturating_sub(m.sent_micros) as f64);
+                    s.record(&codec.decode(&payload).unwrap());
                     ids.push(entry.id);
                 }
             }
@@ -318,23 +318,28 @@ async fn latency_raw(settings: &Settings, client: &redis::Client, size: usize) -
                     .unwrap();
             }
         }
-        samples
     });
     let codec = Json::<Stamped>::new();
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / settings.latency_rate));
-    for _ in 0..n {
-        tick.tick().await;
-        let payload = codec.encode(&Stamped::now(size)).unwrap();
-        let _: String = redis::cmd("XADD")
-            .arg(&dest)
-            .arg("*")
-            .arg("p")
-            .arg(payload.as_ref())
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
-    percentiles(consumer.await.unwrap())
+    paced(settings, size, &samples, |m| {
+        let (mut conn, dest) = (conn.clone(), dest.clone());
+        let payload = codec.encode(&m).unwrap();
+        async move {
+            let _: String = redis::cmd("XADD")
+                .arg(&dest)
+                .arg("*")
+                .arg("p")
+                .arg(payload.as_ref())
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    })
+    .await;
+    let result = samples.percentiles().await;
+    stop.store(true, Ordering::Relaxed);
+    consumer.await.unwrap();
+    delete(conn, &dest).await;
+    result
 }
 
 /// A consumer working through a backlog: RSS before and at its peak.

@@ -84,16 +84,98 @@ impl Payload {
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Stamped {
     pub sent_micros: u64,
+    /// Sent before timing starts, until one comes through; not a sample.
+    #[serde(default)]
+    pub warm_up: bool,
     data: String,
 }
 
 impl Stamped {
     pub fn now(size: usize) -> Self {
+        // `{"sent_micros":1763790000000000,"warm_up":false,"data":""}` is 58 bytes.
         Stamped {
             sent_micros: now_micros(),
-            data: "x".repeat(size.saturating_sub(40)),
+            warm_up: false,
+            data: "x".repeat(size.saturating_sub(58)),
         }
     }
+
+    fn warm_up(size: usize) -> Self {
+        Stamped {
+            warm_up: true,
+            ..Stamped::now(size)
+        }
+    }
+}
+
+/// The receiving side of a latency run: one sample per stamped message.
+pub struct Samples {
+    expected: usize,
+    micros: Mutex<Vec<f64>>,
+    /// A warm-up message came through: the path is set up end to end.
+    ready: tokio::sync::Notify,
+    done: tokio::sync::Notify,
+}
+
+impl Samples {
+    pub fn new(expected: usize) -> Arc<Samples> {
+        Arc::new(Samples {
+            expected,
+            micros: Mutex::new(Vec::with_capacity(expected)),
+            ready: tokio::sync::Notify::new(),
+            done: tokio::sync::Notify::new(),
+        })
+    }
+
+    pub fn record(&self, message: &Stamped) {
+        if message.warm_up {
+            self.ready.notify_one();
+            return;
+        }
+        let mut micros = self.micros.lock().unwrap();
+        micros.push(now_micros().saturating_sub(message.sent_micros) as f64);
+        if micros.len() == self.expected {
+            self.done.notify_one();
+        }
+    }
+
+    /// p50 and p99 once every expected sample is in.
+    pub async fn percentiles(&self) -> (f64, f64) {
+        self.done.notified().await;
+        percentiles(self.micros.lock().unwrap().clone())
+    }
+}
+
+/// Sends through `send` what a latency run measures: warm-up messages until one came through
+/// (a new Kafka topic's first send waits for a metadata refresh, a new member for its group
+/// join: up to a second each, which is set-up, not latency), then the settings' count of
+/// stamped messages at their fixed rate. A send is not awaited before the next tick: waiting
+/// for each confirmation (5 ms of Kafka linger) would lower the rate below the one reported.
+pub async fn paced<F, Fut>(settings: &Settings, size: usize, samples: &Samples, mut send: F)
+where
+    F: FnMut(Stamped) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    loop {
+        send(Stamped::warm_up(size)).await;
+        let ready = tokio::time::timeout(Duration::from_millis(10), samples.ready.notified());
+        if ready.await.is_ok() {
+            break;
+        }
+    }
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / settings.latency_rate));
+    for _ in 0..settings.latency_messages {
+        loop {
+            tokio::select! {
+                biased;
+                _ = tick.tick() => break,
+                Some(()) = futures::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {}
+            }
+        }
+        in_flight.push(send(Stamped::now(size)));
+    }
+    while futures::StreamExt::next(&mut in_flight).await.is_some() {}
 }
 
 /// Microseconds since the Unix epoch.
@@ -134,6 +216,18 @@ impl Sample {
             .cloned()
             .fold(f64::NEG_INFINITY, f64::max);
         100.0 * (max - min) / self.median()
+    }
+}
+
+/// Set by `--prefetch N`: the consume rows' prefetch instead of the binding default.
+pub static PREFETCH: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// The binding a consume row subscribes with: defaults, unless `--prefetch` says otherwise.
+pub fn consume_binding(destination: &str, group: &str) -> stream_core::BindingConfig {
+    let binding = stream_core::BindingConfig::new(destination).group(group);
+    match PREFETCH.get() {
+        Some(&prefetch) => binding.prefetch(prefetch),
+        None => binding,
     }
 }
 
@@ -228,32 +322,25 @@ pub async fn compare_latency<A, FA, B, FB>(
 
 /// p50/p99 latency through `channel`'s Source and Sink at the settings' fixed rate.
 pub async fn latency_through(channel: &Channel, settings: &Settings, size: usize) -> (f64, f64) {
-    let n = settings.latency_messages;
-    let samples = Arc::new(Mutex::new(Vec::with_capacity(n)));
-    let done = Arc::new(tokio::sync::Notify::new());
-    let (s, d) = (samples.clone(), done.clone());
+    let samples = Samples::new(settings.latency_messages);
+    let s = samples.clone();
     let sub = channel
         .sink::<Stamped>()
         .subscribe(move |m: Stamped| {
-            let mut s = s.lock().unwrap();
-            s.push(now_micros().saturating_sub(m.sent_micros) as f64);
-            if s.len() == n {
-                d.notify_one();
-            }
+            s.record(&m);
             async { Ok::<(), String>(()) }
         })
         .await
         .unwrap();
     let source = channel.source::<Stamped>().await.unwrap();
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / settings.latency_rate));
-    for _ in 0..n {
-        tick.tick().await;
-        source.send(&Stamped::now(size)).await.unwrap();
-    }
-    done.notified().await;
+    let source = &source;
+    paced(settings, size, &samples, |m| async move {
+        source.send(&m).await.unwrap();
+    })
+    .await;
+    let result = samples.percentiles().await;
     sub.shutdown().await.unwrap();
-    let samples = samples.lock().unwrap().clone();
-    percentiles(samples)
+    result
 }
 
 /// Latencies in microseconds, as p50 and p99.
