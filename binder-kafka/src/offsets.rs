@@ -25,6 +25,25 @@ struct Partition {
     position: Option<i64>,
 }
 
+impl Partition {
+    /// Where `offset` sits in `outstanding`. Offsets are mostly consecutive, so the guess from
+    /// the first one usually hits; holes fall back to a binary search.
+    fn find(&self, offset: i64) -> Option<usize> {
+        let &(first, _) = self.outstanding.front()?;
+        let guess = usize::try_from(offset.checked_sub(first)?).ok()?;
+        if self
+            .outstanding
+            .get(guess)
+            .is_some_and(|&(o, _)| o == offset)
+        {
+            return Some(guess);
+        }
+        self.outstanding
+            .binary_search_by_key(&offset, |&(o, _)| o)
+            .ok()
+    }
+}
+
 impl OffsetTracker {
     pub(crate) fn new() -> Self {
         OffsetTracker::default()
@@ -66,12 +85,17 @@ impl OffsetTracker {
     /// the new position (offset of the next message to read), sorted by partition.
     pub(crate) fn acked(&mut self, acks: impl IntoIterator<Item = (i32, i64)>) -> Vec<(i32, i64)> {
         let mut touched = Vec::new();
+        // Acks come in runs of one partition: look the partition up once per run.
+        let mut current: Option<(i32, &mut Partition)> = None;
         for (partition, offset) in acks {
-            let Some(state) = self.partitions.get_mut(&partition) else {
+            if current.as_ref().is_none_or(|(p, _)| *p != partition) {
+                current = self.partitions.get_mut(&partition).map(|s| (partition, s));
+            }
+            let Some((_, state)) = current.as_mut() else {
                 // Revoked since delivery: no longer ours to commit.
                 continue;
             };
-            if let Ok(at) = state.outstanding.binary_search_by_key(&offset, |&(o, _)| o) {
+            if let Some(at) = state.find(offset) {
                 state.outstanding[at].1 = true;
                 if !touched.contains(&partition) {
                     touched.push(partition);
