@@ -177,13 +177,13 @@ pub struct ConsumerOptions {
 }
 
 impl ConsumerOptions {
-    /// Options for `group` with the defaults: durable, earliest, prefetch 256, 30 s idle.
+    /// Options for `group` with the defaults: durable, earliest, prefetch 512, 30 s idle.
     pub fn new(group: impl Into<String>) -> Self {
         ConsumerOptions {
             group: group.into(),
             durable: true,
             start_from: StartFrom::Earliest,
-            prefetch: 256,
+            prefetch: crate::config::defaults::prefetch(),
             claim_idle: Duration::from_secs(30),
             partitions: None,
         }
