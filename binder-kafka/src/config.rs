@@ -305,9 +305,11 @@ impl KafkaConfig {
                 "queued.max.messages.kbytes",
                 self.fetch_queue_kbytes.to_string(),
             )
-            // The queue is kept small, so it fills often; librdkafka's default then
-            // postpones the partition's next fetch by a whole second.
-            .set("fetch.queue.backoff.ms", "10")
+            // The queue is kept small, so it fills often, and librdkafka looks again only
+            // after this long (default: a second). A consumer drains the 1 MiB queue in 2 ms
+            // at 500 MB/s: at 10 ms it starved most of the time (1 KiB messages: 140k msgs/s
+            // against 530k at 1 ms). A check per millisecond per full partition is cheap.
+            .set("fetch.queue.backoff.ms", "1")
             .set("auto.commit.interval.ms", millis(self.commit_interval));
         for (name, value) in &self.consumer {
             config.set(name, &value.0);

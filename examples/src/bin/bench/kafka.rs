@@ -97,8 +97,7 @@ fn raw_consumer(brokers: &str, group: &str) -> StreamConsumer {
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
         .set("queued.max.messages.kbytes", "1024")
-        .set("queued.min.messages", "256")
-        .set("fetch.queue.backoff.ms", "10")
+        .set("fetch.queue.backoff.ms", "1")
         .create()
         .expect("consumer")
 }
@@ -293,6 +292,6 @@ async fn backlog_rss(
         .to_vec();
     produce(producer, &topic, backlog, || payload.clone()).await;
     let consume = backlog.min(settings.backlog_consumed);
-    let (before, peak) = lagging_consumer_rss("kafka", &topic, consume).await;
-    report.rss("kafka", backlog, consume, before, peak);
+    let rss = lagging_consumer_rss("kafka", &topic, consume).await;
+    report.rss("kafka", backlog, consume, rss);
 }

@@ -348,7 +348,7 @@ async fn backlog_rss(settings: &Settings, report: &mut Report, conn: Multiplexed
     let backlog = settings.backlog;
     prefill(&mut conn.clone(), &dest, backlog, &Payload::of_size(64)).await;
     let consume = backlog.min(settings.backlog_consumed);
-    let (before, peak) = lagging_consumer_rss("redis", &dest, consume).await;
+    let rss = lagging_consumer_rss("redis", &dest, consume).await;
     delete(conn, &dest).await;
-    report.rss("redis", backlog, consume, before, peak);
+    report.rss("redis", backlog, consume, rss);
 }

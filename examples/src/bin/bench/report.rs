@@ -395,11 +395,23 @@ pub async fn rss_while(work: impl Future<Output = ()>) -> (u64, u64) {
 /// The flag that turns this program into the lagging consumer of [`lagging_consumer_rss`].
 pub const LAGGING_CONSUMER: &str = "--lagging-consumer";
 
-/// Peak RSS of a consumer working through `count` messages of the backlog in `destination`:
-/// (RSS before it subscribed, highest RSS seen), in KiB. It runs in a process of its own,
-/// started from this program: in this one, memory the allocator kept from earlier rows would
-/// absorb a consumer that buffered far ahead without RSS moving.
-pub async fn lagging_consumer_rss(binder: &str, destination: &str, count: usize) -> (u64, u64) {
+/// RSS of the lagging consumer's process, in KiB.
+#[derive(Clone, Copy)]
+pub struct Rss {
+    /// Before it subscribed.
+    pub before: u64,
+    /// Once it had handled a tenth of its messages: connections, buffers and the prefetch
+    /// window are all in use by then.
+    pub settled: u64,
+    /// The highest seen, sampled every 20 ms.
+    pub peak: u64,
+}
+
+/// RSS of a consumer working through `count` messages of the backlog in `destination`. It
+/// runs in a process of its own, started from this program: in this one, memory the
+/// allocator kept from earlier rows would absorb a consumer that buffered far ahead without
+/// RSS moving.
+pub async fn lagging_consumer_rss(binder: &str, destination: &str, count: usize) -> Rss {
     let args = [
         LAGGING_CONSUMER.to_owned(),
         binder.to_owned(),
@@ -420,29 +432,41 @@ pub async fn lagging_consumer_rss(binder: &str, destination: &str, count: usize)
     let mut numbers = text
         .split_whitespace()
         .map(|n| n.parse().expect("RSS in KiB"));
-    (numbers.next().unwrap(), numbers.next().unwrap())
+    let mut next = || numbers.next().expect("three RSS figures");
+    Rss {
+        before: next(),
+        settled: next(),
+        peak: next(),
+    }
 }
 
 /// The lagging consumer's side: a durable group with a no-op handler that handles `count`
-/// messages of `destination`, its RSS sampled all along; prints "before peak" in KiB.
+/// messages of `destination`, its RSS sampled all along; prints "before settled peak" in KiB.
 pub async fn run_lagging_consumer(
     binder: Arc<dyn stream_core::Binder>,
     destination: &str,
     count: usize,
 ) {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    let settled = Arc::new(AtomicU64::new(0));
+    let settled_at = settled.clone();
     let (before, peak) = rss_while(async {
         let channel = Channel::new(
             "bench",
             binder,
             stream_core::BindingConfig::new(destination).group("lagging"),
         );
-        let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let handled = Arc::new(AtomicUsize::new(0));
         let done = Arc::new(tokio::sync::Notify::new());
         let (h, d) = (handled.clone(), done.clone());
         let sub = channel
             .sink::<Payload>()
             .subscribe(move |_p: Payload| {
-                if h.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == count {
+                let n = h.fetch_add(1, Ordering::Relaxed) + 1;
+                if n == count.div_ceil(10) {
+                    settled_at.store(rss_kib(), Ordering::Relaxed);
+                }
+                if n == count {
                     d.notify_one();
                 }
                 async { Ok::<(), String>(()) }
@@ -453,7 +477,7 @@ pub async fn run_lagging_consumer(
         sub.shutdown().await.unwrap();
     })
     .await;
-    println!("{before} {peak}");
+    println!("{before} {} {peak}", settled.load(Ordering::Relaxed));
 }
 
 pub struct Row {
@@ -503,7 +527,7 @@ impl Row {
 
 pub struct Report {
     rows: Vec<Row>,
-    rss: Vec<(String, usize, usize, u64, u64)>,
+    rss: Vec<(String, usize, usize, Rss)>,
     header: String,
 }
 
@@ -547,10 +571,12 @@ impl Report {
         self.rows.push(row);
     }
 
-    pub fn rss(&mut self, binder: &str, backlog: usize, consumed: usize, before: u64, peak: u64) {
-        eprintln!("  {binder} backlog {backlog}: RSS {} KiB before, {} KiB peak while consuming {consumed}", before, peak);
-        self.rss
-            .push((binder.to_owned(), backlog, consumed, before, peak));
+    pub fn rss(&mut self, binder: &str, backlog: usize, consumed: usize, rss: Rss) {
+        eprintln!(
+            "  {binder} backlog {backlog}: RSS {} KiB before, {} KiB after a tenth, {} KiB peak while consuming {consumed}",
+            rss.before, rss.settled, rss.peak
+        );
+        self.rss.push((binder.to_owned(), backlog, consumed, rss));
     }
 
     pub fn print(&self) {
@@ -580,14 +606,18 @@ impl Report {
             );
         }
         if !self.rss.is_empty() {
-            println!("\n| binder | backlog | consumed | RSS before (MiB) | peak RSS (MiB) | growth (MiB) |");
-            println!("|---|---|---|---|---|---|");
-            for (binder, backlog, consumed, before, peak) in &self.rss {
+            println!(
+                "\n| binder | backlog | consumed | RSS before subscribing (MiB) | after a tenth (MiB) | peak (MiB) | growth after a tenth (MiB) |"
+            );
+            println!("|---|---|---|---|---|---|---|");
+            let mib = |kib: u64| kib as f64 / 1024.0;
+            for (binder, backlog, consumed, rss) in &self.rss {
                 println!(
-                    "| {binder} | {backlog} | {consumed} | {:.1} | {:.1} | {:.1} |",
-                    *before as f64 / 1024.0,
-                    *peak as f64 / 1024.0,
-                    (*peak as f64 - *before as f64) / 1024.0
+                    "| {binder} | {backlog} | {consumed} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                    mib(rss.before),
+                    mib(rss.settled),
+                    mib(rss.peak),
+                    mib(rss.peak) - mib(rss.settled)
                 );
             }
         }
@@ -613,8 +643,8 @@ impl Report {
         let rss: Vec<serde_json::Value> = self
             .rss
             .iter()
-            .map(|(binder, backlog, consumed, before, peak)| {
-                serde_json::json!({ "binder": binder, "backlog": backlog, "consumed": consumed, "rss_before_kib": before, "rss_peak_kib": peak })
+            .map(|(binder, backlog, consumed, rss)| {
+                serde_json::json!({ "binder": binder, "backlog": backlog, "consumed": consumed, "rss_before_kib": rss.before, "rss_after_a_tenth_kib": rss.settled, "rss_peak_kib": rss.peak })
             })
             .collect();
         let text = serde_json::to_string_pretty(&serde_json::json!({
