@@ -112,7 +112,12 @@ impl<T: Send + 'static> Sink<T> {
             dead_letter: inbound.dead_letter.clone(),
             stopping: stopping.clone(),
         });
-        let supervisor = tokio::spawn(supervise(inbound, worker, self.channel.config.concurrency));
+        let supervisor = tokio::spawn(supervise(
+            inbound,
+            worker,
+            self.channel.config.concurrency,
+            self.channel.config.prefetch,
+        ));
         Ok(Subscription {
             stop: stopping_tx,
             supervisor: Some(supervisor),
@@ -290,6 +295,7 @@ async fn supervise<T: Send + 'static>(
     inbound: Inbound,
     worker: Arc<Worker<T>>,
     concurrency: usize,
+    prefetch: usize,
 ) -> Result<()> {
     let Inbound {
         deliveries,
@@ -304,7 +310,7 @@ async fn supervise<T: Send + 'static>(
         worker,
         deliveries,
         backlog,
-        acks,
+        AckBuffer::new(acks, prefetch),
         concurrency,
         stop.subscribe(),
     ));
@@ -332,31 +338,35 @@ async fn supervise<T: Send + 'static>(
     }
 }
 
-/// Feeds deliveries to the worker: at most `concurrency` at once, one at a time per key.
 /// Acknowledgements on their way from the handlers to the ack loop, sent in bursts.
 ///
 /// Sent one by one, each acknowledgement tended to find the ack loop asleep and woke it:
 /// a thread wake-up per message, which on two cores cost more than the handler. They are
-/// sent when the deliveries run dry (so a quiet consumer acknowledges at once) or after
-/// [`AckBuffer::BURST`] of them.
+/// held only while the dispatcher has more work it can do at once: they go out when the
+/// deliveries run dry, before awaiting a handler that did not finish at its first poll (a
+/// slow or stuck handler must not hold earlier messages un-acknowledged; on Redis they would
+/// be claimed by another member after `claim-idle`), and after `burst` of them.
 struct AckBuffer {
     sender: mpsc::UnboundedSender<DeliveryTag>,
     pending: Vec<DeliveryTag>,
+    /// At most a quarter of the prefetch, so held acks never keep the fetch loop from
+    /// overlapping the next fetch with handling.
+    burst: usize,
 }
 
 impl AckBuffer {
-    const BURST: usize = 32;
-
-    fn new(sender: mpsc::UnboundedSender<DeliveryTag>) -> Self {
+    fn new(sender: mpsc::UnboundedSender<DeliveryTag>, prefetch: usize) -> Self {
+        let burst = (prefetch / 4).clamp(1, 32);
         AckBuffer {
             sender,
-            pending: Vec::with_capacity(Self::BURST),
+            pending: Vec::with_capacity(burst),
+            burst,
         }
     }
 
     fn push(&mut self, tag: DeliveryTag) {
         self.pending.push(tag);
-        if self.pending.len() >= Self::BURST {
+        if self.pending.len() >= self.burst {
             self.flush();
         }
     }
@@ -376,15 +386,15 @@ impl Drop for AckBuffer {
     }
 }
 
+/// Feeds deliveries to the worker: at most `concurrency` at once, one at a time per key.
 async fn dispatch<T: Send + 'static>(
     worker: Arc<Worker<T>>,
     mut deliveries: mpsc::UnboundedReceiver<Received>,
     backlog: Arc<Backlog>,
-    acks: mpsc::UnboundedSender<DeliveryTag>,
+    mut acks: AckBuffer,
     concurrency: usize,
     mut stopping: watch::Receiver<bool>,
 ) {
-    let mut acks = AckBuffer::new(acks);
     if concurrency == 1 {
         // One at a time is per-key order already; no scheduling needed. This loop runs once
         // per message, so it avoids what it can: while deliveries are waiting it takes them
@@ -392,6 +402,9 @@ async fn dispatch<T: Send + 'static>(
         // starts at that one's end time (one clock read per message, not two).
         let mut previous_end = None;
         loop {
+            // `try_recv` spends none of tokio's cooperative budget: this yields once it is
+            // spent, as a `recv` would, so handlers that never wait cannot hog the thread.
+            tokio::task::consume_budget().await;
             let (received, started) = match deliveries.try_recv() {
                 Ok(received) if !*stopping.borrow() => {
                     (received, previous_end.unwrap_or_else(Instant::now))
@@ -409,7 +422,14 @@ async fn dispatch<T: Send + 'static>(
                 }
             };
             backlog.take();
-            let ack = worker.process(received).await;
+            let mut handling = std::pin::pin!(worker.process(received));
+            let ack = match futures::poll!(handling.as_mut()) {
+                std::task::Poll::Ready(ack) => ack,
+                std::task::Poll::Pending => {
+                    acks.flush();
+                    handling.await
+                }
+            };
             let ended = Instant::now();
             backlog.handled(ended.saturating_duration_since(started), 1);
             previous_end = Some(ended);
@@ -438,7 +458,8 @@ async fn dispatch<T: Send + 'static>(
             // Queued deliveries were never started; closing the consumer hands them back.
             return;
         }
-        if deliveries.is_empty() {
+        // Once stopping, the deliveries are no longer drained: flush every time.
+        if !open || deliveries.is_empty() {
             acks.flush();
         }
         tokio::select! {
