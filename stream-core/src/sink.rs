@@ -386,6 +386,9 @@ impl Drop for AckBuffer {
     }
 }
 
+/// Deliveries the single-handler loop takes in a row before it yields to other tasks.
+const MAX_STREAK: u32 = 512;
+
 /// Feeds deliveries to the worker: at most `concurrency` at once, one at a time per key.
 async fn dispatch<T: Send + 'static>(
     worker: Arc<Worker<T>>,
@@ -401,16 +404,24 @@ async fn dispatch<T: Send + 'static>(
         // without a `select!`, and a handler that starts right after the previous one ended
         // starts at that one's end time (one clock read per message, not two).
         let mut previous_end = None;
+        let mut streak = 0;
         loop {
-            // `try_recv` spends none of tokio's cooperative budget: this yields once it is
-            // spent, as a `recv` would, so handlers that never wait cannot hog the thread.
-            tokio::task::consume_budget().await;
+            if streak >= MAX_STREAK {
+                // `try_recv` never yields: without this, handlers that never wait would keep
+                // the thread from other tasks for as long as deliveries keep coming.
+                // tokio's `consume_budget` per message did the same but cost a tenth of
+                // the in-memory binder's throughput.
+                streak = 0;
+                tokio::task::yield_now().await;
+            }
             let (received, started) = match deliveries.try_recv() {
                 Ok(received) if !*stopping.borrow() => {
+                    streak += 1;
                     (received, previous_end.unwrap_or_else(Instant::now))
                 }
                 Ok(_) | Err(TryRecvError::Disconnected) => return,
                 Err(TryRecvError::Empty) => {
+                    streak = 0;
                     acks.flush();
                     let received = tokio::select! {
                         biased;
