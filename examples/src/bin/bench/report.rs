@@ -49,7 +49,7 @@ impl Settings {
             kafka_publish_messages: pick(20_000, 100_000),
             kafka_consume_messages: pick(50_000, 300_000),
             latency_rate: 1_000,
-            latency_messages: pick(1_000, 3_000),
+            latency_messages: pick(500, 3_000),
             backlog: pick(100_000, 1_000_000),
             backlog_consumed: pick(50_000, 300_000),
         }
