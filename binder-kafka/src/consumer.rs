@@ -334,14 +334,22 @@ impl Consumer for KafkaConsumer {
             if tracking.durable {
                 let positions = tracking.tracker().positions();
                 if !positions.is_empty() {
-                    inner
-                        .commit(&tracking.list(&positions), CommitMode::Sync)
-                        .map_err(|e| {
-                            convert(
+                    match inner.commit(&tracking.list(&positions), CommitMode::Sync) {
+                        Ok(()) => {}
+                        Err(e) if group_moved_on(&e) => {
+                            // Members closing side by side rebalance the group under each
+                            // other; a commit from the old generation is refused and cannot
+                            // be made good. Nothing is lost: the next owner starts from the
+                            // last commit and delivers what came after it again.
+                            tracing::warn!(topic = %tracking.topic, error = %e, "the group rebalanced while this member closed; its last acknowledgements were not committed and will be delivered again");
+                        }
+                        Err(e) => {
+                            return Err(convert(
                                 e,
                                 format!("committing offsets of Kafka topic `{}`", tracking.topic),
-                            )
-                        })?;
+                            ))
+                        }
+                    }
                 }
             }
             // Dropping the last handle leaves the group; librdkafka blocks until it has.
@@ -409,6 +417,19 @@ fn delivery_id(partition: i32, offset: i64) -> Arc<str> {
 fn is_recovering(error: &KafkaError) -> bool {
     matches!(error, KafkaError::MessageConsumption(_))
         && matches!(kind_of(error), ErrorKind::Connection | ErrorKind::Timeout)
+}
+
+/// Whether a commit was refused because the group has a newer generation than this member
+/// (it rebalanced, or dropped the member): retrying cannot succeed.
+fn group_moved_on(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::ConsumerCommit(
+            RDKafkaErrorCode::IllegalGeneration
+                | RDKafkaErrorCode::UnknownMemberId
+                | RDKafkaErrorCode::RebalanceInProgress
+        )
+    )
 }
 
 /// Runs blocking librdkafka calls off the async worker threads.
@@ -539,6 +560,23 @@ fn static_assignment(topic: &str, partitions: &[i32], mine: &[u32]) -> Result<To
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commits_refused_for_an_old_generation_are_told_apart() {
+        for code in [
+            RDKafkaErrorCode::IllegalGeneration,
+            RDKafkaErrorCode::UnknownMemberId,
+            RDKafkaErrorCode::RebalanceInProgress,
+        ] {
+            assert!(group_moved_on(&KafkaError::ConsumerCommit(code)));
+        }
+        assert!(!group_moved_on(&KafkaError::ConsumerCommit(
+            RDKafkaErrorCode::BrokerTransportFailure
+        )));
+        assert!(!group_moved_on(&KafkaError::ConsumerCommit(
+            RDKafkaErrorCode::GroupAuthorizationFailed
+        )));
+    }
 
     #[test]
     fn delivery_ids_are_partition_at_offset() {
