@@ -13,7 +13,7 @@ use super::{
     ack_all, channel, raw_consumer, raw_producer, receive_at_least, skip, test_binding, unique,
     wait_until, CountingBinder, Harness, Tally,
 };
-use crate::{header, Binder, ErrorKind, Message, StartFrom};
+use crate::{header, Binder, ErrorKind, Message, RetryConfig, StartFrom};
 
 /// The payload every case publishes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -666,7 +666,19 @@ pub async fn concurrent_open_close_loses_nothing(h: &dyn Harness) {
     let caps = h.capabilities();
     let binder = h.binder().await;
     let dest = unique("churn");
-    let config = test_binding(&dest, &caps).group(unique("g")).prefetch(4);
+    // Every close hands its prefetched, unhandled deliveries back, and brokers count each
+    // hand-back as a delivery: 12 closes could push a message past the usual 3 attempts
+    // into the dead-letter destination before any handler saw it. This case is about losing
+    // nothing, so the attempts allowed exceed the closes.
+    let config = test_binding(&dest, &caps)
+        .group(unique("g"))
+        .prefetch(4)
+        .retry(RetryConfig {
+            max_attempts: 20,
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(100),
+            multiplier: 2.0,
+        });
     let tally = Tally::new();
     let source = channel(&binder, config.clone())
         .source::<Event>()
