@@ -1,6 +1,5 @@
 //! The Kafka binder against rdkafka used by hand: FutureProducer, StreamConsumer.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,8 +10,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use stream_core::{Binder, BindingConfig, Channel, Codec, Json};
 
 use crate::report::{
-    compare_latency, compare_timed, lagging_consumer_rss, latency_through, paced, Payload, Report,
-    Row, Samples, Settings, Stamped, BATCH,
+    compare_latency, compare_timed, lagging_consumer_rss, latency_through, paced,
+    subscribe_counting, Payload, Report, Row, Samples, Settings, Stamped, BATCH,
 };
 
 /// Messages sent to a new topic before a publish run is timed.
@@ -186,21 +185,12 @@ async fn consume_ours(binder: &Arc<dyn Binder>, topic: &str, n: usize) -> (usize
         binder.clone(),
         crate::report::consume_binding(topic, &group),
     );
-    let handled = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(tokio::sync::Notify::new());
     let first = Arc::new(std::sync::OnceLock::new());
-    let (h, d, f) = (handled.clone(), done.clone(), first.clone());
-    let sub = channel
-        .sink::<Payload>()
-        .subscribe(move |_p: Payload| {
-            f.get_or_init(Instant::now);
-            if h.fetch_add(1, Ordering::Relaxed) + 1 == n {
-                d.notify_one();
-            }
-            async { Ok::<(), String>(()) }
-        })
-        .await
-        .unwrap();
+    let f = first.clone();
+    let (sub, done) = subscribe_counting(&channel, n, move |_| {
+        f.get_or_init(Instant::now);
+    })
+    .await;
     done.notified().await;
     // From the first message to the last: joining and leaving the group are set-up.
     let elapsed = first.get().expect("a message was handled").elapsed();

@@ -1,14 +1,13 @@
 //! The memory binder against the same encode + tokio channel + decode.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use binder_memory::MemoryBinder;
 use stream_core::{Binder, BindingConfig, Channel, Codec, Json};
 
 use crate::report::{
-    compare, compare_latency, latency_through, paced, Payload, Report, Row, Samples, Settings,
-    Stamped, BATCH,
+    compare, compare_latency, latency_through, paced, subscribe_counting, Payload, Report, Row,
+    Samples, Settings, Stamped, BATCH,
 };
 
 pub async fn run(settings: &Settings, report: &mut Report) {
@@ -50,19 +49,7 @@ fn channel(destination: &str) -> Channel {
 /// Publishes `n` through a Source while a Sink handler consumes them.
 async fn end_to_end(n: usize, value: &Payload) -> usize {
     let channel = channel("bench");
-    let done = Arc::new(AtomicUsize::new(0));
-    let finished = Arc::new(tokio::sync::Notify::new());
-    let (d, f) = (done.clone(), finished.clone());
-    let sub = channel
-        .sink::<Payload>()
-        .subscribe(move |_p: Payload| {
-            if d.fetch_add(1, Ordering::Relaxed) + 1 == n {
-                f.notify_one();
-            }
-            async { Ok::<(), String>(()) }
-        })
-        .await
-        .unwrap();
+    let (sub, finished) = subscribe_counting(&channel, n, |_| {}).await;
     let source = channel.source::<Payload>().await.unwrap();
     let batch: Vec<Payload> = vec![value.clone(); BATCH];
     let mut sent = 0;

@@ -1,6 +1,6 @@
 //! The Redis binder against redis-rs used by hand: pipelined XADD, XREADGROUP + XACK.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -8,8 +8,8 @@ use redis::aio::MultiplexedConnection;
 use stream_core::{Binder, BindingConfig, Channel, Codec, Json};
 
 use crate::report::{
-    compare_latency, compare_timed, lagging_consumer_rss, latency_through, paced, Payload, Report,
-    Row, Samples, Settings, Stamped, BATCH,
+    compare_latency, compare_timed, lagging_consumer_rss, latency_through, paced,
+    subscribe_counting, Payload, Report, Row, Samples, Settings, Stamped, BATCH,
 };
 
 pub async fn run(settings: &Settings, report: &mut Report, url: &str) {
@@ -176,20 +176,8 @@ async fn consume_ours(binder: &Arc<dyn Binder>, dest: &str, n: usize) -> (usize,
         binder.clone(),
         crate::report::consume_binding(dest, &group),
     );
-    let handled = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(tokio::sync::Notify::new());
-    let (h, d) = (handled.clone(), done.clone());
     let start = Instant::now();
-    let sub = channel
-        .sink::<Payload>()
-        .subscribe(move |_p: Payload| {
-            if h.fetch_add(1, Ordering::Relaxed) + 1 == n {
-                d.notify_one();
-            }
-            async { Ok::<(), String>(()) }
-        })
-        .await
-        .unwrap();
+    let (sub, done) = subscribe_counting(&channel, n, |_| {}).await;
     done.notified().await;
     // To the last handled message, as the raw loop; acks are pipelined behind handling.
     let elapsed = start.elapsed();

@@ -343,6 +343,31 @@ pub async fn latency_through(channel: &Channel, settings: &Settings, size: usize
     result
 }
 
+/// Subscribes a no-op handler of [`Payload`]s to `channel`. `each` gets the running count of
+/// handled messages; the returned `Notify` fires at the `n`th.
+pub async fn subscribe_counting(
+    channel: &Channel,
+    n: usize,
+    each: impl Fn(usize) + Send + Sync + 'static,
+) -> (stream_core::Subscription, Arc<tokio::sync::Notify>) {
+    let handled = std::sync::atomic::AtomicUsize::new(0);
+    let done = Arc::new(tokio::sync::Notify::new());
+    let d = done.clone();
+    let sub = channel
+        .sink::<Payload>()
+        .subscribe(move |_p: Payload| {
+            let count = handled.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            each(count);
+            if count == n {
+                d.notify_one();
+            }
+            async { Ok::<(), String>(()) }
+        })
+        .await
+        .unwrap();
+    (sub, done)
+}
+
 /// Latencies in microseconds, as p50 and p99.
 pub fn percentiles(mut micros: Vec<f64>) -> (f64, f64) {
     micros.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -447,7 +472,7 @@ pub async fn run_lagging_consumer(
     destination: &str,
     count: usize,
 ) {
-    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicU64, Ordering};
     let settled = Arc::new(AtomicU64::new(0));
     let settled_at = settled.clone();
     let (before, peak) = rss_while(async {
@@ -456,23 +481,12 @@ pub async fn run_lagging_consumer(
             binder,
             stream_core::BindingConfig::new(destination).group("lagging"),
         );
-        let handled = Arc::new(AtomicUsize::new(0));
-        let done = Arc::new(tokio::sync::Notify::new());
-        let (h, d) = (handled.clone(), done.clone());
-        let sub = channel
-            .sink::<Payload>()
-            .subscribe(move |_p: Payload| {
-                let n = h.fetch_add(1, Ordering::Relaxed) + 1;
-                if n == count.div_ceil(10) {
-                    settled_at.store(rss_kib(), Ordering::Relaxed);
-                }
-                if n == count {
-                    d.notify_one();
-                }
-                async { Ok::<(), String>(()) }
-            })
-            .await
-            .unwrap();
+        let (sub, done) = subscribe_counting(&channel, count, move |handled| {
+            if handled == count.div_ceil(10) {
+                settled_at.store(rss_kib(), Ordering::Relaxed);
+            }
+        })
+        .await;
         done.notified().await;
         sub.shutdown().await.unwrap();
     })
