@@ -241,7 +241,7 @@ impl KafkaConsumer {
             message: out,
             // Partitions and offsets are never negative on delivered messages.
             tag: DeliveryTag(partition as u64, offset as u64),
-            delivery_count: 1,
+            attempt: 1,
         }
     }
 

@@ -65,7 +65,7 @@ async fn keys_headers_and_ids_survive_the_round_trip() {
     assert_eq!(received.message.key(), Some("order-7"));
     assert_eq!(received.message.payload(), sent.payload());
     assert_eq!(received.message.headers(), sent.headers());
-    assert_eq!(received.delivery_count, 1);
+    assert_eq!(received.attempt, 1);
     consumer.ack(&[received.tag]).await.unwrap();
     consumer.close().await.unwrap();
     producer.close().await.unwrap();

@@ -20,10 +20,23 @@ use crate::log::{Log, Logs};
 /// come back when their consumer goes away, earliest/latest start for new groups.
 ///
 /// Clones share one broker, so a test can keep a clone to feed and inspect destinations
-/// while the service under test uses another through its configuration.
-#[derive(Clone, Default)]
+/// while the service under test uses another through its configuration. Each clone is a
+/// client of its own: [`Binder::close`] closes that handle only.
+#[derive(Default)]
 pub struct MemoryBinder {
     broker: Arc<Broker>,
+    /// Per handle, not per broker: closing the service's handle leaves a test's clone open.
+    closed: AtomicBool,
+}
+
+impl Clone for MemoryBinder {
+    /// Another handle on the same broker, open whatever the state of this one.
+    fn clone(&self) -> Self {
+        MemoryBinder {
+            broker: self.broker.clone(),
+            closed: AtomicBool::new(false),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -54,6 +67,7 @@ impl MemoryBinder {
                 config,
                 ..Broker::default()
             }),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -173,6 +187,7 @@ impl Binder for MemoryBinder {
     }
 
     async fn producer(&self, destination: &str) -> Result<Box<dyn Producer>> {
+        self.check_open()?;
         Ok(Box::new(MemoryProducer {
             binder: self.clone(),
             destination: destination.to_owned(),
@@ -185,6 +200,7 @@ impl Binder for MemoryBinder {
         destination: &str,
         options: &ConsumerOptions,
     ) -> Result<Box<dyn Consumer>> {
+        self.check_open()?;
         let log = self.broker.logs.get(destination);
         log.lock().join(&options.group, options.start_from);
         Ok(Box::new(MemoryConsumer {
@@ -194,6 +210,20 @@ impl Binder for MemoryBinder {
             id: self.broker.next_consumer.fetch_add(1, Ordering::Relaxed),
             closed: AtomicBool::new(false),
         }))
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+impl MemoryBinder {
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::new(ErrorKind::Closed, "the memory binder is closed"));
+        }
+        Ok(())
     }
 }
 
@@ -266,7 +296,7 @@ impl Consumer for MemoryConsumer {
                     .map(|t| Received {
                         message: t.message,
                         tag: DeliveryTag(0, t.offset),
-                        delivery_count: t.delivery_count,
+                        attempt: t.attempt,
                     })
                     .collect());
             }
@@ -278,6 +308,21 @@ impl Consumer for MemoryConsumer {
         self.log
             .lock()
             .ack(&self.group, self.id, tags.iter().map(|t| t.1));
+        Ok(())
+    }
+
+    async fn release(&self, tags: &[DeliveryTag]) -> Result<()> {
+        self.log
+            .lock()
+            .release(&self.group, self.id, tags.iter().map(|t| t.1));
+        self.log.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn retrying(&self, tag: DeliveryTag, attempt: u32) -> Result<()> {
+        self.log
+            .lock()
+            .record_attempt(&self.group, self.id, tag.1, attempt);
         Ok(())
     }
 

@@ -27,10 +27,11 @@ pub(crate) struct LogState {
 struct Group {
     /// The next offset never delivered to this group.
     next: u64,
-    /// Offsets handed back (nack, dropped consumer) to deliver again, oldest first, with
-    /// how often each was delivered.
+    /// Offsets handed back (released, closed or dropped consumer) to deliver again, oldest
+    /// first, with the attempts made on each.
     released: BTreeMap<u64, u32>,
-    /// Offsets delivered and not acknowledged: which consumer holds them, delivery count.
+    /// Offsets delivered and not acknowledged: which consumer holds them, and the attempt
+    /// the delivery is (each delivery counts as one until released).
     pending: HashMap<u64, (u64, u32)>,
     members: usize,
 }
@@ -39,7 +40,7 @@ struct Group {
 pub(crate) struct Taken {
     pub(crate) offset: u64,
     pub(crate) message: Message,
-    pub(crate) delivery_count: u32,
+    pub(crate) attempt: u32,
 }
 
 impl Log {
@@ -129,7 +130,7 @@ impl LogState {
             taken.push(Taken {
                 offset,
                 message: self.entries[(offset - base) as usize].clone(),
-                delivery_count: count + 1,
+                attempt: count + 1,
             });
         }
         g.next = g.next.max(base);
@@ -140,10 +141,40 @@ impl LogState {
             taken.push(Taken {
                 offset,
                 message: self.entries[(offset - base) as usize].clone(),
-                delivery_count: 1,
+                attempt: 1,
             });
         }
         taken
+    }
+
+    /// Hands offsets `consumer` holds back to the group without counting their delivery as
+    /// an attempt: no handler saw them.
+    pub(crate) fn release(
+        &mut self,
+        group: &str,
+        consumer: u64,
+        offsets: impl Iterator<Item = u64>,
+    ) {
+        if let Some(g) = self.groups.get_mut(group) {
+            for offset in offsets {
+                if matches!(g.pending.get(&offset), Some((holder, _)) if *holder == consumer) {
+                    if let Some((_, attempt)) = g.pending.remove(&offset) {
+                        g.released.insert(offset, attempt.saturating_sub(1));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records that `consumer` tries `offset` again as attempt `attempt`.
+    pub(crate) fn record_attempt(&mut self, group: &str, consumer: u64, offset: u64, attempt: u32) {
+        if let Some(g) = self.groups.get_mut(group) {
+            if let Some((holder, count)) = g.pending.get_mut(&offset) {
+                if *holder == consumer {
+                    *count = attempt;
+                }
+            }
+        }
     }
 
     /// Acknowledges offsets held by `consumer`; others' (taken over meanwhile) are ignored.

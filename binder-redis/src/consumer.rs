@@ -684,7 +684,7 @@ impl RedisConsumer {
                 let delivery_count = count?;
                 Some(Received {
                     tag: entry.id.tag(),
-                    delivery_count,
+                    attempt: delivery_count,
                     message: entry.message?,
                 })
             })

@@ -186,9 +186,9 @@ async fn entries_deleted_from_own_pending_list_are_acked_not_delivered() {
     .await;
     assert_eq!(payloads(&got), set(&["e0", "e2", "e4"]));
     assert!(
-        got.iter().all(|r| r.delivery_count >= 2),
+        got.iter().all(|r| r.attempt >= 2),
         "pending entries are redeliveries: {:?}",
-        got.iter().map(|r| r.delivery_count).collect::<Vec<_>>()
+        got.iter().map(|r| r.attempt).collect::<Vec<_>>()
     );
     let mut raw = common::raw(&url).await;
     let pending = common::pending_entries(&mut raw, &stream, &group).await;
@@ -203,10 +203,7 @@ async fn entries_deleted_from_own_pending_list_are_acked_not_delivered() {
     );
     for r in &got {
         let p = pending.iter().find(|p| p.id == r.message.id()).unwrap();
-        assert_eq!(
-            r.delivery_count as usize, p.times_delivered,
-            "count from XPENDING"
-        );
+        assert_eq!(r.attempt as usize, p.times_delivered, "count from XPENDING");
     }
     consumer
         .ack(&got.iter().map(|r| r.tag).collect::<Vec<_>>())
@@ -262,7 +259,7 @@ async fn close_hands_back_pending_entries_and_removes_idle_names() {
         back.iter().map(|r| r.message.id()).collect::<HashSet<_>>(),
         want
     );
-    assert!(back.iter().all(|r| r.delivery_count == 2));
+    assert!(back.iter().all(|r| r.attempt == 2));
     second
         .ack(&back.iter().map(|r| r.tag).collect::<Vec<_>>())
         .await

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::{Message, Result};
+use crate::{BindingConfig, Message, Result};
 
 /// One broker connection: makes producers and consumers.
 #[async_trait]
@@ -19,6 +19,26 @@ pub trait Binder: Send + Sync + 'static {
 
     /// A producer that publishes to `destination`.
     async fn producer(&self, destination: &str) -> Result<Box<dyn Producer>>;
+
+    /// A producer for a binding's dead-letter destination. Core makes it when a consumer
+    /// starts, so a dead-letter destination that cannot be written fails the start instead
+    /// of the first dead letter.
+    ///
+    /// Dead letters are kept until someone handles them: a binder whose producers apply a
+    /// retention rule (Redis trimming) leaves it off here. The default is
+    /// [`producer`](Binder::producer).
+    async fn dead_letter_producer(&self, destination: &str) -> Result<Box<dyn Producer>> {
+        self.producer(destination).await
+    }
+
+    /// Checks a binding against what this binder can do, when a configuration is loaded and
+    /// again when a source or consumer is made from a binding built in code. An error of kind
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) names what to change. The default
+    /// accepts every binding.
+    fn check_binding(&self, name: &str, binding: &BindingConfig) -> Result<()> {
+        let _ = (name, binding);
+        Ok(())
+    }
 
     /// A consumer of `destination` as a member of `options.group`.
     async fn consumer(
@@ -40,7 +60,10 @@ pub trait Binder: Send + Sync + 'static {
         Ok(false)
     }
 
-    /// Releases connections. Producers and consumers already made stay usable until closed.
+    /// Releases connections. Afterwards [`producer`](Binder::producer),
+    /// [`dead_letter_producer`](Binder::dead_letter_producer) and
+    /// [`consumer`](Binder::consumer) fail with [`ErrorKind::Closed`](crate::ErrorKind::Closed);
+    /// producers and consumers already made stay usable until they are closed.
     async fn close(&self) -> Result<()> {
         Ok(())
     }
@@ -53,6 +76,12 @@ impl<B: Binder + ?Sized> Binder for Arc<B> {
     }
     async fn producer(&self, destination: &str) -> Result<Box<dyn Producer>> {
         (**self).producer(destination).await
+    }
+    async fn dead_letter_producer(&self, destination: &str) -> Result<Box<dyn Producer>> {
+        (**self).dead_letter_producer(destination).await
+    }
+    fn check_binding(&self, name: &str, binding: &BindingConfig) -> Result<()> {
+        (**self).check_binding(name, binding)
     }
     async fn consumer(
         &self,
@@ -100,6 +129,23 @@ pub trait Producer: Send + Sync + 'static {
 ///
 /// Core calls [`receive`](Consumer::receive) from one task and [`ack`](Consumer::ack) from
 /// another, concurrently, so a binder can overlap the next fetch with the previous ack.
+///
+/// # Attempts
+///
+/// An *attempt* is a delivery that reached a handler. [`Received::attempt`] is the number the
+/// next attempt of a delivery has: 1 plus the attempts the broker recorded for the message in
+/// this group. Each binder keeps that record where a crash cannot lose it:
+///
+/// * a fresh delivery is recorded as an attempt at once, so a message that kills its
+///   consumer counts, and keeps counting until it is dead-lettered;
+/// * [`release`](Consumer::release) takes that back for deliveries that never reached a
+///   handler (prefetched, queued, not yielded when the consumer closed): a rolling restart
+///   does not use up attempts;
+/// * [`retrying`](Consumer::retrying) records each further attempt of a delivery this
+///   consumer retries itself.
+///
+/// A binder whose broker keeps no count per message (Kafka) reports 1 for every fresh
+/// delivery and says in its documentation what it keeps instead.
 #[async_trait]
 pub trait Consumer: Send + Sync + 'static {
     /// Waits for deliveries and returns at most `max` of them. It may return an empty batch
@@ -120,8 +166,36 @@ pub trait Consumer: Send + Sync + 'static {
     /// allows.
     async fn ack(&self, tags: &[DeliveryTag]) -> Result<()>;
 
+    /// Whether this consumer still holds `tag`, asked just before the delivery goes to a
+    /// handler. A binder whose broker moves deliveries between members (a Kafka partition
+    /// revoked in a rebalance) answers false for deliveries it no longer owns: core then
+    /// drops them without handling or acknowledging them, and the new owner delivers them.
+    /// Called once per delivery, so it must be cheap and must not block. Default: true.
+    fn holds(&self, tag: DeliveryTag) -> bool {
+        let _ = tag;
+        true
+    }
+
+    /// Hands deliveries that never reached a handler back to the group without counting
+    /// them as attempts, so the next delivery of each has the [`Received::attempt`] this one
+    /// had. Core calls it while stopping, before [`close`](Consumer::close), for what it
+    /// fetched and never started. Default: nothing; `close` hands them back as it hands back
+    /// every un-acknowledged delivery.
+    async fn release(&self, tags: &[DeliveryTag]) -> Result<()> {
+        let _ = tags;
+        Ok(())
+    }
+
+    /// Records that `tag` is about to be tried again as attempt `attempt` (2 or more), so
+    /// that a crash during it counts it. A binder that records attempts keeps the delivery
+    /// held while it does (on Redis it also resets the idle time). Default: nothing.
+    async fn retrying(&self, tag: DeliveryTag, attempt: u32) -> Result<()> {
+        let _ = (tag, attempt);
+        Ok(())
+    }
+
     /// Leaves the group, after recording every acknowledgement made so far. Un-acknowledged
-    /// deliveries become available to other members.
+    /// deliveries become available to other members, their attempts counted.
     async fn close(&self) -> Result<()> {
         Ok(())
     }
@@ -134,9 +208,10 @@ pub struct Received {
     pub message: Message,
     /// What to pass to [`Consumer::ack`].
     pub tag: DeliveryTag,
-    /// How many times the broker has handed this message to the group, this time included
-    /// (1 on first delivery). Binders without a broker-side count report 1.
-    pub delivery_count: u32,
+    /// The attempt this delivery is, if it reaches a handler: 1 plus the attempts the broker
+    /// recorded for this message in this group (see [`Consumer`]'s section on attempts).
+    /// Binders without a count per message report 1.
+    pub attempt: u32,
 }
 
 /// Identifies a delivery to the binder that made it: a memory offset, a Redis entry id, a

@@ -58,6 +58,7 @@ impl Channel {
     pub async fn source_with<T: 'static>(&self, codec: impl Codec<T>) -> Result<Source<T>> {
         // A binding built in code has not been through the file's checks.
         self.config.validate(&self.name)?;
+        self.binder.check_binding(&self.name, &self.config)?;
         let producer: Arc<dyn Producer> = match self.config.partitions {
             Some(partitions) => Arc::new(
                 Partitioned::open(&*self.binder, &self.config.destination, partitions).await?,

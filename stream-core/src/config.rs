@@ -400,7 +400,7 @@ impl Config {
             )
             .with_source(e)
         })?;
-        apply_overrides(&mut table, prefix, overrides)?;
+        apply_overrides(&mut table, origin, prefix, overrides)?;
         Config::from_table(table, origin)
     }
 
@@ -528,7 +528,16 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 /// Applies `PREFIX_A__B_C=value` as `a.b-c = value`. Values are read as TOML scalars when they
 /// parse as one (`8`, `true`, `2.5`), as strings otherwise.
-fn apply_overrides<I>(table: &mut toml::Table, prefix: &str, overrides: I) -> Result<()>
+///
+/// A variable may define a binding or binder the file lacks, but only whole: one that sets a
+/// key of a binding without a `destination` (or of a binder without a `type`) is almost
+/// always a misspelt name, and the error names the variable and the nearest name the file has.
+fn apply_overrides<I>(
+    table: &mut toml::Table,
+    origin: &str,
+    prefix: &str,
+    overrides: I,
+) -> Result<()>
 where
     I: IntoIterator<Item = (String, String)>,
 {
@@ -543,6 +552,18 @@ where
         .filter(|(name, _)| name.strip_prefix(&head).is_some_and(ours))
         .collect();
     pairs.sort();
+    let in_file = |section: &str, table: &toml::Table| -> Vec<String> {
+        match table.get(section) {
+            Some(toml::Value::Table(t)) => t.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    };
+    let file_names = [
+        ("bindings", in_file("bindings", table)),
+        ("binders", in_file("binders", table)),
+    ];
+    // (section, name) of entries the file lacks → the variables that set them.
+    let mut created: BTreeMap<(&str, String), Vec<String>> = BTreeMap::new();
     for (name, raw) in pairs {
         let path: Vec<String> = name[head.len()..]
             .split("__")
@@ -553,6 +574,16 @@ where
                 ErrorKind::Config,
                 format!("environment variable {name}: empty key segment"),
             ));
+        }
+        if path.len() >= 2 {
+            for (section, names) in &file_names {
+                if path[0] == *section && !names.contains(&path[1]) {
+                    created
+                        .entry((section, path[1].clone()))
+                        .or_default()
+                        .push(name.clone());
+                }
+            }
         }
         let value = scalar(&raw);
         let mut node = &mut *table;
@@ -571,6 +602,42 @@ where
             };
         }
         node.insert(path[path.len() - 1].clone(), value);
+    }
+    for ((section, entry), variables) in created {
+        let required = if section == "bindings" {
+            "destination"
+        } else {
+            "type"
+        };
+        let defined = table
+            .get(section)
+            .and_then(|s| s.get(&entry))
+            .and_then(|e| e.get(required))
+            .is_some();
+        if defined {
+            continue;
+        }
+        let names = &file_names
+            .iter()
+            .find(|(s, _)| *s == section)
+            .map(|(_, names)| names.as_slice())
+            .unwrap_or_default();
+        let hint = match nearest(&entry, names) {
+            Some(best) => format!("; did you mean `{best}`?"),
+            None if names.is_empty() => format!("; it defines no {section}"),
+            None => format!("; it defines: {}", names.join(", ")),
+        };
+        let upper = entry.to_ascii_uppercase().replace('-', "_");
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "environment variable {} sets {section}.{entry}, which {origin} does not define{hint} \
+                 (to define it from the environment, set {head}{}__{upper}__{} too)",
+                variables.join(", "),
+                section.to_ascii_uppercase(),
+                required.to_ascii_uppercase(),
+            ),
+        ));
     }
     Ok(())
 }
@@ -679,6 +746,57 @@ mod tests {
         assert_eq!(c.default_binder.as_deref(), Some("kafka"));
         assert_eq!(c.bindings["payments-in"].concurrency, 8);
         assert_eq!(c.binders["kafka"].kind, "kafka");
+    }
+
+    #[test]
+    fn an_override_of_a_binding_the_file_lacks_names_the_variable_and_the_nearest_binding() {
+        let file = "[bindings.orders]\ndestination = \"d\"\n[binders.redis]\ntype = \"redis\"\n";
+        let var = |name: &str, value: &str| vec![(name.to_owned(), value.to_owned())];
+        let err = Config::parse(
+            file,
+            "streams.toml",
+            "STREAM",
+            var("STREAM_BINDINGS__ORDRS__CONCURRENCY", "8"),
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        let text = err.message();
+        assert!(
+            text.contains("STREAM_BINDINGS__ORDRS__CONCURRENCY"),
+            "{text}"
+        );
+        assert!(text.contains("did you mean `orders`?"), "{text}");
+        assert!(!text.contains("missing field"), "{text}");
+        let err = Config::parse(
+            file,
+            "streams.toml",
+            "STREAM",
+            var("STREAM_BINDERS__REDDIS__URL", "redis://x"),
+        )
+        .unwrap_err();
+        assert!(
+            err.message().contains("STREAM_BINDERS__REDDIS__URL"),
+            "{err}"
+        );
+        assert!(err.message().contains("did you mean `redis`?"), "{err}");
+        // A whole binding from the environment is fine.
+        let c = Config::parse(
+            file,
+            "streams.toml",
+            "STREAM",
+            vec![
+                (
+                    "STREAM_BINDINGS__EXTRA__DESTINATION".to_owned(),
+                    "x".to_owned(),
+                ),
+                (
+                    "STREAM_BINDINGS__EXTRA__CONCURRENCY".to_owned(),
+                    "2".to_owned(),
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.bindings["extra"].concurrency, 2);
     }
 
     #[test]

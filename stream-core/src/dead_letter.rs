@@ -1,9 +1,6 @@
 //! Routing of messages that cannot be handled to the binding's dead-letter destination.
 
-use std::sync::Arc;
 use std::time::SystemTime;
-
-use tokio::sync::OnceCell;
 
 use crate::binder::{Binder, Producer};
 use crate::message::{header, Message};
@@ -21,29 +18,34 @@ pub(crate) enum Cause {
     Handler,
 }
 
-/// Publishes dead letters for one binding, with one lazily made producer.
+/// Publishes dead letters for one binding.
 pub(crate) struct DeadLetter {
-    binder: Arc<dyn Binder>,
     destination: String,
     origin: String,
     group: String,
-    producer: OnceCell<Box<dyn Producer>>,
+    producer: Box<dyn Producer>,
 }
 
 impl DeadLetter {
-    pub(crate) fn new(
-        binder: Arc<dyn Binder>,
+    /// Makes the dead-letter producer; fails if the destination cannot be written.
+    pub(crate) async fn open(
+        binder: &dyn Binder,
         destination: String,
         origin: &str,
         group: &str,
-    ) -> Self {
-        DeadLetter {
-            binder,
+    ) -> Result<Self> {
+        let producer = binder.dead_letter_producer(&destination).await?;
+        Ok(DeadLetter {
             destination,
             origin: origin.to_owned(),
             group: group.to_owned(),
-            producer: OnceCell::new(),
-        }
+            producer,
+        })
+    }
+
+    /// The dead-letter destination.
+    pub(crate) fn destination(&self) -> &str {
+        &self.destination
     }
 
     /// Publishes a copy of `message` with the dead-letter headers and returns once the broker
@@ -57,10 +59,6 @@ impl DeadLetter {
         error: &str,
         first_failure: SystemTime,
     ) -> Result<()> {
-        let producer = self
-            .producer
-            .get_or_try_init(|| self.binder.producer(&self.destination))
-            .await?;
         let mut headers = message.headers().clone();
         headers.insert(header::ORIGINAL_DESTINATION, self.origin.as_str());
         headers.insert(header::ORIGINAL_GROUP, self.group.as_str());
@@ -82,7 +80,7 @@ impl DeadLetter {
         if let Some(key) = message.key() {
             copy = copy.with_key(key);
         }
-        producer.send(copy).await?;
+        self.producer.send(copy).await?;
         tracing::warn!(
             destination = %self.origin,
             group = %self.group,
@@ -96,10 +94,8 @@ impl DeadLetter {
     }
 
     pub(crate) async fn close(&self) {
-        if let Some(producer) = self.producer.get() {
-            if let Err(e) = producer.close().await {
-                tracing::warn!(dead_letter = %self.destination, error = %e, "closing dead-letter producer failed");
-            }
+        if let Err(e) = self.producer.close().await {
+            tracing::warn!(dead_letter = %self.destination, error = %e, "closing dead-letter producer failed");
         }
     }
 }

@@ -12,11 +12,12 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::binder::{DeliveryTag, Received};
-use crate::codec::{decode_message, Codec};
+use crate::codec::Codec;
 use crate::config::RetryConfig;
 use crate::dead_letter::{Cause, DeadLetter};
-use crate::inbound::{Backlog, Closer, Inbound};
-use crate::{Message, Result};
+use crate::inbound::{Backlog, Closer, Fault, Inbound, Members, Settlement};
+use crate::sink::{dead_letter_refused, decode};
+use crate::{Error, ErrorKind, Message, Result};
 
 /// A stream of [`Delivery`] values from [`Sink::stream`](crate::Sink::stream).
 ///
@@ -24,6 +25,9 @@ use crate::{Message, Result};
 /// stream yields in the order the binder delivers; a nacked delivery comes back after its
 /// backoff, behind what was yielded meanwhile. Code that needs per-key order across failures
 /// uses [`Sink::subscribe`](crate::Sink::subscribe), which holds a key back while it retries.
+///
+/// The stream ends (yields `None`) only after [`close`](Deliveries::close) began or after it
+/// yielded an error that says why it cannot go on.
 pub struct Deliveries<T> {
     deliveries: mpsc::UnboundedReceiver<Received>,
     backlog: Arc<Backlog>,
@@ -33,6 +37,8 @@ pub struct Deliveries<T> {
     stop: tokio::sync::watch::Sender<bool>,
     fetcher: Option<JoinHandle<Result<()>>>,
     closer: Option<Closer>,
+    /// An error was yielded; nothing more is.
+    ended: bool,
 }
 
 /// One message from a [`Deliveries`] stream. Call [`ack`](Delivery::ack) when done or
@@ -47,7 +53,9 @@ pub struct Delivery<T> {
 struct Settle {
     retry: RetryConfig,
     dead_letter: Arc<DeadLetter>,
-    acks: mpsc::UnboundedSender<DeliveryTag>,
+    settlements: mpsc::UnboundedSender<Settlement>,
+    members: Arc<Members>,
+    fault: Arc<Fault>,
     retry_tx: mpsc::UnboundedSender<Pending>,
 }
 
@@ -65,7 +73,9 @@ impl<T: Send + 'static> Deliveries<T> {
         let settle = Arc::new(Settle {
             retry,
             dead_letter: inbound.dead_letter,
-            acks: inbound.acks,
+            settlements: inbound.settle,
+            members: inbound.members,
+            fault: inbound.fault,
             retry_tx,
         });
         Deliveries {
@@ -77,35 +87,69 @@ impl<T: Send + 'static> Deliveries<T> {
             stop: inbound.stop,
             fetcher: Some(inbound.fetcher),
             closer: Some(inbound.closer),
+            ended: false,
         }
     }
 
-    /// Stops fetching, waits (up to the binding's `shutdown-timeout`) for deliveries already
-    /// handed out to be acknowledged or dropped, then leaves the group. Deliveries fetched but
-    /// not yet yielded stay un-acknowledged and are delivered again.
+    /// Stops fetching, hands back the deliveries fetched but not yet yielded (they are not
+    /// counted as attempts), waits (up to the binding's `shutdown-timeout`) for deliveries
+    /// already handed out to be acknowledged or dropped, then leaves the group.
+    ///
+    /// Cancel safety: the close runs in a task of its own; dropping this future does not
+    /// stop it, only loses its result.
     pub async fn close(mut self) -> Result<()> {
-        let _ = self.stop.send(true);
-        let fetched = match self.fetcher.take() {
-            Some(fetcher) => fetcher.await.unwrap_or(Ok(())),
-            None => Ok(()),
+        let Some(closing) = self.finish() else {
+            return Ok(());
         };
-        let closer = self.closer.take();
         drop(self);
-        if let Some(closer) = closer {
-            closer.close().await?;
-        }
-        fetched
+        closing.await.unwrap_or_else(|e| {
+            Err(Error::new(ErrorKind::Closed, "closing the consumer failed").with_source(e))
+        })
+    }
+}
+
+impl<T> Deliveries<T> {
+    /// Starts the close in a task of its own; `None` if it started before or there is no
+    /// runtime to run it (then the binder's own drop hands everything back).
+    fn finish(&mut self) -> Option<JoinHandle<Result<()>>> {
+        let _ = self.stop.send(true);
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let closer = self.closer.take()?;
+        let fetcher = self.fetcher.take();
+        let (_, closed) = mpsc::unbounded_channel();
+        let mut deliveries = std::mem::replace(&mut self.deliveries, closed);
+        let backlog = self.backlog.clone();
+        let settlements = self.settle.settlements.clone();
+        Some(runtime.spawn(async move {
+            let fetched = match fetcher {
+                Some(fetcher) => fetcher.await.unwrap_or(Ok(())),
+                None => Ok(()),
+            };
+            // The fetcher has ended, so this drains what it sent and stops.
+            while let Some(received) = deliveries.recv().await {
+                backlog.take();
+                let _ = settlements.send(Settlement::Release(received.tag));
+            }
+            drop(settlements);
+            let closed = closer.close().await;
+            match (fetched, closed) {
+                (Err(e), closed) => {
+                    if let Err(also) = closed {
+                        tracing::warn!(error = %also, "closing the consumer failed too");
+                    }
+                    Err(e)
+                }
+                (Ok(()), closed) => closed,
+            }
+        }))
     }
 }
 
 impl<T> Drop for Deliveries<T> {
     fn drop(&mut self) {
-        let _ = self.stop.send(true);
-        if let (Some(closer), Ok(runtime)) =
-            (self.closer.take(), tokio::runtime::Handle::try_current())
-        {
-            runtime.spawn(async move {
-                if let Err(e) = closer.close().await {
+        if let Some(closing) = self.finish() {
+            tokio::spawn(async move {
+                if let Ok(Err(e)) = closing.await {
                     tracing::warn!(error = %e, "closing consumer failed");
                 }
             });
@@ -119,13 +163,20 @@ impl<T: Send + 'static> Stream for Deliveries<T> {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         loop {
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            if let Some(e) = this.settle.fault.take() {
+                this.ended = true;
+                return Poll::Ready(Some(Err(e)));
+            }
             let pending = match this.retries.poll_recv(cx) {
                 Poll::Ready(Some(pending)) => pending,
                 _ => match this.deliveries.poll_recv(cx) {
                     Poll::Ready(Some(received)) => {
                         this.backlog.take();
                         Pending {
-                            attempt: received.delivery_count.max(1),
+                            attempt: received.attempt.max(1),
                             message: received.message,
                             tag: received.tag,
                             first_failure: None,
@@ -140,25 +191,38 @@ impl<T: Send + 'static> Stream for Deliveries<T> {
                             };
                             this.fetcher = None;
                             if let Ok(Err(e)) = result {
+                                this.ended = true;
                                 return Poll::Ready(Some(Err(e)));
                             }
+                        }
+                        if let Some(e) = this.settle.fault.take() {
+                            this.ended = true;
+                            return Poll::Ready(Some(Err(e)));
                         }
                         return Poll::Ready(None);
                     }
                     Poll::Pending => return Poll::Pending,
                 },
             };
-            if pending.attempt > this.settle.retry.max_attempts {
-                // Earlier consumers died on it; do not hand it to this one.
-                let error = format!(
-                    "delivered {} times without acknowledgement",
-                    pending.attempt
-                );
-                let settle = this.settle.clone();
-                tokio::spawn(async move { settle.give_up(pending, Cause::Handler, error).await });
+            if !this.settle.members.holds(pending.tag) {
+                // The binder gave it to another member meanwhile, which delivers it.
+                let _ = this.settle.settlements.send(Settlement::Drop(pending.tag));
                 continue;
             }
-            match decode_message(&*this.codec, &pending.message) {
+            if pending.attempt > this.settle.retry.max_attempts {
+                // Earlier consumers stopped or died during every attempt; do not hand it to
+                // this one.
+                let made = pending.attempt - 1;
+                let error = format!(
+                    "{made} earlier attempts ended without an outcome (the consumer crashed or stopped during each)"
+                );
+                let settle = this.settle.clone();
+                tokio::spawn(async move {
+                    settle.give_up(pending, made, Cause::Handler, error).await;
+                });
+                continue;
+            }
+            match decode(&*this.codec, &pending.message) {
                 Ok(payload) => {
                     return Poll::Ready(Some(Ok(Delivery {
                         payload,
@@ -169,7 +233,8 @@ impl<T: Send + 'static> Stream for Deliveries<T> {
                 Err(e) => {
                     let settle = this.settle.clone();
                     tokio::spawn(async move {
-                        settle.give_up(pending, Cause::Decode, e.to_string()).await;
+                        let attempts = pending.attempt;
+                        settle.give_up(pending, attempts, Cause::Decode, e).await;
                     });
                 }
             }
@@ -188,7 +253,8 @@ impl<T> Delivery<T> {
         &self.pending().message
     }
 
-    /// Which attempt this is, from 1.
+    /// Which attempt this is, from 1, with the meaning of
+    /// [`Envelope::attempt`](crate::Envelope::attempt).
     pub fn attempt(&self) -> u32 {
         self.pending().attempt
     }
@@ -200,7 +266,7 @@ impl<T> Delivery<T> {
     /// Marks the message handled; it is never delivered to this group again.
     pub fn ack(mut self) {
         if let Some(pending) = self.pending.take() {
-            let _ = self.settle.acks.send(pending.tag);
+            let _ = self.settle.settlements.send(Settlement::Ack(pending.tag));
         }
     }
 
@@ -246,32 +312,45 @@ impl Settle {
             return;
         };
         if pending.attempt >= self.retry.max_attempts {
-            runtime.spawn(async move { self.give_up(pending, Cause::Handler, error).await });
+            runtime.spawn(async move {
+                let attempts = pending.attempt;
+                self.give_up(pending, attempts, Cause::Handler, error).await;
+            });
             return;
         }
         let wait = self.retry.backoff(pending.attempt);
         tracing::debug!(id = %pending.message.id(), attempt = pending.attempt, retry_in = ?wait, %error, "nacked; retrying");
         runtime.spawn(async move {
             tokio::time::sleep(wait).await;
+            if self.retry_tx.is_closed() {
+                // The stream is gone: the message stays un-acknowledged and is redelivered.
+                return;
+            }
             pending.attempt += 1;
-            // If the stream is gone the message stays un-acknowledged and is redelivered.
+            self.members.retrying(pending.tag, pending.attempt).await;
             let _ = self.retry_tx.send(pending);
         });
     }
 
-    /// Dead-letters, then acknowledges. Broker failures are retried while the stream lives;
-    /// after that the message stays un-acknowledged and the broker delivers it again.
-    async fn give_up(&self, pending: Pending, cause: Cause, error: String) {
+    /// Dead-letters, then acknowledges. Temporary broker failures are retried while the
+    /// stream lives; after that the message stays un-acknowledged and the broker delivers it
+    /// again. A permanent failure ends the stream with that error.
+    async fn give_up(&self, pending: Pending, attempts: u32, cause: Cause, error: String) {
         let first = pending.first_failure.unwrap_or_else(SystemTime::now);
         let mut failures = 0;
         loop {
             match self
                 .dead_letter
-                .publish(&pending.message, pending.attempt, cause, &error, first)
+                .publish(&pending.message, attempts, cause, &error, first)
                 .await
             {
                 Ok(()) => {
-                    let _ = self.acks.send(pending.tag);
+                    let _ = self.settlements.send(Settlement::Ack(pending.tag));
+                    return;
+                }
+                Err(e) if !e.is_temporary() => {
+                    self.fault
+                        .fail(dead_letter_refused(&self.dead_letter, &pending.message, e));
                     return;
                 }
                 Err(e) if !self.retry_tx.is_closed() => {

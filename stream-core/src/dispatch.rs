@@ -70,6 +70,26 @@ impl<I> KeyedQueue<I> {
         }
     }
 
+    /// Takes every item that has not started, each with whether it was ready (rather than
+    /// waiting behind its key). Running items keep their slots, so [`done`](Self::done)
+    /// still works for them; it releases nothing more.
+    pub(crate) fn drain(&mut self) -> Vec<(bool, I)> {
+        let mut drained = Vec::new();
+        for (slot, item) in self.ready.drain(..) {
+            // A ready item holds its key's slot; it will never run, so the slot goes too.
+            if let Some(slot) = slot {
+                if let Some(waiting) = self.busy.remove(&slot) {
+                    drained.extend(waiting.into_iter().map(|item| (false, item)));
+                }
+            }
+            drained.push((true, item));
+        }
+        for waiting in self.busy.values_mut() {
+            drained.extend(waiting.drain(..).map(|item| (false, item)));
+        }
+        drained
+    }
+
     /// Whether nothing is ready or waiting (running items are not counted).
     #[cfg(test)]
     pub(crate) fn is_idle(&self) -> bool {
@@ -103,5 +123,25 @@ mod tests {
         assert_eq!(third, 2);
         q.done(sa2);
         assert!(q.is_idle());
+    }
+
+    #[test]
+    fn drain_takes_everything_not_started_and_keeps_running_slots() {
+        let mut q = KeyedQueue::new();
+        let (a, b) = (q.slot(Some("a")), q.slot(Some("b")));
+        q.push(a, 1);
+        q.push(a, 2);
+        q.push(b, 3);
+        q.push(b, 4);
+        q.push(None, 5);
+        // 1 runs; 3 and 5 are ready; 2 and 4 wait behind their keys.
+        let (running_slot, first) = q.pop().unwrap();
+        assert_eq!(first, 1);
+        let mut drained = q.drain();
+        drained.sort();
+        assert_eq!(drained, vec![(false, 2), (false, 4), (true, 3), (true, 5)]);
+        assert!(q.is_idle());
+        assert!(!q.done(running_slot), "nothing is left to release");
+        assert!(q.pop().is_none());
     }
 }

@@ -13,7 +13,7 @@ use crate::binder::{Consumer, ConsumerOptions, DeliveryTag, Received, StartFrom}
 use crate::channel::Channel;
 use crate::dead_letter::DeadLetter;
 use crate::partition::partition_destination;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Largest batch asked of a binder in one `receive`, whatever the prefetch.
 const MAX_FETCH: usize = 1024;
@@ -21,17 +21,58 @@ const MAX_FETCH: usize = 1024;
 const MAX_ACK_BATCH: usize = 1024;
 /// Failed acks of a batch tried again before its messages are left to redelivery.
 const ACK_TRIES: u32 = 20;
+/// Failed releases tried again before `close` is left to hand the deliveries back.
+const RELEASE_TRIES: u32 = 3;
 
-/// A running consumer: a fetch task feeding `deliveries`, an ack task draining `acks`.
+/// A running consumer: a fetch task feeding `deliveries`, an ack task draining `settle`.
 pub(crate) struct Inbound {
     pub(crate) deliveries: mpsc::UnboundedReceiver<Received>,
     /// Whoever takes from `deliveries` keeps this up to date.
     pub(crate) backlog: Arc<Backlog>,
-    pub(crate) acks: mpsc::UnboundedSender<DeliveryTag>,
+    /// Where every delivery taken from `deliveries` ends up, exactly once.
+    pub(crate) settle: mpsc::UnboundedSender<Settlement>,
+    pub(crate) members: Arc<Members>,
     pub(crate) stop: watch::Sender<bool>,
+    pub(crate) fault: Arc<Fault>,
     pub(crate) dead_letter: Arc<DeadLetter>,
     pub(crate) fetcher: JoinHandle<Result<()>>,
     pub(crate) closer: Closer,
+}
+
+/// How a delivery left core. Each one holds a permit of the prefetch window until its
+/// settlement reaches the ack loop.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Settlement {
+    /// Handled (or dead-lettered): acknowledge it.
+    Ack(DeliveryTag),
+    /// Never reached a handler: hand it back without counting an attempt.
+    Release(DeliveryTag),
+    /// The binder no longer holds it ([`Consumer::holds`]): nothing to tell the broker.
+    Drop(DeliveryTag),
+}
+
+/// The first error that ends a consumer from the inside (a dead letter that can never be
+/// published), kept for the caller of `wait` or the stream's next item.
+pub(crate) struct Fault {
+    error: Mutex<Option<Error>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Fault {
+    /// Records `error` (the first one wins) and stops the consumer.
+    pub(crate) fn fail(&self, error: Error) {
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            tracing::error!(error = %error, "consumer stops");
+            *slot = Some(error);
+        }
+        drop(slot);
+        let _ = self.stop.send(true);
+    }
+
+    pub(crate) fn take(&self) -> Option<Error> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
 /// What the fetch loop knows of the consuming side: deliveries fetched that could start now
@@ -125,6 +166,21 @@ impl Pace {
         }
     }
 
+    /// How long the fetch loop waits for `missing` more permits before fetching with fewer:
+    /// about twice the time handlers take to free them, so a steady stream of acks fills the
+    /// batch, and never long when they are not coming.
+    fn refill_patience(&self, missing: usize) -> Duration {
+        const UNKNOWN: Duration = Duration::from_millis(20);
+        const MIN: Duration = Duration::from_millis(1);
+        const MAX: Duration = Duration::from_millis(100);
+        match self.handling {
+            None => UNKNOWN,
+            Some(nanos) => {
+                Duration::from_nanos(nanos.saturating_mul(missing as u64 * 2)).clamp(MIN, MAX)
+            }
+        }
+    }
+
     /// Whether the next fetch should wait for the whole window rather than half of it.
     ///
     /// Half the window lets the next fetch run while handlers work through the other half,
@@ -143,7 +199,7 @@ impl Pace {
 /// With several, each delivery's tag is swapped for one of core's own on the way in, and
 /// swapped back on the way to `ack`: tags are only unique within one binder consumer (two
 /// Redis streams hand out the same entry ids).
-struct Members {
+pub(crate) struct Members {
     consumers: Vec<Arc<dyn Consumer>>,
     /// Core's tag → (member, the member's tag); unused with one member.
     routes: Mutex<HashMap<DeliveryTag, (usize, DeliveryTag)>>,
@@ -177,6 +233,42 @@ impl Members {
             let tag = DeliveryTag(self.next_tag.fetch_add(1, Ordering::Relaxed), 0);
             routes.insert(tag, (member, received.tag));
             received.tag = tag;
+        }
+    }
+
+    /// The member holding core's `tag`, and its own tag for it.
+    fn find(&self, tag: DeliveryTag) -> Option<(usize, DeliveryTag)> {
+        if self.routed() {
+            self.lock().get(&tag).copied()
+        } else {
+            Some((0, tag))
+        }
+    }
+
+    /// See [`Consumer::holds`]; false for a tag core already settled.
+    pub(crate) fn holds(&self, tag: DeliveryTag) -> bool {
+        self.find(tag)
+            .is_some_and(|(member, own)| self.consumers[member].holds(own))
+    }
+
+    /// See [`Consumer::retrying`]. A failure is logged, not returned: the attempt goes ahead,
+    /// and only a crash during it would leave the broker's count one short.
+    pub(crate) async fn retrying(&self, tag: DeliveryTag, attempt: u32) {
+        let Some((member, own)) = self.find(tag) else {
+            return;
+        };
+        if let Err(e) = self.consumers[member].retrying(own, attempt).await {
+            tracing::warn!(error = %e, attempt, "could not record the attempt with the broker; a crash during it would not count it");
+        }
+    }
+
+    /// Forgets core's tags of deliveries dropped without a word to the broker.
+    fn forget(&self, tags: &[DeliveryTag]) {
+        if self.routed() {
+            let mut routes = self.lock();
+            for tag in tags {
+                routes.remove(tag);
+            }
         }
     }
 
@@ -216,6 +308,7 @@ impl Inbound {
         let config = &channel.config;
         // A binding built in code has not been through the file's checks.
         config.validate(&channel.name)?;
+        channel.binder.check_binding(&channel.name, config)?;
         let options = match &config.group {
             Some(group) => ConsumerOptions::new(group.clone()).start_from(config.start_from),
             None => ConsumerOptions::new(format!("anonymous.{}", crate::unique_suffix()))
@@ -261,16 +354,32 @@ impl Inbound {
                 opened.push((None, consumer.into()));
             }
         }
-        let dead_letter = Arc::new(DeadLetter::new(
-            channel.binder.clone(),
+        // Made now, so a dead-letter destination that cannot be written fails the start
+        // rather than the first message that needs it.
+        let dead_letter = match DeadLetter::open(
+            &*channel.binder,
             config.dead_letter_destination(),
             &config.destination,
             &options.group,
-        ));
+        )
+        .await
+        {
+            Ok(dead_letter) => Arc::new(dead_letter),
+            Err(e) => {
+                for (_, consumer) in &opened {
+                    let _ = consumer.close().await;
+                }
+                return Err(e);
+            }
+        };
         let permits = Arc::new(Semaphore::new(config.prefetch));
         let (deliveries_tx, deliveries) = mpsc::unbounded_channel();
-        let (acks, acks_rx) = mpsc::unbounded_channel();
+        let (settle, settle_rx) = mpsc::unbounded_channel();
         let (stop, stop_rx) = watch::channel(false);
+        let fault = Arc::new(Fault {
+            error: Mutex::new(None),
+            stop: stop.clone(),
+        });
         let backlog = Arc::new(Backlog::default());
         let members = Arc::new(Members::new(
             opened
@@ -297,12 +406,14 @@ impl Inbound {
         let loops = futures::future::try_join_all(loops);
         drop(deliveries_tx);
         let fetcher = tokio::spawn(async move { loops.await.map(drop) });
-        let acker = tokio::spawn(ack_loop(members.clone(), permits, acks_rx));
+        let acker = tokio::spawn(ack_loop(members.clone(), permits, settle_rx));
         Ok(Inbound {
             deliveries,
             backlog,
-            acks,
+            settle,
+            members: members.clone(),
             stop,
+            fault,
             dead_letter: dead_letter.clone(),
             fetcher,
             closer: Closer {
@@ -363,14 +474,26 @@ impl Window {
     }
 
     /// Takes the permits for the next fetch: at least one, as many as are free, and, while
-    /// handlers still have deliveries to start, up to `target`. `None` once stopped.
-    async fn next_batch(&self, target: usize, stop: &mut watch::Receiver<bool>) -> Option<usize> {
+    /// handlers still have deliveries to start, up to `target`, waiting at most `patience`
+    /// for those. `None` once stopped.
+    ///
+    /// The wait is bounded because a short receive (Kafka hands out what one partition has
+    /// fetched) can leave the window part full while every handler is busy: the backlog
+    /// then never empties and the missing permits only come back as handlers finish, which
+    /// may be never (held handlers). Without the bound, fetching stopped below `prefetch`.
+    async fn next_batch(
+        &self,
+        target: usize,
+        patience: Duration,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<usize> {
         let first = tokio::select! {
             permit = self.permits.acquire() => permit,
             _ = stop.wait_for(|stopped| *stopped) => return None,
         };
         first.expect("the semaphore is never closed").forget();
         let mut taken = 1 + self.take_free(self.size - 1);
+        let deadline = tokio::time::Instant::now() + patience;
         while taken < target {
             // Registered before the look at the count, so an emptying in between still wakes.
             let emptied = self.backlog.emptied.notified();
@@ -386,6 +509,10 @@ impl Window {
                     taken = target;
                 }
                 _ = emptied => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    taken += self.take_free(self.size - taken);
+                    break;
+                }
                 _ = stop.wait_for(|stopped| *stopped) => {
                     self.permits.add_permits(taken);
                     return None;
@@ -422,7 +549,8 @@ async fn fetch_loop(
             window.size.div_ceil(2)
         };
         // Each delivery holds a permit until acknowledged: at most `prefetch` are in memory.
-        let Some(taken) = window.next_batch(target, &mut stop).await else {
+        let patience = pace.refill_patience(target);
+        let Some(taken) = window.next_batch(target, patience, &mut stop).await else {
             return Ok(());
         };
         let started = Instant::now();
@@ -474,40 +602,82 @@ async fn fetch_loop(
 async fn ack_loop(
     members: Arc<Members>,
     permits: Arc<Semaphore>,
-    mut acks: mpsc::UnboundedReceiver<DeliveryTag>,
+    mut settlements: mpsc::UnboundedReceiver<Settlement>,
 ) {
     let mut batch = Vec::with_capacity(MAX_ACK_BATCH);
-    // Acks that arrive while one is in flight are gathered into the next batch.
-    while acks.recv_many(&mut batch, MAX_ACK_BATCH).await > 0 {
-        if members.routed() {
-            let routed = members.route(&batch);
-            futures::future::join_all(
-                routed
-                    .iter()
-                    .map(|(member, tags)| ack_with_retries(&*members.consumers[*member], tags)),
-            )
-            .await;
-        } else {
-            ack_with_retries(&*members.consumers[0], &batch).await;
+    let (mut acks, mut releases, mut dropped) = (Vec::new(), Vec::new(), Vec::new());
+    // Settlements that arrive while one batch is on its way are gathered into the next.
+    while settlements.recv_many(&mut batch, MAX_ACK_BATCH).await > 0 {
+        for settlement in batch.drain(..) {
+            match settlement {
+                Settlement::Ack(tag) => acks.push(tag),
+                Settlement::Release(tag) => releases.push(tag),
+                Settlement::Drop(tag) => dropped.push(tag),
+            }
         }
-        permits.add_permits(batch.len());
-        batch.clear();
+        let settled = acks.len() + releases.len() + dropped.len();
+        if !acks.is_empty() {
+            settle_all(&members, &acks, Op::Ack).await;
+        }
+        if !releases.is_empty() {
+            settle_all(&members, &releases, Op::Release).await;
+        }
+        members.forget(&dropped);
+        permits.add_permits(settled);
+        acks.clear();
+        releases.clear();
+        dropped.clear();
     }
 }
 
-async fn ack_with_retries(consumer: &dyn Consumer, tags: &[DeliveryTag]) {
+#[derive(Clone, Copy)]
+enum Op {
+    Ack,
+    Release,
+}
+
+async fn settle_all(members: &Members, tags: &[DeliveryTag], op: Op) {
+    if members.routed() {
+        let routed = members.route(tags);
+        futures::future::join_all(
+            routed
+                .iter()
+                .map(|(member, tags)| settle_with_retries(&*members.consumers[*member], tags, op)),
+        )
+        .await;
+    } else {
+        settle_with_retries(&*members.consumers[0], tags, op).await;
+    }
+}
+
+async fn settle_with_retries(consumer: &dyn Consumer, tags: &[DeliveryTag], op: Op) {
     let mut tries = 0;
     loop {
-        match consumer.ack(tags).await {
+        let result = match op {
+            Op::Ack => consumer.ack(tags).await,
+            Op::Release => consumer.release(tags).await,
+        };
+        let limit = match op {
+            Op::Ack => ACK_TRIES,
+            Op::Release => RELEASE_TRIES,
+        };
+        match result {
             Ok(()) => return,
-            Err(e) if e.is_temporary() && tries < ACK_TRIES => {
+            Err(e) if e.is_temporary() && tries < limit => {
                 tries += 1;
                 let wait = reconnect_backoff(tries);
-                tracing::warn!(error = %e, retry_in = ?wait, "ack failed; retrying");
+                tracing::warn!(error = %e, retry_in = ?wait, "settling deliveries failed; retrying");
                 tokio::time::sleep(wait).await;
             }
             Err(e) => {
-                tracing::error!(error = %e, count = tags.len(), "ack failed; these messages will be delivered again");
+                match op {
+                    Op::Ack => {
+                        tracing::error!(error = %e, count = tags.len(), "ack failed; these messages will be delivered again")
+                    }
+                    Op::Release => {
+                        tracing::warn!(error = %e, count = tags.len(), "could not hand back deliveries that no handler saw; closing hands them back counted as attempts")
+                    }
+                }
                 return;
             }
         }

@@ -20,7 +20,7 @@ use crate::config::RetryConfig;
 use crate::dead_letter::{Cause, DeadLetter};
 use crate::deliveries::Deliveries;
 use crate::dispatch::KeyedQueue;
-use crate::inbound::{Backlog, Inbound};
+use crate::inbound::{Backlog, Fault, Inbound, Members, Settlement};
 use crate::{Error, ErrorKind, Message, Result};
 
 /// Consumes values of `T` from one binding.
@@ -67,7 +67,10 @@ impl<T> Envelope<T> {
         &self.message
     }
 
-    /// Which attempt this is, from 1; above 1 the message was seen before.
+    /// Which attempt this is, from 1: how many times a handler of this group has been
+    /// given the message, this time included, on this consumer or on one that stopped or
+    /// crashed during an earlier attempt. Deliveries that a closing consumer handed back
+    /// unstarted do not count (see [`Consumer`](crate::Consumer)).
     pub fn attempt(&self) -> u32 {
         self.attempt
     }
@@ -110,7 +113,9 @@ impl<T: Send + 'static> Sink<T> {
             handler,
             retry: self.channel.config.retry.clone(),
             dead_letter: inbound.dead_letter.clone(),
-            stopping: stopping.clone(),
+            members: inbound.members.clone(),
+            fault: inbound.fault.clone(),
+            stopping,
         });
         let supervisor = tokio::spawn(supervise(
             inbound,
@@ -137,6 +142,10 @@ impl<T: Send + 'static> Sink<T> {
 
 /// A running handler. [`shutdown`](Subscription::shutdown) stops it gracefully; dropping it
 /// starts the same shutdown in the background.
+///
+/// A subscription ends only when it is shut down or with an error that says why: a handler
+/// that returns an error or panics is a failed attempt of its message, never the end of the
+/// subscription.
 pub struct Subscription {
     stop: watch::Sender<bool>,
     supervisor: Option<JoinHandle<Result<()>>>,
@@ -152,23 +161,35 @@ impl fmt::Debug for Subscription {
 
 impl Subscription {
     /// Stops fetching, lets running handlers finish and acknowledges them, then leaves the
-    /// group. Deliveries fetched but not started stay un-acknowledged and go to another
-    /// member (or this group's next consumer). Returns an error if the consumer had failed,
-    /// or if handlers were still running when the binding's `shutdown-timeout` ran out.
+    /// group. Deliveries fetched but not started are handed back without counting as
+    /// attempts and go to another member (or this group's next consumer). Returns an error
+    /// if the consumer had failed, or if handlers were still running when the binding's
+    /// `shutdown-timeout` ran out.
+    ///
+    /// Cancel safety: dropping this future does not stop the shutdown, which goes on in the
+    /// background exactly as if the subscription had been dropped; only its result is lost.
     pub async fn shutdown(mut self) -> Result<()> {
         let _ = self.stop.send(true);
         self.wait().await
     }
 
-    /// Waits until the subscription ends by itself: only a permanent consumer failure ends
-    /// it, and that failure is returned.
+    /// Waits until the subscription ends by itself, which only a failure does (a consumer
+    /// that cannot go on, a dead-letter destination that refuses a message for good), and
+    /// returns that failure. Once it has returned, later calls and
+    /// [`shutdown`](Subscription::shutdown) return `Ok(())` at once.
+    ///
+    /// Cancel safe: `select! { _ = signal => {}, r = sub.wait() => ... }` followed by
+    /// `sub.shutdown()` shuts down as if `wait` had never been called.
     pub async fn wait(&mut self) -> Result<()> {
-        match self.supervisor.take() {
-            Some(handle) => handle.await.unwrap_or_else(|e| {
-                Err(Error::new(ErrorKind::Closed, "subscription task failed").with_source(e))
-            }),
-            None => Ok(()),
-        }
+        let Some(handle) = self.supervisor.as_mut() else {
+            return Ok(());
+        };
+        // Polled in place, not taken: a `wait` dropped half-way leaves the handle here.
+        let ended = handle.await;
+        self.supervisor = None;
+        ended.unwrap_or_else(|e| {
+            Err(Error::new(ErrorKind::Closed, "subscription task failed").with_source(e))
+        })
     }
 
     /// Whether the subscription has ended.
@@ -188,6 +209,8 @@ struct Worker<T> {
     handler: BoxHandler<T>,
     retry: RetryConfig,
     dead_letter: Arc<DeadLetter>,
+    members: Arc<Members>,
+    fault: Arc<Fault>,
     stopping: watch::Receiver<bool>,
 }
 
@@ -197,24 +220,27 @@ impl<T: Send + 'static> Worker<T> {
     async fn process(&self, received: Received) -> Option<DeliveryTag> {
         let tag = received.tag;
         let message = Arc::new(received.message);
-        let mut attempt = received.delivery_count.max(1);
+        let mut attempt = received.attempt.max(1);
         let mut first_failure = None;
         if attempt > self.retry.max_attempts {
-            // Delivered more often than allowed without an ack: earlier consumers died on it.
-            // Calling the handler again could crash this one too.
-            let error = format!("delivered {attempt} times without acknowledgement");
+            // Earlier consumers stopped or died during every attempt they made; calling the
+            // handler again could crash this one too.
+            let made = attempt - 1;
+            let error = format!(
+                "{made} earlier attempts ended without an outcome (the consumer crashed or stopped during each)"
+            );
             return self
-                .dead_letter(&message, attempt, Cause::Handler, &error, SystemTime::now())
+                .dead_letter(&message, made, Cause::Handler, &error, SystemTime::now())
                 .await
                 .then_some(tag);
         }
         loop {
-            let payload = match decode_message(&*self.codec, &message) {
+            let payload = match decode(&*self.codec, &message) {
                 Ok(payload) => payload,
                 Err(e) => {
                     let first = first_failure.unwrap_or_else(SystemTime::now);
                     return self
-                        .dead_letter(&message, attempt, Cause::Decode, &e.to_string(), first)
+                        .dead_letter(&message, attempt, Cause::Decode, &e, first)
                         .await
                         .then_some(tag);
                 }
@@ -224,10 +250,14 @@ impl<T: Send + 'static> Worker<T> {
                 message: message.clone(),
                 attempt,
             };
-            let error = match AssertUnwindSafe((self.handler)(envelope))
-                .catch_unwind()
-                .await
-            {
+            // Both halves can panic: the closure before it returns its future, and the
+            // future. Either is a failed attempt.
+            let called = std::panic::catch_unwind(AssertUnwindSafe(|| (self.handler)(envelope)));
+            let outcome = match called {
+                Ok(handling) => AssertUnwindSafe(handling).catch_unwind().await,
+                Err(panic) => Err(panic),
+            };
+            let error = match outcome {
                 Ok(Ok(())) => return Some(tag),
                 Ok(Err(e)) => e,
                 Err(panic) => format!("handler panicked: {}", panic_text(&*panic)),
@@ -248,11 +278,14 @@ impl<T: Send + 'static> Worker<T> {
                 _ = stopping.wait_for(|s| *s) => return None,
             }
             attempt += 1;
+            self.members.retrying(tag, attempt).await;
         }
     }
 
-    /// Publishes to the dead-letter destination, retrying broker failures until it worked or
-    /// shutdown began. Returns whether the original may be acknowledged.
+    /// Publishes to the dead-letter destination, retrying temporary broker failures until it
+    /// worked or shutdown began. A permanent failure stops the subscription with that error:
+    /// retrying it would hold the key (and, at concurrency 1, the binding) forever. Returns
+    /// whether the original may be acknowledged.
     async fn dead_letter(
         &self,
         message: &Message,
@@ -269,6 +302,11 @@ impl<T: Send + 'static> Worker<T> {
                 .await
             {
                 Ok(()) => return true,
+                Err(e) if !e.is_temporary() => {
+                    self.fault
+                        .fail(dead_letter_refused(&self.dead_letter, message, e));
+                    return false;
+                }
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(error = %e, id = %message.id(), "dead-letter publish failed; retrying");
@@ -280,6 +318,33 @@ impl<T: Send + 'static> Worker<T> {
                 }
             }
         }
+    }
+}
+
+/// The error a subscription or stream ends with when its dead-letter destination refuses a
+/// message for good.
+pub(crate) fn dead_letter_refused(dead_letter: &DeadLetter, message: &Message, e: Error) -> Error {
+    Error::new(
+        e.kind(),
+        format!(
+            "dead-lettering message {} to `{}` failed for good, so the consumer stopped; the \
+             message stays un-acknowledged",
+            message.id(),
+            dead_letter.destination()
+        ),
+    )
+    .with_source(e)
+}
+
+/// Decodes, turning a codec that panics into a decode error rather than a dead consumer.
+pub(crate) fn decode<T: 'static>(
+    codec: &dyn Codec<T>,
+    message: &Message,
+) -> std::result::Result<T, String> {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| decode_message(codec, message))) {
+        Ok(Ok(payload)) => Ok(payload),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => Err(format!("codec panicked: {}", panic_text(&*panic))),
     }
 }
 
@@ -300,41 +365,89 @@ async fn supervise<T: Send + 'static>(
     let Inbound {
         deliveries,
         backlog,
-        acks,
+        settle,
+        members,
         stop,
+        fault,
         fetcher,
         closer,
         ..
     } = inbound;
-    let dispatcher = tokio::spawn(dispatch(
+    let mut dispatcher = tokio::spawn(dispatch(
         worker,
         deliveries,
         backlog,
-        AckBuffer::new(acks, prefetch),
+        members,
+        AckBuffer::new(settle, prefetch),
         concurrency,
         stop.subscribe(),
     ));
-    let fetched = fetcher
-        .await
+    let mut fetcher = fetcher;
+    // The dispatcher ends before the fetcher only when it died: it runs until stopped and
+    // then until the fetcher's channel closes.
+    let mut dispatched = None;
+    let fetched = tokio::select! {
+        fetched = &mut fetcher => fetched,
+        ended = &mut dispatcher => {
+            dispatched = Some(ended);
+            let _ = stop.send(true);
+            fetcher.await
+        }
+    };
+    let fetched = fetched
         .unwrap_or_else(|e| Err(Error::new(ErrorKind::Closed, "fetch task failed").with_source(e)));
     // A permanent fetch failure stops the dispatcher too.
     let _ = stop.send(true);
     let timeout = closer.timeout;
-    let abort = dispatcher.abort_handle();
-    let drained = tokio::time::timeout(timeout, dispatcher).await.is_ok();
-    if !drained {
-        abort.abort();
-        tracing::warn!(?timeout, "handlers still running at the shutdown deadline; their messages will be delivered again");
+    let drained = match dispatched {
+        Some(ended) => Some(ended),
+        None => {
+            let abort = dispatcher.abort_handle();
+            match tokio::time::timeout(timeout, dispatcher).await {
+                Ok(ended) => Some(ended),
+                Err(_) => {
+                    abort.abort();
+                    tracing::warn!(?timeout, "handlers still running at the shutdown deadline; their messages will be delivered again");
+                    None
+                }
+            }
+        }
+    };
+    let closed = closer.close().await;
+    // The first failure is the one to report; the others are logged, never dropped.
+    let mut failures = Vec::new();
+    if let Err(e) = fetched {
+        failures.push(e);
     }
-    closer.close().await?;
-    fetched?;
-    if drained {
-        Ok(())
-    } else {
-        Err(Error::new(
+    if let Some(e) = fault.take() {
+        failures.push(e);
+    }
+    match drained {
+        Some(Ok(())) => {}
+        Some(Err(e)) => failures.push(
+            Error::new(
+                ErrorKind::Closed,
+                "the subscription's dispatcher died; deliveries it held will be delivered again",
+            )
+            .with_source(e),
+        ),
+        None => failures.push(Error::new(
             ErrorKind::Timeout,
             format!("handlers still running after the shutdown timeout of {timeout:?}; their messages stay un-acknowledged"),
-        ))
+        )),
+    }
+    if let Err(e) = closed {
+        failures.push(e);
+    }
+    let mut failures = failures.into_iter();
+    match failures.next() {
+        None => Ok(()),
+        Some(first) => {
+            for other in failures {
+                tracing::warn!(error = %other, "subscription also failed");
+            }
+            Err(first)
+        }
     }
 }
 
@@ -347,7 +460,7 @@ async fn supervise<T: Send + 'static>(
 /// slow or stuck handler must not hold earlier messages un-acknowledged; on Redis they would
 /// be claimed by another member after `claim-idle`), and after `burst` of them.
 struct AckBuffer {
-    sender: mpsc::UnboundedSender<DeliveryTag>,
+    sender: mpsc::UnboundedSender<Settlement>,
     pending: Vec<DeliveryTag>,
     /// At most a quarter of the prefetch, so held acks never keep the fetch loop from
     /// overlapping the next fetch with handling.
@@ -355,7 +468,7 @@ struct AckBuffer {
 }
 
 impl AckBuffer {
-    fn new(sender: mpsc::UnboundedSender<DeliveryTag>, prefetch: usize) -> Self {
+    fn new(sender: mpsc::UnboundedSender<Settlement>, prefetch: usize) -> Self {
         let burst = (prefetch / 4).clamp(1, 32);
         AckBuffer {
             sender,
@@ -371,10 +484,15 @@ impl AckBuffer {
         }
     }
 
+    /// Settles a delivery that was not handled: released, or dropped.
+    fn settle_now(&self, settlement: Settlement) {
+        // The ack loop outlives every dispatcher; a send fails only at teardown.
+        let _ = self.sender.send(settlement);
+    }
+
     fn flush(&mut self) {
         for tag in self.pending.drain(..) {
-            // The ack loop outlives every dispatcher; a send fails only at teardown.
-            let _ = self.sender.send(tag);
+            let _ = self.sender.send(Settlement::Ack(tag));
         }
     }
 }
@@ -390,10 +508,13 @@ impl Drop for AckBuffer {
 const MAX_STREAK: u32 = 512;
 
 /// Feeds deliveries to the worker: at most `concurrency` at once, one at a time per key.
+/// Once stopping, it starts nothing more: what it has not started is released (handed back
+/// without counting an attempt) while running handlers finish.
 async fn dispatch<T: Send + 'static>(
     worker: Arc<Worker<T>>,
     mut deliveries: mpsc::UnboundedReceiver<Received>,
     backlog: Arc<Backlog>,
+    members: Arc<Members>,
     mut acks: AckBuffer,
     concurrency: usize,
     mut stopping: watch::Receiver<bool>,
@@ -419,20 +540,29 @@ async fn dispatch<T: Send + 'static>(
                     streak += 1;
                     (received, previous_end.unwrap_or_else(Instant::now))
                 }
-                Ok(_) | Err(TryRecvError::Disconnected) => return,
+                Ok(received) => {
+                    backlog.take();
+                    acks.settle_now(Settlement::Release(received.tag));
+                    break;
+                }
+                Err(TryRecvError::Disconnected) => break,
                 Err(TryRecvError::Empty) => {
                     streak = 0;
                     acks.flush();
                     let received = tokio::select! {
                         biased;
-                        _ = stopping.wait_for(|s| *s) => return,
+                        _ = stopping.wait_for(|s| *s) => break,
                         received = deliveries.recv() => received,
                     };
-                    let Some(received) = received else { return };
+                    let Some(received) = received else { break };
                     (received, Instant::now())
                 }
             };
             backlog.take();
+            if !members.holds(received.tag) {
+                acks.settle_now(Settlement::Drop(received.tag));
+                continue;
+            }
             let mut handling = std::pin::pin!(worker.process(received));
             let ack = match futures::poll!(handling.as_mut()) {
                 std::task::Poll::Ready(ack) => ack,
@@ -448,16 +578,27 @@ async fn dispatch<T: Send + 'static>(
                 acks.push(tag);
             }
         }
+        acks.flush();
+        release_rest(&mut deliveries, &backlog, &acks).await;
+        return;
     }
-    let mut queue = KeyedQueue::new();
+    let mut queue = KeyedQueue::<Received>::new();
     let mut running = FuturesUnordered::new();
     let mut open = true;
+    let mut fed = true;
     loop {
         while open && running.len() < concurrency {
             let Some((slot, received)) = queue.pop() else {
                 break;
             };
             backlog.take();
+            if !members.holds(received.tag) {
+                acks.settle_now(Settlement::Drop(received.tag));
+                if queue.done(slot) {
+                    backlog.add(1);
+                }
+                continue;
+            }
             let worker = worker.clone();
             running.push(async move {
                 let started = Instant::now();
@@ -465,8 +606,7 @@ async fn dispatch<T: Send + 'static>(
                 (slot, ack, started.elapsed())
             });
         }
-        if !open && running.is_empty() {
-            // Queued deliveries were never started; closing the consumer hands them back.
+        if !open && running.is_empty() && !fed {
             return;
         }
         // Once stopping, the deliveries are no longer drained: flush every time.
@@ -483,17 +623,53 @@ async fn dispatch<T: Send + 'static>(
                     acks.push(tag);
                 }
             }
-            received = deliveries.recv(), if open => match received {
-                Some(received) => {
+            received = deliveries.recv(), if fed => match received {
+                Some(received) if open => {
                     let slot = queue.slot(received.message.key());
                     if !queue.push(slot, received) {
                         // Held back behind its key; `done` counts it again when released.
                         backlog.take();
                     }
                 }
-                None => open = false,
+                Some(received) => {
+                    // Fetched as the consumer stopped: never started.
+                    backlog.take();
+                    acks.settle_now(Settlement::Release(received.tag));
+                }
+                None => {
+                    fed = false;
+                    if open {
+                        open = false;
+                        release_queued(&mut queue, &backlog, &acks);
+                    }
+                }
             },
-            _ = stopping.wait_for(|s| *s), if open => open = false,
+            _ = stopping.wait_for(|s| *s), if open => {
+                open = false;
+                release_queued(&mut queue, &backlog, &acks);
+            }
         }
+    }
+}
+
+/// Releases what the dispatcher queued and never started.
+fn release_queued(queue: &mut KeyedQueue<Received>, backlog: &Backlog, acks: &AckBuffer) {
+    for (ready, received) in queue.drain() {
+        if ready {
+            backlog.take();
+        }
+        acks.settle_now(Settlement::Release(received.tag));
+    }
+}
+
+/// Releases what is still on its way from the fetch loop, until the loop has ended.
+async fn release_rest(
+    deliveries: &mut mpsc::UnboundedReceiver<Received>,
+    backlog: &Backlog,
+    acks: &AckBuffer,
+) {
+    while let Some(received) = deliveries.recv().await {
+        backlog.take();
+        acks.settle_now(Settlement::Release(received.tag));
     }
 }

@@ -43,6 +43,7 @@ struct Inner {
     origin: String,
     config: Config,
     binders: BTreeMap<String, Arc<dyn Binder>>,
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Streams {
@@ -51,9 +52,18 @@ impl Streams {
         StreamsBuilder::default()
     }
 
-    /// The named binding.
+    /// The named binding. Fails with [`ErrorKind::Closed`] after [`close`](Streams::close).
     pub fn channel(&self, binding: &str) -> Result<Channel> {
         let inner = &*self.inner;
+        if inner.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::new(
+                ErrorKind::Closed,
+                format!(
+                    "the streams of {} are closed; binding `{binding}` is not available",
+                    inner.origin
+                ),
+            ));
+        }
         let Some(config) = inner.config.bindings.get(binding) else {
             let names: Vec<&str> = inner.config.bindings.keys().map(String::as_str).collect();
             let hint = match nearest(binding, &names) {
@@ -105,12 +115,24 @@ impl Streams {
         &self.inner.config
     }
 
-    /// Closes every binder.
+    /// Closes every binder. Afterwards no new source, sink or channel can be made: those
+    /// calls, and binders' `producer` and `consumer`, fail with [`ErrorKind::Closed`] on
+    /// every binder. Sources and subscriptions made before stay usable until they are closed
+    /// themselves, so a service closes them (shuts its subscriptions down, flushes its
+    /// sources) before or after this, in any order. Every binder is closed even if one
+    /// fails; the first failure is returned.
     pub async fn close(&self) -> Result<()> {
-        for binder in self.inner.binders.values() {
-            binder.close().await?;
+        self.inner
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        let mut first = None;
+        for (name, binder) in &self.inner.binders {
+            if let Err(e) = binder.close().await {
+                tracing::warn!(binder = %name, error = %e, "closing binder failed");
+                first.get_or_insert(e);
+            }
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 }
 
@@ -238,11 +260,22 @@ impl StreamsBuilder {
             let binder = build(&self.registry, name, name, &toml::Table::new(), origin)?;
             binders.insert(name.to_owned(), binder);
         }
+        // Each binding is checked against its binder's abilities now, not at first use.
+        for (binding, declared) in &config.bindings {
+            if let Some(binder) =
+                binder_of(&config, declared.binder.as_deref()).and_then(|name| binders.get(name))
+            {
+                binder
+                    .check_binding(binding, declared)
+                    .map_err(|e| Error::new(e.kind(), format!("{origin}: {}", e.message())))?;
+            }
+        }
         Ok(Streams {
             inner: Arc::new(Inner {
                 origin: origin.to_owned(),
                 config,
                 binders,
+                closed: Default::default(),
             }),
         })
     }

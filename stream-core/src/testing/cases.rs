@@ -600,7 +600,7 @@ pub async fn crashed_member_work_is_taken_over(h: &dyn Harness) {
         for r in &got {
             if held.iter().any(|v| v.message.id() == r.message.id()) {
                 assert!(
-                    r.delivery_count >= 2,
+                    r.attempt >= 2,
                     "a taken-over delivery counts as redelivered"
                 );
             }

@@ -5,10 +5,13 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::{Binder, Consumer, ConsumerOptions, DeliveryTag, Producer, Received, Result};
+use crate::{
+    Binder, BindingConfig, Consumer, ConsumerOptions, DeliveryTag, Producer, Received, Result,
+};
 
-/// Wraps a binder and counts, over all its consumers, deliveries received and acknowledged,
-/// the most held un-acknowledged at once, and acks seen before each consumer closed.
+/// Wraps a binder and counts, over all its consumers, deliveries received, acknowledged and
+/// released, the most held un-acknowledged at once, and acks seen before each consumer
+/// closed.
 #[derive(Clone)]
 pub struct CountingBinder {
     inner: Arc<dyn Binder>,
@@ -21,6 +24,7 @@ struct Counts {
     acked: AtomicUsize,
     max_outstanding: AtomicUsize,
     acked_at_close: AtomicUsize,
+    released: AtomicUsize,
 }
 
 impl CountingBinder {
@@ -40,6 +44,11 @@ impl CountingBinder {
     /// Deliveries acknowledged.
     pub fn acked(&self) -> usize {
         self.counts.acked.load(Ordering::SeqCst)
+    }
+
+    /// Deliveries handed back unstarted ([`Consumer::release`]).
+    pub fn released(&self) -> usize {
+        self.counts.released.load(Ordering::SeqCst)
     }
 
     /// The most deliveries held un-acknowledged at one time by one consumer.
@@ -63,6 +72,14 @@ impl Binder for CountingBinder {
         self.inner.producer(destination).await
     }
 
+    async fn dead_letter_producer(&self, destination: &str) -> Result<Box<dyn Producer>> {
+        self.inner.dead_letter_producer(destination).await
+    }
+
+    fn check_binding(&self, name: &str, binding: &BindingConfig) -> Result<()> {
+        self.inner.check_binding(name, binding)
+    }
+
     async fn consumer(
         &self,
         destination: &str,
@@ -78,6 +95,10 @@ impl Binder for CountingBinder {
 
     async fn prepare_partitions(&self, destination: &str, partitions: u32) -> Result<bool> {
         self.inner.prepare_partitions(destination, partitions).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
     }
 }
 
@@ -104,6 +125,21 @@ impl Consumer for CountingConsumer {
         self.outstanding.fetch_sub(tags.len(), Ordering::SeqCst);
         self.counts.acked.fetch_add(tags.len(), Ordering::SeqCst);
         Ok(())
+    }
+
+    fn holds(&self, tag: DeliveryTag) -> bool {
+        self.inner.holds(tag)
+    }
+
+    async fn release(&self, tags: &[DeliveryTag]) -> Result<()> {
+        self.inner.release(tags).await?;
+        self.outstanding.fetch_sub(tags.len(), Ordering::SeqCst);
+        self.counts.released.fetch_add(tags.len(), Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn retrying(&self, tag: DeliveryTag, attempt: u32) -> Result<()> {
+        self.inner.retrying(tag, attempt).await
     }
 
     async fn close(&self) -> Result<()> {

@@ -48,7 +48,7 @@ pub use counting::CountingBinder;
 pub struct Capabilities {
     /// [`Harness::restart_broker`] works: the broker can be killed and restarted in a test.
     pub restart: bool,
-    /// [`Received::delivery_count`](crate::Received) counts redeliveries broker-side.
+    /// [`Received::attempt`](crate::Received) comes from a count the broker keeps per message.
     pub counts_deliveries: bool,
     /// Idle time after which a dead member's deliveries are taken over; the suite sets it on
     /// its bindings and waits at least this long for takeovers.
