@@ -237,12 +237,8 @@ impl KafkaConsumer {
         if let Some(key) = message.key() {
             out = out.with_key(String::from_utf8_lossy(key));
         }
-        Received {
-            message: out,
-            // Partitions and offsets are never negative on delivered messages.
-            tag: DeliveryTag(partition as u64, offset as u64),
-            attempt: 1,
-        }
+        // Partitions and offsets are never negative on delivered messages.
+        Received::new(out, DeliveryTag(partition as u64, offset as u64), 1)
     }
 
     fn note_recovering(&self, error: &KafkaError) {

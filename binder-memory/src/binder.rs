@@ -293,11 +293,7 @@ impl Consumer for MemoryConsumer {
             if !taken.is_empty() {
                 return Ok(taken
                     .into_iter()
-                    .map(|t| Received {
-                        message: t.message,
-                        tag: DeliveryTag(0, t.offset),
-                        attempt: t.attempt,
-                    })
+                    .map(|t| Received::new(t.message, DeliveryTag(0, t.offset), t.attempt))
                     .collect());
             }
             changed.await;

@@ -681,12 +681,8 @@ impl RedisConsumer {
             .filter_map(|(entry, count)| {
                 // No count: it left our pending list meanwhile (acked, or claimed by a
                 // member that found it idle); whoever has it now handles it.
-                let delivery_count = count?;
-                Some(Received {
-                    tag: entry.id.tag(),
-                    attempt: delivery_count,
-                    message: entry.message?,
-                })
+                let attempt = count?;
+                Some(Received::new(entry.message?, entry.id.tag(), attempt))
             })
             .collect())
     }

@@ -203,6 +203,7 @@ pub trait Consumer: Send + Sync + 'static {
 
 /// A message as a consumer received it.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Received {
     /// The message, with its broker id set.
     pub message: Message,
@@ -212,6 +213,29 @@ pub struct Received {
     /// recorded for this message in this group (see [`Consumer`]'s section on attempts).
     /// Binders without a count per message report 1.
     pub attempt: u32,
+    /// Why the broker's record could not be turned into a message faithfully (a header name
+    /// that is not UTF-8, say), when it could not. Core never hands such a delivery to a
+    /// handler: it goes to the dead-letter destination as undecodable, with this text.
+    pub defect: Option<String>,
+}
+
+impl Received {
+    /// A delivery of `message`, acknowledged with `tag`, as attempt `attempt`.
+    pub fn new(message: Message, tag: DeliveryTag, attempt: u32) -> Self {
+        Received {
+            message,
+            tag,
+            attempt,
+            defect: None,
+        }
+    }
+
+    /// Marks the delivery as one that cannot be handled, for the reason given: it is
+    /// dead-lettered as undecodable (see [`Received::defect`]).
+    pub fn with_defect(mut self, defect: impl Into<String>) -> Self {
+        self.defect = Some(defect.into());
+        self
+    }
 }
 
 /// Identifies a delivery to the binder that made it: a memory offset, a Redis entry id, a

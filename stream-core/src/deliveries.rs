@@ -175,12 +175,23 @@ impl<T: Send + 'static> Stream for Deliveries<T> {
                 _ => match this.deliveries.poll_recv(cx) {
                     Poll::Ready(Some(received)) => {
                         this.backlog.take();
-                        Pending {
+                        let pending = Pending {
                             attempt: received.attempt.max(1),
                             message: received.message,
                             tag: received.tag,
                             first_failure: None,
+                        };
+                        if let Some(defect) = received.defect {
+                            let settle = this.settle.clone();
+                            tokio::spawn(async move {
+                                let attempts = pending.attempt;
+                                settle
+                                    .give_up(pending, attempts, Cause::Decode, defect)
+                                    .await;
+                            });
+                            continue;
                         }
+                        pending
                     }
                     Poll::Ready(None) => {
                         // The fetcher ended: say why if it failed, once.

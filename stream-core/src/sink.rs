@@ -222,6 +222,12 @@ impl<T: Send + 'static> Worker<T> {
         let message = Arc::new(received.message);
         let mut attempt = received.attempt.max(1);
         let mut first_failure = None;
+        if let Some(defect) = received.defect {
+            return self
+                .dead_letter(&message, attempt, Cause::Decode, &defect, SystemTime::now())
+                .await
+                .then_some(tag);
+        }
         if attempt > self.retry.max_attempts {
             // Earlier consumers stopped or died during every attempt they made; calling the
             // handler again could crash this one too.
