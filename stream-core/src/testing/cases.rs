@@ -11,7 +11,7 @@ use tokio::sync::Semaphore;
 
 use super::{
     ack_all, channel, raw_consumer, raw_producer, receive_at_least, skip, test_binding, unique,
-    wait_until, CountingBinder, Harness, Tally,
+    wait_until, CountingBinder, Harness, Refusal, RefusingDeadLetters, ShortReceives, Tally,
 };
 use crate::{header, Binder, ErrorKind, Message, RetryConfig, StartFrom};
 
@@ -1048,4 +1048,456 @@ pub async fn partitioned_single_instance_reads_every_partition(h: &dyn Harness) 
         (0..PARTITIONS).map(Some).collect(),
         "messages came from every partition"
     );
+}
+
+/// A binder that hands out a few deliveries per receive still fills the prefetch window
+/// while every handler is busy: fetching does not stop short of the bound waiting for a
+/// fuller batch that cannot come.
+pub async fn short_receives_fill_the_window(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let counting = CountingBinder::new(Arc::new(ShortReceives::new(h.binder().await, 3)));
+    let binder: Arc<dyn Binder> = Arc::new(counting.clone());
+    let dest = unique("short");
+    let config = test_binding(&dest, &caps)
+        .group(unique("g"))
+        .prefetch(8)
+        .concurrency(2);
+    let source = channel(&binder, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap();
+    let batch: Vec<Event> = (0..40).map(ev).collect();
+    source.send_batch(&batch).await.unwrap();
+    let tally = Tally::new();
+    let gate = Arc::new(Semaphore::new(0));
+    let (t, g) = (tally.clone(), gate.clone());
+    let sub = channel(&binder, config)
+        .sink::<Event>()
+        .subscribe(move |e: Event| {
+            let (t, g) = (t.clone(), g.clone());
+            async move {
+                g.acquire().await.unwrap().forget();
+                t.record(e.n);
+                Ok::<(), String>(())
+            }
+        })
+        .await
+        .unwrap();
+    wait_until(
+        caps.patience,
+        "three-at-a-time receives have filled the window of 8 while both handlers are held",
+        || counting.received() >= 8,
+    )
+    .await;
+    assert_eq!(counting.received(), 8, "no more than the window");
+    gate.add_permits(1_000);
+    wait_until(caps.patience, "all 40 are handled", || tally.has_all(0..40)).await;
+    sub.shutdown().await.unwrap();
+    assert!(
+        counting.max_outstanding() <= 8,
+        "at most prefetch un-acked deliveries, saw {}",
+        counting.max_outstanding()
+    );
+    tally.assert_complete("short_receives_fill_the_window", 0..40);
+}
+
+/// Closing hands back what was prefetched and never handled without counting it as an
+/// attempt: consumers that open, handle a little and close, over and over (a rolling
+/// restart), never push an unseen message towards the dead-letter destination, and every
+/// message is handled as attempt 1.
+pub async fn close_and_reopen_keeps_attempts_at_one(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("attempts");
+    // Far more prefetch than messages: every close hands back everything not yet handled.
+    let config = test_binding(&dest, &caps).group(unique("g")).prefetch(256);
+    let source = channel(&binder, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap();
+    let batch: Vec<Event> = (0..10).map(ev).collect();
+    source.send_batch(&batch).await.unwrap();
+    let tally = Tally::new();
+    // Pull style: one message per consumer.
+    for round in 0..5 {
+        let mut stream = channel(&binder, config.clone())
+            .sink::<Event>()
+            .stream()
+            .await
+            .unwrap();
+        let d = next_delivery(&mut stream, caps.patience + caps.claim_idle * 4).await;
+        assert_eq!(
+            d.attempt(),
+            1,
+            "round {round}: message {} was handed back unstarted, not attempted",
+            d.payload().n
+        );
+        tally.record(d.payload().n);
+        d.ack();
+        stream.close().await.unwrap();
+    }
+    // Handler style: subscriptions shut down after a few messages each.
+    let attempts: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let deadline = Instant::now() + caps.patience * 2;
+    while !tally.has_all(0..10) {
+        assert!(Instant::now() < deadline, "10 messages not handled in time");
+        let before = tally.distinct();
+        let (t, a) = (tally.clone(), attempts.clone());
+        let sub = channel(&binder, config.clone())
+            .sink::<Event>()
+            .subscribe_envelope(move |e: crate::Envelope<Event>| {
+                t.record(e.payload().n);
+                a.lock().unwrap().push(e.attempt());
+                async { Ok::<(), String>(()) }
+            })
+            .await
+            .unwrap();
+        wait_until(
+            caps.patience + caps.claim_idle * 4,
+            "the subscription handles a message",
+            || tally.distinct() > before,
+        )
+        .await;
+        sub.shutdown().await.unwrap();
+    }
+    let attempts = attempts.lock().unwrap().clone();
+    assert!(
+        attempts.iter().all(|a| *a == 1),
+        "every handler call was attempt 1: {attempts:?}"
+    );
+    // Every message reached a handler, so none was dead-lettered unseen.
+    let duplicates = tally.assert_complete("close_and_reopen_keeps_attempts_at_one", 0..10);
+    assert_eq!(duplicates, 0, "acknowledged messages came back");
+}
+
+/// A handler that panics, before or after returning its future, is a failed attempt like
+/// an error: retried, then dead-lettered with the panic message; the subscription keeps
+/// handling everything else.
+pub async fn panicking_handler_is_retried_then_dead_lettered(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("panic");
+    let config = test_binding(&dest, &caps).group(unique("g")).concurrency(2);
+    let log: Arc<Mutex<Vec<(u64, u32)>>> = Arc::default();
+    let tally = Tally::new();
+    let (l, t) = (log.clone(), tally.clone());
+    let mut sub = channel(&binder, config.clone())
+        .sink::<Event>()
+        .subscribe_envelope(move |e: crate::Envelope<Event>| {
+            let n = e.payload().n;
+            l.lock().unwrap().push((n, e.attempt()));
+            if n == 0 {
+                panic!("sync boom");
+            }
+            let t = t.clone();
+            async move {
+                if n == 1 {
+                    panic!("async boom");
+                }
+                t.record(n);
+                Ok::<(), String>(())
+            }
+        })
+        .await
+        .unwrap();
+    let source = channel(&binder, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap();
+    source.send_keyed("sync", &ev(0)).await.unwrap();
+    source.send_keyed("async", &ev(1)).await.unwrap();
+    for n in 10..30 {
+        source.send_keyed(format!("k{n}"), &ev(n)).await.unwrap();
+    }
+    let dead = read_dead_letters(h, &binder, &config.dead_letter_destination(), 2).await;
+    wait_until(caps.patience, "the other 20 are handled", || {
+        tally.has_all(10..30)
+    })
+    .await;
+    assert!(!sub.is_finished(), "the subscription is still running");
+    // It keeps going after the panics.
+    source.send(&ev(99)).await.unwrap();
+    wait_until(caps.patience, "a later message is handled", || {
+        tally.has_all([99])
+    })
+    .await;
+    let waited = tokio::time::timeout(Duration::from_millis(50), sub.wait()).await;
+    assert!(
+        waited.is_err(),
+        "wait() does not return while the subscription runs"
+    );
+    sub.shutdown().await.expect("clean shutdown");
+    let log = log.lock().unwrap().clone();
+    for n in [0, 1] {
+        let tries: Vec<u32> = log
+            .iter()
+            .filter(|(m, _)| *m == n)
+            .map(|(_, a)| *a)
+            .collect();
+        assert_eq!(
+            tries,
+            vec![1, 2, 3],
+            "message {n} attempted three times: {log:?}"
+        );
+    }
+    for (n, boom) in [(0u64, "sync boom"), (1, "async boom")] {
+        let letter = dead
+            .iter()
+            .find(|m| serde_json::from_slice::<Event>(m.payload()).ok() == Some(ev(n)))
+            .unwrap_or_else(|| panic!("message {n} is dead-lettered"));
+        let error = letter.headers().get(header::ERROR).unwrap_or_default();
+        assert!(
+            error.contains("panicked") && error.contains(boom),
+            "{error}"
+        );
+        assert_eq!(letter.headers().get(header::ATTEMPTS), Some("3"));
+    }
+    tally.assert_complete(
+        "panicking_handler_is_retried_then_dead_lettered",
+        (10..30).chain([99]),
+    );
+}
+
+/// A dead-letter destination that cannot be written fails the subscription's start; one
+/// that refuses a message for good ends the subscription with that error instead of
+/// retrying it forever, and the message stays un-acknowledged for the next consumer.
+pub async fn refused_dead_letter_stops_the_subscription_with_the_error(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let real = h.binder().await;
+    let dest = unique("dlq-refused");
+    let config = test_binding(&dest, &caps)
+        .group(unique("g"))
+        .retry(RetryConfig {
+            max_attempts: 1,
+            ..RetryConfig::default()
+        });
+    let unopenable: Arc<dyn Binder> =
+        Arc::new(RefusingDeadLetters::new(real.clone(), Refusal::Open));
+    let err = channel(&unopenable, config.clone())
+        .sink::<Event>()
+        .subscribe(|_: Event| async { Ok::<(), String>(()) })
+        .await
+        .expect_err("a dead-letter destination that cannot be opened fails the start");
+    assert_eq!(err.kind(), ErrorKind::DestinationNotFound, "{err}");
+
+    let refusing: Arc<dyn Binder> =
+        Arc::new(RefusingDeadLetters::new(real.clone(), Refusal::Publish));
+    let source = channel(&real, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap();
+    source.send(&ev(0)).await.unwrap();
+    let mut sub = channel(&refusing, config.clone())
+        .sink::<Event>()
+        .subscribe(|_: Event| async { Err::<(), _>("always fails") })
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(caps.patience, sub.wait())
+        .await
+        .expect("the subscription ends instead of retrying the dead letter forever");
+    let err = ended.expect_err("it ends with the refusal");
+    assert_eq!(err.kind(), ErrorKind::PayloadTooLarge, "{err}");
+    assert!(
+        err.message().contains(&config.dead_letter_destination()),
+        "the error names the dead-letter destination: {err}"
+    );
+    sub.shutdown()
+        .await
+        .expect("shutdown after the end is a no-op");
+
+    // Nothing was lost: the next consumer, with a dead-letter destination that works, gets
+    // the message again and, its one attempt used up, dead-letters it.
+    let sub = channel(&real, config.clone())
+        .sink::<Event>()
+        .subscribe(|_: Event| async { Err::<(), _>("always fails") })
+        .await
+        .unwrap();
+    let dead = read_dead_letters(h, &real, &config.dead_letter_destination(), 1).await;
+    assert_eq!(
+        serde_json::from_slice::<Event>(dead[0].payload()).unwrap(),
+        ev(0)
+    );
+    sub.shutdown().await.unwrap();
+}
+
+/// The pull-style stream ends with the refusal, too, rather than retrying it forever.
+pub async fn refused_dead_letter_stops_the_stream_with_the_error(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let real = h.binder().await;
+    let dest = unique("dlq-refused-stream");
+    let config = test_binding(&dest, &caps)
+        .group(unique("g"))
+        .retry(RetryConfig {
+            max_attempts: 1,
+            ..RetryConfig::default()
+        });
+    let refusing: Arc<dyn Binder> =
+        Arc::new(RefusingDeadLetters::new(real.clone(), Refusal::Publish));
+    let source = channel(&real, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap();
+    source.send(&ev(0)).await.unwrap();
+    let mut stream = channel(&refusing, config)
+        .sink::<Event>()
+        .stream()
+        .await
+        .unwrap();
+    next_delivery(&mut stream, caps.patience)
+        .await
+        .nack("always fails");
+    let item = tokio::time::timeout(caps.patience, stream.next())
+        .await
+        .expect("the stream yields the refusal instead of waiting forever");
+    let err = item
+        .expect("an item, not the end")
+        .expect_err("the item is the refusal");
+    assert_eq!(err.kind(), ErrorKind::PayloadTooLarge, "{err}");
+    assert!(
+        tokio::time::timeout(caps.patience, stream.next())
+            .await
+            .expect("the stream ends")
+            .is_none(),
+        "nothing after the error"
+    );
+    stream.close().await.unwrap();
+}
+
+/// Waiting for a subscription in `select!` and then shutting it down, the most common shape
+/// of a service, shuts it down fully: `shutdown` returns only after handlers finished,
+/// their messages were acknowledged and the consumer closed.
+pub async fn subscription_wait_is_cancel_safe(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let counting = CountingBinder::new(h.binder().await);
+    let binder: Arc<dyn Binder> = Arc::new(counting.clone());
+    let dest = unique("wait");
+    let config = test_binding(&dest, &caps).group(unique("g"));
+    let started = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(0));
+    let (s, g) = (started.clone(), gate.clone());
+    let mut sub = channel(&binder, config.clone())
+        .sink::<Event>()
+        .subscribe(move |_: Event| {
+            let (s, g) = (s.clone(), g.clone());
+            async move {
+                s.fetch_add(1, Ordering::SeqCst);
+                g.acquire().await.unwrap().forget();
+                Ok::<(), String>(())
+            }
+        })
+        .await
+        .unwrap();
+    let source = channel(&binder, config).source::<Event>().await.unwrap();
+    source.send(&ev(1)).await.unwrap();
+    wait_until(caps.patience, "the handler is running", || {
+        started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // The "signal" branch wins; the `wait` future is dropped half-way.
+    tokio::select! {
+        _ = sub.wait() => panic!("the subscription ended by itself"),
+        _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+    }
+    gate.add_permits(1);
+    sub.shutdown().await.expect("clean shutdown");
+    assert_eq!(
+        counting.closed(),
+        1,
+        "shutdown returned only after the consumer closed"
+    );
+    assert_eq!(
+        counting.acked_at_close(),
+        1,
+        "the handled message was acknowledged first"
+    );
+}
+
+/// After `close`, a binder makes no new producers or consumers: each attempt fails with
+/// [`ErrorKind::Closed`]. What was made before stays usable until closed itself.
+pub async fn closed_binder_refuses_new_clients(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("closed");
+    let earlier = raw_producer(&binder, &dest).await;
+    binder.close().await.expect("close");
+    match binder.producer(&dest).await {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::Closed, "producer after close: {e}"),
+        Ok(_) => panic!("a producer was made after close"),
+    }
+    match binder.dead_letter_producer(&dest).await {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::Closed, "dead-letter producer: {e}"),
+        Ok(_) => panic!("a dead-letter producer was made after close"),
+    }
+    let options = crate::ConsumerOptions::new(unique("g")).claim_idle(caps.claim_idle);
+    match binder.consumer(&dest, &options).await {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::Closed, "consumer after close: {e}"),
+        Ok(_) => panic!("a consumer was made after close"),
+    }
+    earlier
+        .send(Message::new(&b"still open"[..]))
+        .await
+        .expect("a producer made before close still sends");
+    earlier.close().await.unwrap();
+}
+
+/// Two members whose handlers each take a tenth of the takeover time, so that each holds
+/// work for several times `claim-idle`: neither takes over what the other still holds, so
+/// nothing is handled twice; where the broker gives each key to one member at a time, keys
+/// stay in order across both.
+pub async fn slow_handlers_keep_their_deliveries(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("slow");
+    let config = test_binding(&dest, &caps).group(unique("g")).prefetch(40);
+    let work = caps.claim_idle / 10;
+    let tally = Tally::new();
+    let handled: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let mut members = Vec::new();
+    for _ in 0..2 {
+        let (t, l) = (tally.clone(), handled.clone());
+        members.push(
+            channel(&binder, config.clone())
+                .sink::<Event>()
+                .subscribe_envelope(move |e: crate::Envelope<Event>| {
+                    let (t, l) = (t.clone(), l.clone());
+                    async move {
+                        tokio::time::sleep(work).await;
+                        let key = e.message().key().unwrap_or_default().to_owned();
+                        l.lock().unwrap().push((key, e.payload().n));
+                        t.record(e.payload().n);
+                        Ok::<(), String>(())
+                    }
+                })
+                .await
+                .unwrap(),
+        );
+    }
+    let source = channel(&binder, config).source::<Event>().await.unwrap();
+    let messages = 80u64;
+    for n in 0..messages {
+        source
+            .send_keyed(format!("key-{}", n % 8), &ev(n))
+            .await
+            .unwrap();
+    }
+    // Each member holds up to 40 messages of work: 40 × claim-idle / 10 = 4 × claim-idle.
+    wait_until(
+        caps.patience + work * messages as u32,
+        "all messages are handled",
+        || tally.has_all(0..messages),
+    )
+    .await;
+    for member in members {
+        member.shutdown().await.unwrap();
+    }
+    let duplicates = tally.assert_complete("slow_handlers_keep_their_deliveries", 0..messages);
+    assert_eq!(duplicates, 0, "a live member's deliveries were taken over");
+    if caps.orders_keys_across_members {
+        let mut last: HashMap<String, u64> = HashMap::new();
+        for (key, n) in handled.lock().unwrap().iter() {
+            if let Some(previous) = last.insert(key.clone(), *n) {
+                assert!(previous < *n, "{key}: {n} handled after {previous}");
+            }
+        }
+    }
 }

@@ -25,6 +25,7 @@ struct Counts {
     max_outstanding: AtomicUsize,
     acked_at_close: AtomicUsize,
     released: AtomicUsize,
+    closed: AtomicUsize,
 }
 
 impl CountingBinder {
@@ -49,6 +50,11 @@ impl CountingBinder {
     /// Deliveries handed back unstarted ([`Consumer::release`]).
     pub fn released(&self) -> usize {
         self.counts.released.load(Ordering::SeqCst)
+    }
+
+    /// Consumer closes that have returned.
+    pub fn closed(&self) -> usize {
+        self.counts.closed.load(Ordering::SeqCst)
     }
 
     /// The most deliveries held un-acknowledged at one time by one consumer.
@@ -146,6 +152,8 @@ impl Consumer for CountingConsumer {
         self.counts
             .acked_at_close
             .store(self.counts.acked.load(Ordering::SeqCst), Ordering::SeqCst);
-        self.inner.close().await
+        let closed = self.inner.close().await;
+        self.counts.closed.fetch_add(1, Ordering::SeqCst);
+        closed
     }
 }

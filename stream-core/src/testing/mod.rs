@@ -39,8 +39,10 @@ use crate::{
 
 pub mod cases;
 mod counting;
+mod faults;
 
 pub use counting::CountingBinder;
+pub use faults::{Refusal, RefusingDeadLetters, ShortReceives, REFUSAL};
 
 /// What a binder under test can do; cases that need more are skipped with a message.
 #[derive(Debug, Clone)]
@@ -55,6 +57,10 @@ pub struct Capabilities {
     pub claim_idle: Duration,
     /// The longest a case waits for an expected delivery.
     pub patience: Duration,
+    /// Messages with one key are handled in publish order across the members of a group,
+    /// not only within one consumer: the broker gives each key to one member at a time
+    /// (Kafka partitions).
+    pub orders_keys_across_members: bool,
 }
 
 impl Default for Capabilities {
@@ -64,6 +70,7 @@ impl Default for Capabilities {
             counts_deliveries: true,
             claim_idle: Duration::from_millis(500),
             patience: Duration::from_secs(30),
+            orders_keys_across_members: false,
         }
     }
 }
@@ -84,6 +91,12 @@ impl Capabilities {
     /// Sets the takeover idle time the suite uses.
     pub fn claim_idle(mut self, idle: Duration) -> Self {
         self.claim_idle = idle;
+        self
+    }
+
+    /// Declares whether one key stays in order across the members of a group.
+    pub fn orders_keys_across_members(mut self, ordered: bool) -> Self {
+        self.orders_keys_across_members = ordered;
         self
     }
 
@@ -171,6 +184,14 @@ macro_rules! conformance_suite {
                 partitioned_instances_split_keys_in_order,
                 partitioned_single_instance_reads_every_partition,
                 broker_restart_mid_stream,
+                short_receives_fill_the_window,
+                close_and_reopen_keeps_attempts_at_one,
+                panicking_handler_is_retried_then_dead_lettered,
+                refused_dead_letter_stops_the_subscription_with_the_error,
+                refused_dead_letter_stops_the_stream_with_the_error,
+                subscription_wait_is_cancel_safe,
+                closed_binder_refuses_new_clients,
+                slow_handlers_keep_their_deliveries,
             );
         }
     };
