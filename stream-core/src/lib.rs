@@ -37,6 +37,12 @@
 //! was published to the dead-letter destination. A failing handler is retried with
 //! exponential backoff while the message stays un-acknowledged in the broker; later messages
 //! with the same key wait, others keep flowing. Undecodable payloads never reach a handler.
+//!
+//! An attempt is a delivery that reached a handler: a handler that returns an error or
+//! panics has failed one, a consumer that crashes during one has used it up, and a delivery
+//! handed back unstarted when a consumer stops does not count ([`Consumer`] has the details
+//! a binder implements). A [`Subscription`] ends only when shut down or with an error that
+//! says why.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -19,12 +19,14 @@ async fn main() {
 async fn run(args: &Args) -> stream_core::Result<()> {
     let streams = config::load(args.config().as_deref())?;
     let payments = PaymentService::new(&streams, args.number("limit", 10_000)).await?;
-    let subscription = payments.start(&streams).await?;
+    let mut subscription = payments.start(&streams).await?;
     println!("payment-service: running");
     let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    // `wait` is cancel-safe: when a signal wins, `shutdown` below still closes everything.
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
+        ended = subscription.wait() => ended?,
     }
     subscription.shutdown().await?;
     streams.close().await?;
