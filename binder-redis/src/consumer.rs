@@ -682,7 +682,14 @@ impl RedisConsumer {
                 // No count: it left our pending list meanwhile (acked, or claimed by a
                 // member that found it idle); whoever has it now handles it.
                 let attempt = count?;
-                Some(Received::new(entry.message?, entry.id.tag(), attempt))
+                let received = Received::new(entry.message?, entry.id.tag(), attempt);
+                Some(match entry.defect {
+                    Some(defect) => received.with_defect(format!(
+                        "stream entry {} of `{}` is not a message: {defect}",
+                        entry.id, self.stream
+                    )),
+                    None => received,
+                })
             })
             .collect())
     }
