@@ -137,7 +137,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use stream_core::{
-    Binder, Consumer, ConsumerOptions, Error, ErrorKind, Producer, Registry, Result,
+    Binder, BindingConfig, Consumer, ConsumerOptions, Error, ErrorKind, Producer, Registry,
+    Result,
 };
 use tokio::sync::OnceCell;
 
@@ -249,6 +250,38 @@ impl Binder for RedisBinder {
             self.inner.trim,
             self.inner.config.command_timeout,
         )))
+    }
+
+    async fn dead_letter_producer(&self, destination: &str) -> Result<Box<dyn Producer>> {
+        let conn = self.commands().await?;
+        // No trim rule: dead letters stay until someone handles them, however many
+        // messages the binder's streams keep.
+        Ok(Box::new(RedisProducer::new(
+            conn,
+            destination,
+            None,
+            self.inner.config.command_timeout,
+        )))
+    }
+
+    fn check_binding(&self, name: &str, binding: &BindingConfig) -> Result<()> {
+        if binding.group.is_some() && binding.claim_idle <= binding.retry.max_backoff {
+            // Live members keep what they hold whatever the backoff (the keepalive). A
+            // member that dies while a message waits out its backoff stops that, and the
+            // message must not be taken over and retried sooner than the backoff promised.
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "bindings.{name}: `claim-idle` ({:?}) must be longer than \
+                     `retry.max-backoff` ({:?}) on a redis binder: when a member dies while a \
+                     message waits out its backoff, another member takes the message over \
+                     after `claim-idle`, which must not come before the backoff ends; raise \
+                     `claim-idle` or lower `retry.max-backoff`",
+                    binding.claim_idle, binding.retry.max_backoff
+                ),
+            ));
+        }
+        Ok(())
     }
 
     async fn consumer(

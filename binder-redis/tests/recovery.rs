@@ -304,7 +304,12 @@ async fn redis_restarted_mid_stream_every_accepted_message_is_handled() {
     let binder = common::binder(&url);
     let config = BindingConfig::new(&stream)
         .group(&group)
-        .claim_idle(Duration::from_secs(2));
+        .claim_idle(Duration::from_secs(2))
+        // Below claim-idle, as a redis binder requires.
+        .retry(RetryConfig {
+            max_backoff: Duration::from_secs(1),
+            ..RetryConfig::default()
+        });
     let channel = Channel::new("restart", binder.clone(), config);
     let handled: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
     let h = handled.clone();
