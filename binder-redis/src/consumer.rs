@@ -11,11 +11,26 @@
 //! it never saw, and the claim sweep hands them out once they have been idle `claim-idle`.
 //!
 //! `ack` queues the ids and returns; a task of the consumer sends them (see [`AckQueue`]).
+//!
+//! # Holding entries, and counting attempts
+//!
+//! Redis keeps a delivery count per pending entry; this binder keeps it equal to core's
+//! attempts (see `stream_core::Consumer`): the deliveries of the message that reached a
+//! handler, or may have. A read of a new entry (`XREADGROUP ... >`) and a takeover from
+//! another member (`XAUTOCLAIM`) add one; [`Consumer::retrying`] sets it to the attempt
+//! about to start; [`Consumer::release`] takes one back. Everything else this consumer does
+//! to its own entries leaves the count alone: a task re-claims the entries it holds with
+//! `XCLAIM ... JUSTID` every third of `claim-idle`, so that no other member finds them idle
+//! however long their handlers take; the pass over its own pending list restores the counts
+//! that `XREADGROUP ... 0` raises; and when its own sweep claims an entry it holds (after a
+//! stall longer than `claim-idle`), it takes that count back. Each of these checks, in one
+//! script per batch, that the entry is still pending for this consumer, so none takes back
+//! an entry another member has since claimed.
 
 use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -73,6 +88,187 @@ redis.call(unpack(args))
 return {#page, page[#page][1]}
 ";
 
+/// The shortest pause between keepalive rounds.
+const MIN_KEEPALIVE_PERIOD: Duration = Duration::from_millis(10);
+/// The longest pause between keepalive rounds, whatever `claim-idle` says.
+const MAX_KEEPALIVE_PERIOD: Duration = Duration::from_secs(10);
+/// Entries per call of [`HOLD_SCRIPT`].
+const HOLD_PAGE: usize = 512;
+
+/// Re-claims entries that are still pending for this consumer (`XPENDING` says who owns each
+/// one, in the same atomic step), changing their delivery count as the mode says; returns
+/// the ids that are not, because another member took them or they were acknowledged.
+///
+/// KEYS[1] stream; ARGV: group, consumer, mode, attempt (for `attempt`), ids...
+/// Modes: `keep` resets the idle time; `attempt` sets the count to ARGV[4]; `release` takes
+/// one off the count and makes the entry claimable at once (delivery time 1970);
+/// `unbump` takes one off; `handback` makes it claimable at once.
+const HOLD_SCRIPT: &str = r"
+local group, consumer, mode = ARGV[1], ARGV[2], ARGV[3]
+local gone = {}
+for i = 5, #ARGV do
+  local id = ARGV[i]
+  local row = redis.call('XPENDING', KEYS[1], group, id, id, 1)[1]
+  if row and row[2] == consumer then
+    local claim = {'XCLAIM', KEYS[1], group, consumer, 0, id}
+    if mode == 'attempt' then
+      claim[#claim + 1] = 'RETRYCOUNT'
+      claim[#claim + 1] = ARGV[4]
+    elseif mode == 'release' or mode == 'unbump' then
+      claim[#claim + 1] = 'RETRYCOUNT'
+      claim[#claim + 1] = math.max(row[4] - 1, 0)
+    end
+    if mode == 'release' or mode == 'handback' then
+      claim[#claim + 1] = 'TIME'
+      claim[#claim + 1] = 1
+    end
+    claim[#claim + 1] = 'JUSTID'
+    redis.call(unpack(claim))
+  else
+    gone[#gone + 1] = id
+  end
+end
+return gone
+";
+
+/// Reads the consumer's own pending entries after an id, as `XREADGROUP ... <id>` does,
+/// then sets their delivery counts back to what they were: that read adds one to each,
+/// though it is no new attempt (the entries were delivered to this consumer already, and
+/// counted then). Deleted entries are left alone (the read does not count them, and an
+/// `XCLAIM` would drop them from the pending list before the consumer acknowledges them).
+///
+/// KEYS[1] stream; ARGV: group, consumer, after id, count. Returns the read's reply.
+const OWN_PENDING_SCRIPT: &str = r"
+local counts = {}
+for _, row in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], '(' .. ARGV[3], '+', ARGV[4], ARGV[2])) do
+  counts[row[1]] = row[4]
+end
+local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[4], 'STREAMS', KEYS[1], ARGV[3])
+if reply then
+  for _, entry in ipairs(reply[1][2]) do
+    local count = counts[entry[1]]
+    if entry[2] and count then
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, entry[1], 'RETRYCOUNT', count, 'JUSTID')
+    end
+  end
+end
+return reply
+";
+
+static HOLD: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(HOLD_SCRIPT));
+static OWN_PENDING: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(OWN_PENDING_SCRIPT));
+
+/// What [`HOLD_SCRIPT`] does to the entries this consumer still holds.
+#[derive(Debug, Clone, Copy)]
+enum Hold {
+    /// Resets their idle time; the count stays.
+    Keep,
+    /// Records that this attempt of them is about to start.
+    Attempt(u32),
+    /// Takes back the count of a delivery no handler saw, and hands them to the group.
+    Release,
+    /// Takes back the one delivery this consumer's own claim counted.
+    Unbump,
+}
+
+impl Hold {
+    fn mode(self) -> &'static str {
+        match self {
+            Hold::Keep => "keep",
+            Hold::Attempt(_) => "attempt",
+            Hold::Release => "release",
+            Hold::Unbump => "unbump",
+        }
+    }
+}
+
+/// Who a consumer is in Redis; shared with its background tasks.
+struct Member {
+    stream: String,
+    group: String,
+    name: String,
+}
+
+impl Member {
+    /// Runs [`HOLD_SCRIPT`] over `ids`, a page at a time; returns those no longer pending
+    /// for this consumer.
+    async fn hold(
+        &self,
+        conn: &mut Conn,
+        hold: Hold,
+        ids: &[EntryId],
+    ) -> RedisResult<Vec<EntryId>> {
+        let attempt = match hold {
+            Hold::Attempt(attempt) => attempt,
+            _ => 0,
+        };
+        let mut gone = Vec::new();
+        for page in ids.chunks(HOLD_PAGE) {
+            let ids: Vec<String> = HOLD
+                .key(&self.stream)
+                .arg(&self.group)
+                .arg(&self.name)
+                .arg(hold.mode())
+                .arg(attempt)
+                .arg(page)
+                .invoke_async(conn)
+                .await?;
+            gone.extend(ids.iter().filter_map(|id| EntryId::parse(id)));
+        }
+        Ok(gone)
+    }
+}
+
+/// How often the keepalive re-claims held entries: well inside `claim-idle`, so that no
+/// other member finds them idle between two rounds.
+fn keepalive_period(claim_idle: Duration) -> Duration {
+    (claim_idle / 3).clamp(MIN_KEEPALIVE_PERIOD, MAX_KEEPALIVE_PERIOD)
+}
+
+/// Re-claims the entries `holdings` holds every `period` until `stop` says so or the
+/// consumer is gone. Entries found in another member's pending list are marked lost.
+async fn keep_alive(
+    member: Arc<Member>,
+    holdings: Arc<Holdings>,
+    mut conn: Conn,
+    period: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut rounds = tokio::time::interval(period);
+    rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = rounds.tick() => {}
+            // Stopped, or the consumer was dropped with the sender.
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        }
+        let ids = holdings.ids();
+        if ids.is_empty() {
+            continue;
+        }
+        match member.hold(&mut conn, Hold::Keep, &ids).await {
+            Ok(gone) => {
+                if failing {
+                    tracing::info!(stream = %member.stream, group = %member.group, consumer = %member.name, "keeping held entries works again");
+                    failing = false;
+                }
+                let lost = holdings.lose(&gone);
+                if lost > 0 {
+                    tracing::warn!(stream = %member.stream, group = %member.group, consumer = %member.name, lost, "another member took over entries this consumer holds (Redis was out of reach, or this process stalled, for longer than claim-idle); those not started yet are dropped here, those started may be handled twice");
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(stream = %member.stream, group = %member.group, consumer = %member.name, error = %e, "could not keep held entries; another member may take them over after claim-idle");
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
 /// Consumer settings that come from the binder's configuration.
 #[derive(Debug, Clone)]
 pub(crate) struct ReadSettings {
@@ -86,9 +282,7 @@ pub(crate) struct ReadSettings {
 pub(crate) struct RedisConsumer {
     /// Shared with the binder's producers: acks, group setup, close.
     commands: Conn,
-    stream: String,
-    group: String,
-    name: String,
+    member: Arc<Member>,
     durable: bool,
     start: StartFrom,
     claim_idle: Duration,
@@ -98,10 +292,114 @@ pub(crate) struct RedisConsumer {
     /// Held for the whole of a `receive`; core calls it from one task anyway.
     state: tokio::sync::Mutex<ReadState>,
     /// Returned by `receive`, not yet acknowledged in Redis: claims and pending passes skip
-    /// these, so a slow handler's message is not handed to this same consumer a second time.
-    in_flight: Arc<Mutex<InFlight>>,
+    /// these, so a slow handler's message is not handed to this same consumer a second time,
+    /// and the keepalive keeps them.
+    holdings: Arc<Holdings>,
     acks: Arc<AckQueue>,
     closed: AtomicBool,
+    /// Stops the keepalive at close; dropping it stops it too.
+    keepalive: watch::Sender<bool>,
+}
+
+/// The deliveries a consumer holds, and those it lost to another member.
+#[derive(Default)]
+struct Holdings {
+    held: Mutex<Held>,
+    /// Whether `lost` may hold anything: [`Holdings::holds`] needs no lock while it is false.
+    any_lost: AtomicBool,
+}
+
+#[derive(Default)]
+struct Held {
+    /// Handed out and not confirmed acknowledged.
+    in_flight: InFlight,
+    /// Handed out, then found pending for another member: not to be handled here.
+    lost: InFlight,
+}
+
+impl Holdings {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn hand_out(&self, tags: impl Iterator<Item = DeliveryTag>) {
+        let mut held = self.lock();
+        if self.any_lost.load(Ordering::Acquire) {
+            // Taken back from the member that had them: ours again.
+            let held = &mut *held;
+            for tag in tags {
+                held.lost.remove(&tag);
+                held.in_flight.insert(tag);
+            }
+            self.any_lost
+                .store(!held.lost.is_empty(), Ordering::Release);
+        } else {
+            held.in_flight.extend(tags);
+        }
+    }
+
+    /// Forgets entries that are acknowledged or handed back.
+    fn forget(&self, ids: &[EntryId]) {
+        let mut held = self.lock();
+        for id in ids {
+            held.in_flight.remove(&id.tag());
+        }
+        if self.any_lost.load(Ordering::Acquire) {
+            for id in ids {
+                held.lost.remove(&id.tag());
+            }
+            self.any_lost
+                .store(!held.lost.is_empty(), Ordering::Release);
+        }
+    }
+
+    fn contains(&self, tag: DeliveryTag) -> bool {
+        self.lock().in_flight.contains(&tag)
+    }
+
+    fn len(&self) -> usize {
+        self.lock().in_flight.len()
+    }
+
+    fn ids(&self) -> Vec<EntryId> {
+        self.lock()
+            .in_flight
+            .iter()
+            .map(|tag| EntryId::from_tag(*tag))
+            .collect()
+    }
+
+    /// Marks entries another member now holds; returns how many this consumer still held.
+    fn lose(&self, ids: &[EntryId]) -> usize {
+        if ids.is_empty() {
+            return 0;
+        }
+        let mut held = self.lock();
+        let mut lost = 0;
+        for id in ids {
+            // Not held any more: acknowledged meanwhile, which the script cannot tell apart.
+            if held.in_flight.remove(&id.tag()) {
+                held.lost.insert(id.tag());
+                lost += 1;
+            }
+        }
+        if lost > 0 {
+            self.any_lost.store(true, Ordering::Release);
+        }
+        lost
+    }
+
+    /// False, once, for a delivery another member took over.
+    fn holds(&self, tag: DeliveryTag) -> bool {
+        if !self.any_lost.load(Ordering::Acquire) {
+            return true;
+        }
+        let mut held = self.lock();
+        let lost = held.lost.remove(&tag);
+        self.any_lost
+            .store(!held.lost.is_empty(), Ordering::Release);
+        !lost
+    }
 }
 
 /// Tags of deliveries this consumer handed out and Redis has not seen acknowledged.
@@ -296,16 +594,16 @@ struct Carried<'a> {
 }
 
 impl Carried<'_> {
-    fn settle(mut self, in_flight: &Mutex<InFlight>, outcome: RedisResult<Value>) {
+    fn settle(mut self, holdings: &Holdings, outcome: RedisResult<Value>) {
         let ids = std::mem::take(&mut self.ids);
         match outcome {
             Ok(_) => {
-                forget(in_flight, &ids);
+                holdings.forget(&ids);
                 self.acks.settled(ids.len());
             }
             // The group is gone, and with it what there was to acknowledge.
             Err(e) if e.code() == Some("NOGROUP") => {
-                forget(in_flight, &ids);
+                holdings.forget(&ids);
                 self.acks.settled(ids.len());
             }
             // Sent again on their own, with the retries that path has.
@@ -319,13 +617,6 @@ impl Drop for Carried<'_> {
         if !self.ids.is_empty() {
             self.acks.put_back(std::mem::take(&mut self.ids));
         }
-    }
-}
-
-fn forget(in_flight: &Mutex<InFlight>, ids: &[EntryId]) {
-    let mut in_flight = in_flight.lock().unwrap_or_else(|p| p.into_inner());
-    for id in ids {
-        in_flight.remove(&id.tag());
     }
 }
 
@@ -391,15 +682,18 @@ impl RedisConsumer {
             .claim_interval
             .unwrap_or(options.claim_idle / 2)
             .max(MIN_CLAIM_INTERVAL);
+        let (keepalive, stop_keepalive) = watch::channel(false);
         let consumer = RedisConsumer {
             commands,
-            stream: stream.to_owned(),
-            group: options.group.clone(),
-            name: format!(
-                "{}-{}",
-                settings.consumer_prefix,
-                stream_core::unique_suffix()
-            ),
+            member: Arc::new(Member {
+                stream: stream.to_owned(),
+                group: options.group.clone(),
+                name: format!(
+                    "{}-{}",
+                    settings.consumer_prefix,
+                    stream_core::unique_suffix()
+                ),
+            }),
             durable: options.durable,
             start: options.start_from,
             claim_idle: options.claim_idle,
@@ -417,9 +711,10 @@ impl RedisConsumer {
                 // Work abandoned by a crashed member is looked for right away.
                 next_claim: Instant::now(),
             }),
-            in_flight: Arc::default(),
+            holdings: Arc::default(),
             acks: Arc::new(AckQueue::new()),
             closed: AtomicBool::new(false),
+            keepalive,
         };
         consumer
             .create_group(&mut consumer.commands.clone())
@@ -427,12 +722,19 @@ impl RedisConsumer {
             .map_err(Fail::into_error)?;
         tokio::spawn(send_acks(
             consumer.acks.clone(),
-            consumer.in_flight.clone(),
+            consumer.holdings.clone(),
             consumer.commands.clone(),
-            consumer.stream.clone(),
-            consumer.group.clone(),
+            consumer.member.stream.clone(),
+            consumer.member.group.clone(),
         ));
-        tracing::debug!(stream = %consumer.stream, group = %consumer.group, consumer = %consumer.name, "joined consumer group");
+        tokio::spawn(keep_alive(
+            consumer.member.clone(),
+            consumer.holdings.clone(),
+            consumer.commands.clone(),
+            keepalive_period(consumer.claim_idle),
+            stop_keepalive,
+        ));
+        tracing::debug!(stream = %consumer.member.stream, group = %consumer.member.group, consumer = %consumer.member.name, "joined consumer group");
         Ok(consumer)
     }
 
@@ -443,8 +745,8 @@ impl RedisConsumer {
         };
         let mut cmd = redis::cmd("XGROUP");
         cmd.arg("CREATE")
-            .arg(&self.stream)
-            .arg(&self.group)
+            .arg(&self.member.stream)
+            .arg(&self.member.group)
             .arg(start)
             .arg("MKSTREAM");
         match cmd.query_async::<()>(conn).await {
@@ -459,7 +761,7 @@ impl RedisConsumer {
         Fail::Redis(
             format!(
                 "{command} on stream `{}` group `{}`",
-                self.stream, self.group
+                self.member.stream, self.member.group
             ),
             e,
         )
@@ -479,13 +781,8 @@ impl RedisConsumer {
         while let Some(from) = state.pending_from {
             // Entries still being handled here sit in the same list and are skipped; reading
             // past them in one go saves a round trip per page of them.
-            let in_flight = self
-                .in_flight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .len();
-            let count = (max + in_flight).min(MAX_PENDING_PAGE).max(max);
-            let entries = self.read(&mut conn, count, &from.to_string(), None).await?;
+            let count = (max + self.holdings.len()).min(MAX_PENDING_PAGE).max(max);
+            let entries = self.read_own_pending(&mut conn, count, from).await?;
             let Some(last) = entries.last() else {
                 state.pending_from = None;
                 break;
@@ -525,29 +822,34 @@ impl RedisConsumer {
     fn xreadgroup(&self, max: usize, from: &str, block: Option<Duration>) -> redis::Cmd {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
-            .arg(&self.group)
-            .arg(&self.name)
+            .arg(&self.member.group)
+            .arg(&self.member.name)
             .arg("COUNT")
             .arg(max);
         if let Some(block) = block {
             cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
         }
-        cmd.arg("STREAMS").arg(&self.stream).arg(from);
+        cmd.arg("STREAMS").arg(&self.member.stream).arg(from);
         cmd
     }
 
-    async fn read(
+    /// Reads up to `max` entries of this consumer's own pending list after `after`, leaving
+    /// their delivery counts as they were (see [`OWN_PENDING_SCRIPT`]).
+    async fn read_own_pending(
         &self,
         conn: &mut Conn,
         max: usize,
-        from: &str,
-        block: Option<Duration>,
+        after: EntryId,
     ) -> Result<Vec<Entry>, Fail> {
-        let reply: Value = self
-            .xreadgroup(max, from, block)
-            .query_async(conn)
+        let reply: Value = OWN_PENDING
+            .key(&self.member.stream)
+            .arg(&self.member.group)
+            .arg(&self.member.name)
+            .arg(after)
+            .arg(max)
+            .invoke_async(conn)
             .await
-            .map_err(|e| self.fail("XREADGROUP", e))?;
+            .map_err(|e| self.fail("XREADGROUP of the own pending list", e))?;
         self.parse(reply)
     }
 
@@ -574,8 +876,8 @@ impl RedisConsumer {
         }
         let mut pipe = redis::pipe();
         pipe.cmd("XACK")
-            .arg(&self.stream)
-            .arg(&self.group)
+            .arg(&self.member.stream)
+            .arg(&self.member.group)
             .arg(&carried.ids);
         pipe.add_command(read);
         // Each reply on its own: a failed XACK must not cost the entries just read.
@@ -586,16 +888,17 @@ impl RedisConsumer {
         let mut replies = replies.into_iter();
         let (Some(acked), Some(read)) = (replies.next(), replies.next()) else {
             return Err(Fail::Reply(
-                format!("XACK + XREADGROUP on `{}`", self.stream),
+                format!("XACK + XREADGROUP on `{}`", self.member.stream),
                 Malformed("pipeline reply is short"),
             ));
         };
-        carried.settle(&self.in_flight, acked);
+        carried.settle(&self.holdings, acked);
         self.parse(read.map_err(|e| self.fail("XREADGROUP", e))?)
     }
 
     fn parse(&self, reply: Value) -> Result<Vec<Entry>, Fail> {
-        parse_read(reply).map_err(|e| Fail::Reply(format!("XREADGROUP on `{}`", self.stream), e))
+        parse_read(reply)
+            .map_err(|e| Fail::Reply(format!("XREADGROUP on `{}`", self.member.stream), e))
     }
 
     async fn claim(
@@ -605,9 +908,9 @@ impl RedisConsumer {
         max: usize,
     ) -> Result<Vec<Received>, Fail> {
         let mut cmd = redis::cmd("XAUTOCLAIM");
-        cmd.arg(&self.stream)
-            .arg(&self.group)
-            .arg(&self.name)
+        cmd.arg(&self.member.stream)
+            .arg(&self.member.group)
+            .arg(&self.member.name)
             .arg(self.claim_idle.as_millis() as u64)
             .arg(state.claim_from)
             .arg("COUNT")
@@ -617,26 +920,37 @@ impl RedisConsumer {
             .await
             .map_err(|e| self.fail("XAUTOCLAIM", e))?;
         let claimed = parse_autoclaim(reply)
-            .map_err(|e| Fail::Reply(format!("XAUTOCLAIM on `{}`", self.stream), e))?;
+            .map_err(|e| Fail::Reply(format!("XAUTOCLAIM on `{}`", self.member.stream), e))?;
         state.claim_from = claimed.cursor;
         if !claimed.deleted.is_empty() {
             // Redis 7 already dropped these from the pending list.
             tracing::warn!(
-                stream = %self.stream,
-                group = %self.group,
+                stream = %self.member.stream,
+                group = %self.member.group,
                 count = claimed.deleted.len(),
                 ids = ?claimed.deleted.iter().map(EntryId::to_string).collect::<Vec<_>>(),
                 "pending entries were deleted or trimmed from the stream before they were handled; they are skipped"
             );
         }
-        let batch = self
-            .accept(conn, claimed.entries, Origin::Redelivered)
-            .await?;
+        let (held, entries): (Vec<Entry>, Vec<Entry>) = claimed
+            .entries
+            .into_iter()
+            .partition(|entry| self.holdings.contains(entry.id.tag()));
+        if !held.is_empty() {
+            // Entries this consumer holds went idle (a stall longer than claim-idle) and
+            // its own sweep took them: no new delivery, so the count it added goes back.
+            let ids: Vec<EntryId> = held.iter().map(|entry| entry.id).collect();
+            self.member
+                .hold(conn, Hold::Unbump, &ids)
+                .await
+                .map_err(|e| self.fail("XCLAIM of held entries", e))?;
+        }
+        let batch = self.accept(conn, entries, Origin::Redelivered).await?;
         if !batch.is_empty() {
             tracing::info!(
-                stream = %self.stream,
-                group = %self.group,
-                consumer = %self.name,
+                stream = %self.member.stream,
+                group = %self.member.group,
+                consumer = %self.member.name,
                 count = batch.len(),
                 idle = ?self.claim_idle,
                 "took over deliveries another member left idle"
@@ -659,11 +973,11 @@ impl RedisConsumer {
         let mut deleted = Vec::new();
         let mut keep = Vec::with_capacity(entries.len());
         {
-            let in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            let held = self.holdings.lock();
             for entry in entries {
                 if entry.message.is_none() {
                     deleted.push(entry.id);
-                } else if origin == Origin::New || !in_flight.contains(&entry.id.tag()) {
+                } else if origin == Origin::New || !held.in_flight.contains(&entry.id.tag()) {
                     keep.push(entry);
                 }
             }
@@ -681,12 +995,13 @@ impl RedisConsumer {
             .filter_map(|(entry, count)| {
                 // No count: it left our pending list meanwhile (acked, or claimed by a
                 // member that found it idle); whoever has it now handles it.
-                let attempt = count?;
+                // A count of 0 is an entry released and not yet claimed again.
+                let attempt = count?.max(1);
                 let received = Received::new(entry.message?, entry.id.tag(), attempt);
                 Some(match entry.defect {
                     Some(defect) => received.with_defect(format!(
                         "stream entry {} of `{}` is not a message: {defect}",
-                        entry.id, self.stream
+                        entry.id, self.member.stream
                     )),
                     None => received,
                 })
@@ -698,16 +1013,16 @@ impl RedisConsumer {
     /// coming back forever as empty messages.
     async fn clear_deleted(&self, conn: &mut Conn, ids: &[EntryId]) -> Result<(), Fail> {
         redis::cmd("XACK")
-            .arg(&self.stream)
-            .arg(&self.group)
+            .arg(&self.member.stream)
+            .arg(&self.member.group)
             .arg(ids)
             .query_async::<i64>(conn)
             .await
             .map_err(|e| self.fail("XACK", e))?;
         tracing::warn!(
-            stream = %self.stream,
-            group = %self.group,
-            consumer = %self.name,
+            stream = %self.member.stream,
+            group = %self.member.group,
+            consumer = %self.member.name,
             count = ids.len(),
             ids = ?ids.iter().map(EntryId::to_string).collect::<Vec<_>>(),
             "pending entries were deleted or trimmed from the stream before they were handled; acknowledged and skipped"
@@ -728,12 +1043,12 @@ impl RedisConsumer {
         let mut pipe = redis::pipe();
         for entry in entries {
             pipe.cmd("XPENDING")
-                .arg(&self.stream)
-                .arg(&self.group)
+                .arg(&self.member.stream)
+                .arg(&self.member.group)
                 .arg(entry.id)
                 .arg(entry.id)
                 .arg(1)
-                .arg(&self.name);
+                .arg(&self.member.name);
         }
         let replies: Vec<Value> = pipe
             .query_async(conn)
@@ -749,9 +1064,9 @@ impl RedisConsumer {
         let mut released = 0;
         loop {
             let (count, last): (usize, String) = script
-                .key(&self.stream)
-                .arg(&self.group)
-                .arg(&self.name)
+                .key(&self.member.stream)
+                .arg(&self.member.group)
+                .arg(&self.member.name)
                 .arg(&from)
                 .arg(RELEASE_PAGE)
                 .invoke_async(&mut conn)
@@ -774,7 +1089,7 @@ impl Consumer for RedisConsumer {
                 ErrorKind::Closed,
                 format!(
                     "consumer `{}` of stream `{}` is closed",
-                    self.name, self.stream
+                    self.member.name, self.member.stream
                 ),
             ));
         }
@@ -791,17 +1106,14 @@ impl Consumer for RedisConsumer {
             match self.fetch(&mut state, max).await {
                 Ok(batch) => break batch,
                 Err(fail) if fail.no_group() && !recreated => {
-                    tracing::warn!(stream = %self.stream, group = %self.group, "consumer group is gone (Redis lost its data, or someone deleted it); creating it again");
+                    tracing::warn!(stream = %self.member.stream, group = %self.member.group, "consumer group is gone (Redis lost its data, or someone deleted it); creating it again");
                     recreated = true;
                     state.ready = false;
                 }
                 Err(fail) => return Err(fail.into_error()),
             }
         };
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(batch.iter().map(|r| r.tag));
+        self.holdings.hand_out(batch.iter().map(|r| r.tag));
         state.interrupted = false;
         Ok(batch)
     }
@@ -817,43 +1129,92 @@ impl Consumer for RedisConsumer {
         Ok(())
     }
 
+    fn holds(&self, tag: DeliveryTag) -> bool {
+        self.holdings.holds(tag)
+    }
+
+    async fn release(&self, tags: &[DeliveryTag]) -> Result<()> {
+        let ids: Vec<EntryId> = tags.iter().copied().map(EntryId::from_tag).collect();
+        for page in ids.chunks(RELEASE_PAGE) {
+            // Entries another member took meanwhile are its business now.
+            self.member
+                .hold(&mut self.commands.clone(), Hold::Release, page)
+                .await
+                .map_err(|e| {
+                    command_error(
+                        &format!(
+                            "handing back deliveries on stream `{}` group `{}`",
+                            self.member.stream, self.member.group
+                        ),
+                        e,
+                    )
+                })?;
+            // Handed back: no longer this consumer's to keep or to skip.
+            self.holdings.forget(page);
+        }
+        Ok(())
+    }
+
+    async fn retrying(&self, tag: DeliveryTag, attempt: u32) -> Result<()> {
+        let id = EntryId::from_tag(tag);
+        let gone = self
+            .member
+            .hold(&mut self.commands.clone(), Hold::Attempt(attempt), &[id])
+            .await
+            .map_err(|e| {
+                command_error(
+                    &format!(
+                        "recording attempt {attempt} of entry {id} on stream `{}` group `{}`",
+                        self.member.stream, self.member.group
+                    ),
+                    e,
+                )
+            })?;
+        if !gone.is_empty() {
+            tracing::warn!(stream = %self.member.stream, group = %self.member.group, consumer = %self.member.name, %id, attempt, "retrying an entry another member has taken over; it may be handled by both");
+        }
+        Ok(())
+    }
+
     async fn close(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
         // Waits out a receive still running, then drops the blocking connection.
         self.state.lock().await.conn = None;
+        // From here on what is not acknowledged is handed back, or left to go idle.
+        let _ = self.keepalive.send(true);
         // Handed back below, an entry whose ack is still queued would be handled twice.
         if tokio::time::timeout(self.command_timeout, self.acks.flush())
             .await
             .is_err()
         {
-            tracing::warn!(stream = %self.stream, group = %self.group, consumer = %self.name, "acknowledgements still unconfirmed at close; those entries may be delivered again");
+            tracing::warn!(stream = %self.member.stream, group = %self.member.group, consumer = %self.member.name, "acknowledgements still unconfirmed at close; those entries may be delivered again");
         }
         if !self.durable {
             // An anonymous group lives exactly as long as its one consumer.
             let result = redis::cmd("XGROUP")
                 .arg("DESTROY")
-                .arg(&self.stream)
-                .arg(&self.group)
+                .arg(&self.member.stream)
+                .arg(&self.member.group)
                 .query_async::<i64>(&mut self.commands.clone())
                 .await;
             if let Err(e) = result {
-                tracing::warn!(stream = %self.stream, group = %self.group, error = %e, "could not delete the anonymous consumer group; it stays until deleted by hand");
+                tracing::warn!(stream = %self.member.stream, group = %self.member.group, error = %e, "could not delete the anonymous consumer group; it stays until deleted by hand");
             }
             return Ok(());
         }
         match self.release().await {
             Ok(0) => {
-                tracing::debug!(stream = %self.stream, group = %self.group, consumer = %self.name, "left consumer group");
+                tracing::debug!(stream = %self.member.stream, group = %self.member.group, consumer = %self.member.name, "left consumer group");
             }
             Ok(released) => {
-                tracing::debug!(stream = %self.stream, group = %self.group, consumer = %self.name, released, "left consumer group; un-acknowledged entries handed to the other members");
+                tracing::debug!(stream = %self.member.stream, group = %self.member.group, consumer = %self.member.name, released, "left consumer group; un-acknowledged entries handed to the other members");
             }
             Err(e) => {
                 // Nothing is lost: the entries stay pending under this name and other
                 // members claim them once they have been idle for `claim-idle`.
-                tracing::warn!(stream = %self.stream, group = %self.group, consumer = %self.name, error = %e, "could not hand back pending entries at close; other members will claim them after the idle time");
+                tracing::warn!(stream = %self.member.stream, group = %self.member.group, consumer = %self.member.name, error = %e, "could not hand back pending entries at close; other members will claim them after the idle time");
             }
         }
         Ok(())
@@ -871,7 +1232,7 @@ impl Drop for RedisConsumer {
 /// was on its way, until the consumer is dropped and the queue is empty.
 async fn send_acks(
     acks: Arc<AckQueue>,
-    in_flight: Arc<Mutex<InFlight>>,
+    holdings: Arc<Holdings>,
     mut conn: Conn,
     stream: String,
     group: String,
@@ -913,7 +1274,7 @@ async fn send_acks(
         }
         // Forgotten whatever the outcome: an entry whose ack failed must be free to come
         // back through the pending pass or a claim.
-        forget(&in_flight, &ids);
+        holdings.forget(&ids);
         acks.settled(ids.len());
     }
 }
