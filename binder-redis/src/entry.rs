@@ -111,14 +111,11 @@ fn message_of(
             }
             f if f == KEY.as_bytes() => {
                 let text = String::from_utf8(value).unwrap_or_else(|e| {
-                    defect.get_or_insert_with(|| {
-                        format!("field `{KEY}` (the key) is not UTF-8")
-                    });
+                    defect.get_or_insert_with(|| format!("field `{KEY}` (the key) is not UTF-8"));
                     String::from_utf8_lossy(e.as_bytes()).into_owned()
                 });
                 if key.replace(text).is_some() {
-                    defect
-                        .get_or_insert_with(|| format!("field `{KEY}` (the key) appears twice"));
+                    defect.get_or_insert_with(|| format!("field `{KEY}` (the key) appears twice"));
                 }
             }
             _ => match &mut own {
@@ -173,17 +170,22 @@ fn headers_of(fields: &[(Vec<u8>, Vec<u8>)]) -> (Headers, Option<String>) {
     let headers = fields
         .iter()
         .map(|(field, value)| {
-            let name = field.strip_prefix(HEADER_PREFIX.as_bytes()).unwrap_or(field);
+            let name = field
+                .strip_prefix(HEADER_PREFIX.as_bytes())
+                .unwrap_or(field);
             let shown = String::from_utf8_lossy(field);
-            let name = std::str::from_utf8(name).map(str::to_owned).unwrap_or_else(|_| {
-                defect.get_or_insert_with(|| format!("field name `{shown}` is not UTF-8"));
-                String::from_utf8_lossy(name).into_owned()
-            });
+            let name = std::str::from_utf8(name)
+                .map(str::to_owned)
+                .unwrap_or_else(|_| {
+                    defect.get_or_insert_with(|| format!("field name `{shown}` is not UTF-8"));
+                    String::from_utf8_lossy(name).into_owned()
+                });
             let value = std::str::from_utf8(value)
                 .map(str::to_owned)
                 .unwrap_or_else(|_| {
-                    defect
-                        .get_or_insert_with(|| format!("the value of field `{shown}` is not UTF-8"));
+                    defect.get_or_insert_with(|| {
+                        format!("the value of field `{shown}` is not UTF-8")
+                    });
                     String::from_utf8_lossy(value).into_owned()
                 });
             (name, value)

@@ -137,8 +137,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use stream_core::{
-    Binder, BindingConfig, Consumer, ConsumerOptions, Error, ErrorKind, Producer, Registry,
-    Result,
+    Binder, BindingConfig, Consumer, ConsumerOptions, Error, ErrorKind, Producer, Registry, Result,
 };
 use tokio::sync::OnceCell;
 
