@@ -58,7 +58,8 @@ const MIN_CLAIM_INTERVAL: Duration = Duration::from_millis(10);
 const ACK_DELAY: Duration = Duration::from_millis(5);
 /// Acknowledgements queued and not yet confirmed beyond which `ack` waits for the queue.
 const MAX_QUEUED_ACKS: usize = 8192;
-/// Failed `XACK`s of one batch tried again before its entries are left to redelivery.
+/// Failed `XACK`s of one batch tried again, once the consumer is gone, before its entries
+/// are left to redelivery.
 const ACK_TRIES: u32 = 20;
 
 /// Hands this consumer's pending entries back to the group at close: their delivery time is
@@ -170,6 +171,8 @@ enum Hold {
     Release,
     /// Takes back the one delivery this consumer's own claim counted.
     Unbump,
+    /// Hands them to the group with their counts.
+    HandBack,
 }
 
 impl Hold {
@@ -179,6 +182,7 @@ impl Hold {
             Hold::Attempt(_) => "attempt",
             Hold::Release => "release",
             Hold::Unbump => "unbump",
+            Hold::HandBack => "handback",
         }
     }
 }
@@ -462,16 +466,32 @@ impl Hasher for TagHasher {
 /// the read blocks, or the fetch loop waits) are sent on their own by [`send_acks`].
 ///
 /// The handlers are done with these entries; what is in flight is the id. Until Redis
-/// confirms, the entries stay in `in_flight`, so neither a pending pass nor a claim of this
-/// consumer hands them out again, and `close` waits for the queue before leaving the group.
-/// A process that dies with acknowledgements queued leaves those entries pending, to be
-/// delivered again like any other un-acknowledged entry.
+/// confirms, the entries stay held (see [`Holdings`]): neither a pending pass nor a claim of
+/// this consumer hands them out again, the keepalive keeps other members off them, and
+/// `close` records the queue before it hands anything back.
+///
+/// An `XACK` that fails is sent again, with backoff, for as long as the consumer lives: the
+/// entry stays held meanwhile rather than being delivered a second time. When Redis refuses
+/// it for good (a `NOPERM` from an ACL, a key that is no stream any more), the refusal is
+/// kept: the next `receive` returns it, which ends the subscription with that error, and
+/// `close` leaves those entries pending (they are delivered again after `claim-idle`, once
+/// the consumer no longer keeps them) and returns it too. A process that dies with
+/// acknowledgements queued leaves those entries pending, to be delivered again like any
+/// other un-acknowledged entry.
 struct AckQueue {
     state: Mutex<AckState>,
     /// Wakes [`send_acks`].
     wake: Notify,
+    progress: watch::Sender<AckProgress>,
+}
+
+/// What waiters on the queue look at.
+#[derive(Debug, Clone, Copy, Default)]
+struct AckProgress {
     /// Queued or being sent, not yet settled (confirmed, or given up on).
-    outstanding: watch::Sender<usize>,
+    outstanding: usize,
+    /// Redis refused an `XACK` for good: waiting for the queue to drain is pointless.
+    refused: bool,
 }
 
 #[derive(Default)]
@@ -483,6 +503,10 @@ struct AckState {
     urgent: bool,
     /// The consumer is gone: [`send_acks`] sends what is left and ends.
     dropped: bool,
+    /// Taken by [`send_acks`] and not settled yet.
+    sending: Vec<EntryId>,
+    /// Why Redis refused an `XACK` for good, once it has.
+    refusal: Option<(ErrorKind, String)>,
 }
 
 impl AckQueue {
@@ -490,7 +514,7 @@ impl AckQueue {
         AckQueue {
             state: Mutex::default(),
             wake: Notify::new(),
-            outstanding: watch::Sender::new(0),
+            progress: watch::Sender::new(AckProgress::default()),
         }
     }
 
@@ -504,7 +528,7 @@ impl AckQueue {
         state.queued.extend(ids);
         let added = state.queued.len() - before;
         // Counted before anyone can take them, so the count never drops below zero.
-        self.outstanding.send_modify(|n| *n += added);
+        self.progress.send_modify(|p| p.outstanding += added);
         let first = state.since.is_none();
         state.since.get_or_insert_with(Instant::now);
         drop(state);
@@ -544,7 +568,9 @@ impl AckQueue {
                         let due = since + ACK_DELAY;
                         if state.urgent || state.dropped || Instant::now() >= due {
                             state.since = None;
-                            return Some(std::mem::take(&mut state.queued));
+                            let ids = std::mem::take(&mut state.queued);
+                            state.sending.clone_from(&ids);
+                            return Some(ids);
                         }
                         Some(due)
                     }
@@ -563,12 +589,53 @@ impl AckQueue {
         }
     }
 
-    fn settled(&self, n: usize) {
-        self.outstanding
-            .send_modify(|outstanding| *outstanding -= n);
+    /// What was queued meanwhile, to go along with a retry of [`send_acks`]'s batch.
+    fn take_more(&self) -> Vec<EntryId> {
+        let mut state = self.lock();
+        state.since = None;
+        let more = std::mem::take(&mut state.queued);
+        state.sending.extend_from_slice(&more);
+        more
     }
 
-    /// Sends what is queued without waiting for a read, and waits until it is settled.
+    fn settled(&self, n: usize) {
+        self.progress.send_modify(|p| p.outstanding -= n);
+    }
+
+    /// Settles [`send_acks`]'s batch.
+    fn sent(&self, n: usize) {
+        self.lock().sending.clear();
+        self.settled(n);
+    }
+
+    fn is_dropped(&self) -> bool {
+        self.lock().dropped
+    }
+
+    /// Keeps the first refusal, for `receive` and `close` to report.
+    fn refuse(&self, error: &Error) {
+        let mut state = self.lock();
+        if state.refusal.is_none() {
+            state.refusal = Some((error.kind(), error.message().to_owned()));
+            drop(state);
+            self.progress.send_modify(|p| p.refused = true);
+        }
+    }
+
+    fn refusal(&self) -> Option<(ErrorKind, String)> {
+        self.lock().refusal.clone()
+    }
+
+    /// Acknowledged ids Redis has not confirmed.
+    fn unconfirmed(&self) -> Vec<EntryId> {
+        let state = self.lock();
+        let mut ids = state.sending.clone();
+        ids.extend_from_slice(&state.queued);
+        ids
+    }
+
+    /// Sends what is queued without waiting for a read, and waits until it is settled or
+    /// Redis refused some of it for good.
     async fn flush(&self) {
         self.lock().urgent = true;
         self.wake.notify_one();
@@ -576,13 +643,14 @@ impl AckQueue {
         self.lock().urgent = false;
     }
 
-    /// Waits until at most `limit` acknowledgements are outstanding.
+    /// Waits until at most `limit` acknowledgements are outstanding, or one was refused.
     async fn drained_to(&self, limit: usize) {
-        if *self.outstanding.borrow() <= limit {
+        let done = |p: &AckProgress| p.outstanding <= limit || p.refused;
+        if done(&self.progress.borrow()) {
             return;
         }
-        let mut outstanding = self.outstanding.subscribe();
-        let _ = outstanding.wait_for(|n| *n <= limit).await;
+        let mut progress = self.progress.subscribe();
+        let _ = progress.wait_for(done).await;
     }
 }
 
@@ -606,8 +674,16 @@ impl Carried<'_> {
                 holdings.forget(&ids);
                 self.acks.settled(ids.len());
             }
-            // Sent again on their own, with the retries that path has.
-            Err(_) => self.acks.put_back(ids),
+            Err(e) => {
+                let error = command_error(&format!("XACK of {} entries", ids.len()), e);
+                if !error.is_temporary() {
+                    // Carried by every read, a refused XACK would never reach the sender
+                    // that reports it.
+                    self.acks.refuse(&error);
+                }
+                // Sent again on their own, with the retries that path has.
+                self.acks.put_back(ids);
+            }
         }
     }
 }
@@ -1057,7 +1133,9 @@ impl RedisConsumer {
         Ok(replies.iter().map(parse_pending_count).collect())
     }
 
-    async fn release(&self) -> Result<usize, RedisError> {
+    /// Hands every pending entry of this consumer to the group at close, and removes the
+    /// consumer name if nothing was pending.
+    async fn hand_back_all(&self) -> Result<usize, RedisError> {
         let script = redis::Script::new(RELEASE_SCRIPT);
         let mut conn = self.commands.clone();
         let mut from = "-".to_owned();
@@ -1078,6 +1156,39 @@ impl RedisConsumer {
             from = format!("({last}");
         }
     }
+
+    /// Hands this consumer's pending entries to the group at close, except `kept`: entries
+    /// whose acknowledgement Redis has not confirmed, which must not be handled again at
+    /// once. The consumer name stays, since it still owns those.
+    async fn hand_back_except(&self, kept: &[EntryId]) -> Result<usize, RedisError> {
+        let kept: HashSet<EntryId> = kept.iter().copied().collect();
+        let mut conn = self.commands.clone();
+        let mut from = "-".to_owned();
+        let mut handed_back = 0;
+        loop {
+            // Rows of id, owner, idle ms, delivery count.
+            let page: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+                .arg(&self.member.stream)
+                .arg(&self.member.group)
+                .arg(&from)
+                .arg("+")
+                .arg(RELEASE_PAGE)
+                .arg(&self.member.name)
+                .query_async(&mut conn)
+                .await?;
+            let ids: Vec<EntryId> = page
+                .iter()
+                .filter_map(|(id, ..)| EntryId::parse(id))
+                .filter(|id| !kept.contains(id))
+                .collect();
+            self.member.hold(&mut conn, Hold::HandBack, &ids).await?;
+            handed_back += ids.len();
+            match page.last() {
+                Some((last, ..)) if page.len() == RELEASE_PAGE => from = format!("({last}"),
+                _ => return Ok(handed_back),
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -1089,6 +1200,19 @@ impl Consumer for RedisConsumer {
                 ErrorKind::Closed,
                 format!(
                     "consumer `{}` of stream `{}` is closed",
+                    self.member.name, self.member.stream
+                ),
+            ));
+        }
+        if let Some((kind, why)) = self.acks.refusal() {
+            // Going on would hold the refused entries forever while handling more that
+            // cannot be acknowledged either.
+            return Err(Error::new(
+                kind,
+                format!(
+                    "consumer `{}` of stream `{}` stops: {why}; the entries it could not \
+                     acknowledge stay pending and are delivered again after claim-idle once \
+                     it is closed",
                     self.member.name, self.member.stream
                 ),
             ));
@@ -1184,15 +1308,13 @@ impl Consumer for RedisConsumer {
         self.state.lock().await.conn = None;
         // From here on what is not acknowledged is handed back, or left to go idle.
         let _ = self.keepalive.send(true);
-        // Handed back below, an entry whose ack is still queued would be handled twice.
-        if tokio::time::timeout(self.command_timeout, self.acks.flush())
-            .await
-            .is_err()
-        {
-            tracing::warn!(stream = %self.member.stream, group = %self.member.group, consumer = %self.member.name, "acknowledgements still unconfirmed at close; those entries may be delivered again");
-        }
+        // Acknowledgements are recorded before anything is handed back: an entry handed
+        // back with its XACK still unconfirmed would be handled twice.
+        let _ = tokio::time::timeout(self.command_timeout, self.acks.flush()).await;
+        let unconfirmed = self.acks.unconfirmed();
         if !self.durable {
-            // An anonymous group lives exactly as long as its one consumer.
+            // An anonymous group lives exactly as long as its one consumer; its pending
+            // entries, acknowledged or not, go with it.
             let result = redis::cmd("XGROUP")
                 .arg("DESTROY")
                 .arg(&self.member.stream)
@@ -1204,12 +1326,17 @@ impl Consumer for RedisConsumer {
             }
             return Ok(());
         }
-        match self.release().await {
+        let handed_back = if unconfirmed.is_empty() {
+            self.hand_back_all().await
+        } else {
+            self.hand_back_except(&unconfirmed).await
+        };
+        match handed_back {
             Ok(0) => {
                 tracing::debug!(stream = %self.member.stream, group = %self.member.group, consumer = %self.member.name, "left consumer group");
             }
-            Ok(released) => {
-                tracing::debug!(stream = %self.member.stream, group = %self.member.group, consumer = %self.member.name, released, "left consumer group; un-acknowledged entries handed to the other members");
+            Ok(handed_back) => {
+                tracing::debug!(stream = %self.member.stream, group = %self.member.group, consumer = %self.member.name, handed_back, "left consumer group; un-acknowledged entries handed to the other members");
             }
             Err(e) => {
                 // Nothing is lost: the entries stay pending under this name and other
@@ -1217,7 +1344,27 @@ impl Consumer for RedisConsumer {
                 tracing::warn!(stream = %self.member.stream, group = %self.member.group, consumer = %self.member.name, error = %e, "could not hand back pending entries at close; other members will claim them after the idle time");
             }
         }
-        Ok(())
+        if unconfirmed.is_empty() {
+            return Ok(());
+        }
+        let (kind, why) = self.acks.refusal().unwrap_or_else(|| {
+            (
+                ErrorKind::Timeout,
+                format!("no reply within {:?}", self.command_timeout),
+            )
+        });
+        Err(Error::new(
+            kind,
+            format!(
+                "consumer `{}` of stream `{}` group `{}` closed with {} acknowledgements Redis \
+                 did not confirm ({why}); those entries stay pending, and unless their XACK \
+                 got through they are delivered again after claim-idle",
+                self.member.name,
+                self.member.stream,
+                self.member.group,
+                unconfirmed.len()
+            ),
+        ))
     }
 }
 
@@ -1229,7 +1376,9 @@ impl Drop for RedisConsumer {
 }
 
 /// Sends queued acknowledgements, one `XACK` for whatever gathered while the previous one
-/// was on its way, until the consumer is dropped and the queue is empty.
+/// was on its way, until the consumer is dropped and the queue is empty. A failed `XACK`
+/// is sent again until it passes; only once the consumer is gone does it give up (see
+/// [`AckQueue`]).
 async fn send_acks(
     acks: Arc<AckQueue>,
     holdings: Arc<Holdings>,
@@ -1242,7 +1391,7 @@ async fn send_acks(
             continue;
         }
         let mut tries = 0;
-        let outcome = loop {
+        loop {
             let result = redis::cmd("XACK")
                 .arg(&stream)
                 .arg(&group)
@@ -1250,38 +1399,49 @@ async fn send_acks(
                 .query_async::<i64>(&mut conn)
                 .await;
             match result {
-                Ok(_) => break Ok(()),
+                Ok(_) => {
+                    holdings.forget(&ids);
+                    break;
+                }
                 Err(e) if e.code() == Some("NOGROUP") => {
                     tracing::warn!(%stream, %group, count = ids.len(), "consumer group is gone; nothing left to acknowledge");
-                    break Ok(());
+                    holdings.forget(&ids);
+                    break;
                 }
                 // The first command after a dropped connection fails while the connection is
                 // re-made; XACK is idempotent, so it is simply sent again.
                 Err(e) if e.is_connection_dropped() && tries == 0 => {}
-                Err(e) if is_temporary(&e) && tries < ACK_TRIES => {
+                Err(e) => {
+                    let error = command_error(
+                        &format!(
+                            "XACK of {} entries on stream `{stream}` group `{group}`",
+                            ids.len()
+                        ),
+                        e,
+                    );
+                    if acks.is_dropped() && tries >= ACK_TRIES {
+                        // Nobody is left to report to; the entries stay pending.
+                        tracing::error!(%stream, %group, count = ids.len(), %error, "XACK failed; these entries will be delivered again");
+                        break;
+                    }
                     let wait = ack_backoff(tries);
-                    tracing::warn!(%stream, %group, error = %e, retry_in = ?wait, "XACK failed; retrying");
+                    if error.is_temporary() {
+                        tracing::warn!(%stream, %group, %error, retry_in = ?wait, "XACK failed; retrying");
+                    } else {
+                        if acks.refusal().is_none() {
+                            tracing::error!(%stream, %group, count = ids.len(), %error, "redis refuses XACK; the consumer stops, and these entries stay pending");
+                        }
+                        acks.refuse(&error);
+                    }
                     tokio::time::sleep(wait).await;
                 }
-                Err(e) => break Err(e),
             }
             tries += 1;
             // Whatever was acknowledged meanwhile goes along with the retry.
-            ids.append(&mut acks.take());
-        };
-        if let Err(e) = outcome {
-            tracing::error!(%stream, %group, count = ids.len(), error = %e, "XACK failed; these entries will be delivered again");
+            ids.append(&mut acks.take_more());
         }
-        // Forgotten whatever the outcome: an entry whose ack failed must be free to come
-        // back through the pending pass or a claim.
-        holdings.forget(&ids);
-        acks.settled(ids.len());
+        acks.sent(ids.len());
     }
-}
-
-/// Errors after which the same `XACK` may pass later.
-fn is_temporary(e: &RedisError) -> bool {
-    command_error("XACK", e.clone()).is_temporary()
 }
 
 /// 50 ms doubling to 5 s, as core waits between failed acks.

@@ -555,6 +555,152 @@ async fn closed_binder_refuses_new_clients() {
     before.close().await.unwrap();
 }
 
+/// A Redis user allowed everything but `XACK`, and the binder connected as that user.
+async fn binder_that_cannot_ack(url: &str) -> (Arc<dyn Binder>, String) {
+    let user = common::unique("no-xack");
+    let mut raw = common::raw(url).await;
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(">pw")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .arg("-xack")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let binder = common::binder_with(RedisConfig {
+        username: Some(user.clone()),
+        password: Some("pw".into()),
+        block: Duration::from_millis(50),
+        command_timeout: Duration::from_secs(2),
+        ..RedisConfig::with_url(url)
+    });
+    (binder, user)
+}
+
+async fn delete_user(url: &str, user: &str) {
+    let _: i64 = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(user)
+        .query_async(&mut common::raw(url).await)
+        .await
+        .unwrap();
+}
+
+/// Redis refuses the `XACK`s of two acknowledged entries: `close` says so with an error and
+/// hands back only the three entries no handler finished. The two stay pending under the
+/// closed consumer (not immediately claimable), since handing them back would have them
+/// handled twice at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_keeps_entries_whose_ack_redis_refused() {
+    let _lock = broker_lock(false).await;
+    let Some(url) = common::redis_url() else {
+        return;
+    };
+    let (stream, group) = (common::unique("refused"), common::unique("g"));
+    let (binder, user) = binder_that_cannot_ack(&url).await;
+    binder
+        .producer(&stream)
+        .await
+        .unwrap()
+        .send_batch((0..5).map(|n| Message::new(n.to_string())).collect())
+        .await
+        .unwrap();
+    let consumer = binder
+        .consumer(
+            &stream,
+            &ConsumerOptions::new(&group).claim_idle(Duration::from_secs(3600)),
+        )
+        .await
+        .unwrap();
+    let got = common::receive_until(&*consumer, PATIENCE, "five entries", |g| g.len() >= 5).await;
+    let (acked, unfinished) = got.split_at(2);
+    consumer
+        .ack(&acked.iter().map(|r| r.tag).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let closed = consumer.close().await;
+    delete_user(&url, &user).await;
+    let err = closed.expect_err("close reports the acknowledgements Redis refused");
+    report(&format!(
+        "close_keeps_entries_whose_ack_redis_refused: {err}"
+    ));
+
+    let mut raw = common::raw(&url).await;
+    let pending = pending_by_id(&mut raw, &stream, &group).await;
+    assert_eq!(pending.len(), 5, "nothing was acknowledged");
+    const HANDED_BACK: usize = 1_000_000_000; // idle since 1970
+    for r in acked {
+        assert!(
+            pending[r.message.id()].1 < HANDED_BACK,
+            "an entry whose XACK was refused was handed back"
+        );
+    }
+    for r in unfinished {
+        assert!(
+            pending[r.message.id()].1 > HANDED_BACK,
+            "an unfinished entry was not handed back"
+        );
+    }
+}
+
+/// Redis refuses an `XACK` for good: the consumer does not hand the acknowledged entry out
+/// again (not even once `claim-idle` has passed), and its next `receive` fails with an
+/// error that says so, so the subscription ends instead of handling the entry twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_ack_is_reported_and_not_redelivered() {
+    let _lock = broker_lock(false).await;
+    let Some(url) = common::redis_url() else {
+        return;
+    };
+    let (stream, group) = (common::unique("refused"), common::unique("g"));
+    let (binder, user) = binder_that_cannot_ack(&url).await;
+    binder
+        .producer(&stream)
+        .await
+        .unwrap()
+        .send(Message::new("once"))
+        .await
+        .unwrap();
+    let claim_idle = Duration::from_millis(200);
+    let consumer = binder
+        .consumer(
+            &stream,
+            &ConsumerOptions::new(&group).claim_idle(claim_idle),
+        )
+        .await
+        .unwrap();
+    let got = common::receive_until(&*consumer, PATIENCE, "the entry", |g| !g.is_empty()).await;
+    consumer.ack(&[got[0].tag]).await.unwrap();
+    let acked_at = Instant::now();
+    let error = loop {
+        match consumer.receive(16).await {
+            Ok(batch) => {
+                assert!(
+                    batch.is_empty(),
+                    "the acknowledged entry came back: attempt {}",
+                    batch[0].attempt
+                );
+                assert!(
+                    acked_at.elapsed() < PATIENCE,
+                    "the refused XACK was never reported"
+                );
+            }
+            Err(e) if e.is_temporary() => {}
+            Err(e) => break e,
+        }
+    };
+    report(&format!(
+        "refused_ack_is_reported_and_not_redelivered: {error}"
+    ));
+    assert_eq!(error.kind(), ErrorKind::Broker);
+    let _ = consumer.close().await;
+    delete_user(&url, &user).await;
+}
+
 /// Entries no producer of this library wrote, with a header or field name or value, or a
 /// key, that is not UTF-8, or without a payload: each is dead-lettered as undecodable and
 /// the consumer goes on to the next entry. The handler sees only the good one.
