@@ -27,7 +27,7 @@
 //! script per batch, that the entry is still pending for this consumer, so none takes back
 //! an entry another member has since claimed.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -101,11 +101,19 @@ const HOLD_PAGE: usize = 512;
 /// the ids that are not, because another member took them or they were acknowledged.
 ///
 /// KEYS[1] stream; ARGV: group, consumer, mode, attempt (for `attempt`), ids...
-/// Modes: `keep` resets the idle time; `attempt` sets the count to ARGV[4]; `release` takes
+/// Modes: `keep` resets the idle time (and shows the consumer alive); `attempt` sets the count to ARGV[4]; `release` takes
 /// one off the count and makes the entry claimable at once (delivery time 1970);
 /// `unbump` takes one off; `handback` makes it claimable at once.
 const HOLD_SCRIPT: &str = r"
 local group, consumer, mode = ARGV[1], ARGV[2], ARGV[3]
+if mode == 'keep' then
+  -- Shows the consumer alive to the cleanup of other members (XINFO CONSUMERS idle): made
+  -- again if a cleanup removed it while it held nothing, and seen now. Its own pending list
+  -- after the highest id there can be holds nothing, so the read returns and counts nothing.
+  redis.call('XGROUP', 'CREATECONSUMER', KEYS[1], group, consumer)
+  redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', KEYS[1],
+    '18446744073709551615-18446744073709551614')
+end
 local gone = {}
 for i = 5, #ARGV do
   local id = ARGV[i]
@@ -156,7 +164,67 @@ end
 return reply
 ";
 
+/// Removes from the consumer's own group the consumers that hold nothing and were not seen
+/// for the expiry, and destroys other anonymous groups of the stream (named by core with
+/// the prefix) that nobody reads any more: every consumer unseen for the expiry, or no
+/// consumer at all and entries waiting past where the group last read, with that position
+/// unchanged since the caller first saw it so (it passes those as candidates). Returns
+/// {consumers removed, groups destroyed, consumer-less anonymous groups with entries
+/// waiting as flat pairs of name and last-delivered-id}.
+///
+/// KEYS[1] stream; ARGV: own group, expiry ms, anonymous prefix, candidates as pairs.
+const CLEANUP_SCRIPT: &str = r"
+local group, expiry, prefix = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local function fields(flat)
+  local t = {}
+  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
+  return t
+end
+local removed = 0
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], group)) do
+  c = fields(c)
+  if c['pending'] == 0 and c['idle'] > expiry then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], group, c['name'])
+    removed = removed + 1
+  end
+end
+local candidates = {}
+for i = 4, #ARGV, 2 do candidates[ARGV[i]] = ARGV[i + 1] end
+local destroyed, quiet = {}, {}
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  g = fields(g)
+  local name, position = g['name'], g['last-delivered-id']
+  if name ~= group and string.sub(name, 1, #prefix) == prefix then
+    local consumers = redis.call('XINFO', 'CONSUMERS', KEYS[1], name)
+    local dead = #consumers > 0
+    for _, c in ipairs(consumers) do
+      if fields(c)['idle'] <= expiry then
+        dead = false
+        break
+      end
+    end
+    if #consumers == 0 and #redis.call('XRANGE', KEYS[1], '(' .. position, '+', 'COUNT', 1) > 0 then
+      if candidates[name] == position then
+        dead = true
+      else
+        quiet[#quiet + 1] = name
+        quiet[#quiet + 1] = position
+      end
+    end
+    if dead then
+      redis.call('XGROUP', 'DESTROY', KEYS[1], name)
+      destroyed[#destroyed + 1] = name
+    end
+  end
+end
+return {removed, destroyed, quiet}
+";
+
+/// The start of the group names core gives anonymous groups.
+const ANONYMOUS_PREFIX: &str = "anonymous.";
+
 static HOLD: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(HOLD_SCRIPT));
+static CLEANUP: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(CLEANUP_SCRIPT));
 static OWN_PENDING: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(OWN_PENDING_SCRIPT));
 
@@ -208,7 +276,12 @@ impl Member {
             _ => 0,
         };
         let mut gone = Vec::new();
-        for page in ids.chunks(HOLD_PAGE) {
+        let mut pages: Vec<&[EntryId]> = ids.chunks(HOLD_PAGE).collect();
+        if pages.is_empty() && matches!(hold, Hold::Keep) {
+            // Nothing held, but the consumer still shows it is alive.
+            pages.push(&[]);
+        }
+        for page in pages {
             let ids: Vec<String> = HOLD
                 .key(&self.stream)
                 .arg(&self.group)
@@ -224,10 +297,13 @@ impl Member {
     }
 }
 
-/// How often the keepalive re-claims held entries: well inside `claim-idle`, so that no
-/// other member finds them idle between two rounds.
-fn keepalive_period(claim_idle: Duration) -> Duration {
-    (claim_idle / 3).clamp(MIN_KEEPALIVE_PERIOD, MAX_KEEPALIVE_PERIOD)
+/// How often the keepalive re-claims held entries and shows the consumer alive: well
+/// inside `claim-idle`, so that no other member finds held entries idle between two rounds,
+/// and well inside `consumer-expiry`, so that no cleanup takes the consumer for dead.
+fn keepalive_period(claim_idle: Duration, consumer_expiry: Duration) -> Duration {
+    (claim_idle / 3)
+        .min(consumer_expiry / 10)
+        .clamp(MIN_KEEPALIVE_PERIOD, MAX_KEEPALIVE_PERIOD)
 }
 
 /// Re-claims the entries `holdings` holds every `period` until `stop` says so or the
@@ -249,9 +325,6 @@ async fn keep_alive(
             _ = stop.wait_for(|stopped| *stopped) => return,
         }
         let ids = holdings.ids();
-        if ids.is_empty() {
-            continue;
-        }
         match member.hold(&mut conn, Hold::Keep, &ids).await {
             Ok(gone) => {
                 if failing {
@@ -281,6 +354,8 @@ pub(crate) struct ReadSettings {
     pub(crate) consumer_prefix: String,
     /// How long `close` waits for queued acknowledgements to be confirmed.
     pub(crate) command_timeout: Duration,
+    /// How long a consumer may go unseen before other members count it as dead.
+    pub(crate) consumer_expiry: Duration,
 }
 
 pub(crate) struct RedisConsumer {
@@ -293,6 +368,7 @@ pub(crate) struct RedisConsumer {
     claim_interval: Duration,
     block: Duration,
     command_timeout: Duration,
+    consumer_expiry: Duration,
     /// Held for the whole of a `receive`; core calls it from one task anyway.
     state: tokio::sync::Mutex<ReadState>,
     /// Returned by `receive`, not yet acknowledged in Redis: claims and pending passes skip
@@ -303,6 +379,9 @@ pub(crate) struct RedisConsumer {
     closed: AtomicBool,
     /// Stops the keepalive at close; dropping it stops it too.
     keepalive: watch::Sender<bool>,
+    /// The keepalive task, awaited at close: a round still running could otherwise make the
+    /// consumer name again after close removed it.
+    keepalive_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// The deliveries a consumer holds, and those it lost to another member.
@@ -710,6 +789,11 @@ struct ReadState {
     claim_from: EntryId,
     /// When the next claim sweep starts.
     next_claim: Instant,
+    /// When the next claim sweep also cleans up after dead consumers.
+    next_cleanup: Instant,
+    /// Anonymous groups without a consumer that leave entries unread: the position each
+    /// was at, and since when. One that has not moved for the expiry is dead.
+    quiet_groups: HashMap<String, (String, Instant)>,
 }
 
 /// Where entries of one read came from.
@@ -776,6 +860,7 @@ impl RedisConsumer {
             claim_interval,
             block: settings.block,
             command_timeout: settings.command_timeout,
+            consumer_expiry: settings.consumer_expiry,
             state: tokio::sync::Mutex::new(ReadState {
                 conn: Some(read),
                 ready: true,
@@ -786,14 +871,17 @@ impl RedisConsumer {
                 claim_from: ZERO,
                 // Work abandoned by a crashed member is looked for right away.
                 next_claim: Instant::now(),
+                next_cleanup: Instant::now(),
+                quiet_groups: HashMap::new(),
             }),
             holdings: Arc::default(),
             acks: Arc::new(AckQueue::new()),
             closed: AtomicBool::new(false),
             keepalive,
+            keepalive_task: Mutex::new(None),
         };
         consumer
-            .create_group(&mut consumer.commands.clone())
+            .join_group(&mut consumer.commands.clone())
             .await
             .map_err(Fail::into_error)?;
         tokio::spawn(send_acks(
@@ -803,18 +891,25 @@ impl RedisConsumer {
             consumer.member.stream.clone(),
             consumer.member.group.clone(),
         ));
-        tokio::spawn(keep_alive(
+        let keepalive_task = tokio::spawn(keep_alive(
             consumer.member.clone(),
             consumer.holdings.clone(),
             consumer.commands.clone(),
-            keepalive_period(consumer.claim_idle),
+            keepalive_period(consumer.claim_idle, consumer.consumer_expiry),
             stop_keepalive,
         ));
+        *consumer
+            .keepalive_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(keepalive_task);
         tracing::debug!(stream = %consumer.member.stream, group = %consumer.member.group, consumer = %consumer.member.name, "joined consumer group");
         Ok(consumer)
     }
 
-    async fn create_group(&self, conn: &mut Conn) -> Result<(), Fail> {
+    /// Creates the group if it does not exist, and this consumer in it: Redis makes a
+    /// consumer only when it first gets an entry, and until then other members' cleanup
+    /// could not tell this one is alive (see [`CLEANUP_SCRIPT`]).
+    async fn join_group(&self, conn: &mut Conn) -> Result<(), Fail> {
         let start = match self.start {
             StartFrom::Earliest => "0",
             StartFrom::Latest => "$",
@@ -826,11 +921,63 @@ impl RedisConsumer {
             .arg(start)
             .arg("MKSTREAM");
         match cmd.query_async::<()>(conn).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {}
             // Created by another member, or by us before a reconnect: exactly what we want.
-            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-            Err(e) => Err(self.fail("XGROUP CREATE", e)),
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            Err(e) => return Err(self.fail("XGROUP CREATE", e)),
         }
+        redis::cmd("XGROUP")
+            .arg("CREATECONSUMER")
+            .arg(&self.member.stream)
+            .arg(&self.member.group)
+            .arg(&self.member.name)
+            .query_async::<i64>(conn)
+            .await
+            .map_err(|e| self.fail("XGROUP CREATECONSUMER", e))?;
+        Ok(())
+    }
+
+    /// Removes what dead consumers left behind (see [`CLEANUP_SCRIPT`]). Housekeeping: a
+    /// failure is logged, and the next sweep tries again.
+    async fn clean_up(&self, conn: &mut Conn, state: &mut ReadState) {
+        let now = Instant::now();
+        let candidates: Vec<&str> = state
+            .quiet_groups
+            .iter()
+            .filter(|(_, (_, since))| now.duration_since(*since) >= self.consumer_expiry)
+            .flat_map(|(name, (position, _))| [name.as_str(), position.as_str()])
+            .collect();
+        let result: RedisResult<(usize, Vec<String>, Vec<String>)> = CLEANUP
+            .key(&self.member.stream)
+            .arg(&self.member.group)
+            .arg(self.consumer_expiry.as_millis() as u64)
+            .arg(ANONYMOUS_PREFIX)
+            .arg(&candidates)
+            .invoke_async(conn)
+            .await;
+        let (removed, destroyed, quiet) = match result {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::warn!(stream = %self.member.stream, group = %self.member.group, error = %e, "could not clean up after dead consumers; trying again at a later sweep");
+                return;
+            }
+        };
+        if removed > 0 {
+            tracing::info!(stream = %self.member.stream, group = %self.member.group, removed, expiry = ?self.consumer_expiry, "removed consumers that held nothing and were not seen for the expiry");
+        }
+        if !destroyed.is_empty() {
+            tracing::info!(stream = %self.member.stream, groups = ?destroyed, expiry = ?self.consumer_expiry, "destroyed anonymous groups nobody reads any more");
+        }
+        let mut seen = HashMap::with_capacity(quiet.len() / 2);
+        for pair in quiet.chunks_exact(2) {
+            let (name, position) = (&pair[0], &pair[1]);
+            let since = match state.quiet_groups.get(name) {
+                Some((was, since)) if was == position => *since,
+                _ => now,
+            };
+            seen.insert(name.clone(), (position.clone(), since));
+        }
+        state.quiet_groups = seen;
     }
 
     fn fail(&self, command: &str, e: RedisError) -> Fail {
@@ -850,7 +997,7 @@ impl RedisConsumer {
             return Ok(Vec::new());
         };
         if !state.ready {
-            self.create_group(&mut conn).await?;
+            self.join_group(&mut conn).await?;
             state.pending_from = Some(ZERO);
             state.ready = true;
         }
@@ -879,6 +1026,11 @@ impl RedisConsumer {
         }
         let now = Instant::now();
         if now >= state.next_claim {
+            if state.claim_from == ZERO && now >= state.next_cleanup {
+                // Cheap, but no need to look more often than a fraction of the expiry.
+                state.next_cleanup = now + (self.consumer_expiry / 4).max(self.claim_interval);
+                self.clean_up(&mut conn, state).await;
+            }
             let batch = self.claim(&mut conn, state, max).await?;
             if state.claim_from == ZERO {
                 // A sweep of the whole pending list is done; the next one waits. Until then
@@ -1308,6 +1460,14 @@ impl Consumer for RedisConsumer {
         self.state.lock().await.conn = None;
         // From here on what is not acknowledged is handed back, or left to go idle.
         let _ = self.keepalive.send(true);
+        let keepalive_task = self
+            .keepalive_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(task) = keepalive_task {
+            let _ = task.await;
+        }
         // Acknowledgements are recorded before anything is handed back: an entry handed
         // back with its XACK still unconfirmed would be handled twice.
         let _ = tokio::time::timeout(self.command_timeout, self.acks.flush()).await;

@@ -298,6 +298,7 @@ impl Binder for RedisBinder {
         let settings = ReadSettings {
             block: config.block,
             claim_interval: config.claim_interval,
+            consumer_expiry: config.consumer_expiry,
             consumer_prefix: config.consumer_prefix.clone(),
             command_timeout: config.command_timeout,
         };
