@@ -20,10 +20,10 @@
 //! another member (`XAUTOCLAIM`) add one; [`Consumer::retrying`] sets it to the attempt
 //! about to start; [`Consumer::release`] takes one back. Everything else this consumer does
 //! to its own entries leaves the count alone: a task re-claims the entries it holds with
-//! `XCLAIM ... JUSTID` every third of `claim-idle`, so that no other member finds them idle
-//! however long their handlers take; the pass over its own pending list restores the counts
-//! that `XREADGROUP ... 0` raises; and when its own sweep claims an entry it holds (after a
-//! stall longer than `claim-idle`), it takes that count back. Each of these checks, in one
+//! `XCLAIM ... JUSTID` every third of `claim-idle` (10 s at most), so that no other member
+//! finds them idle however long their handlers take; the pass over its own pending list
+//! restores the counts that `XREADGROUP ... 0` raises; and when its own sweep claims an
+//! entry it holds (after a stall longer than `claim-idle`), it takes that count back. Each of these checks, in one
 //! script per batch, that the entry is still pending for this consumer, so none takes back
 //! an entry another member has since claimed.
 
