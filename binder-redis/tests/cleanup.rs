@@ -111,6 +111,8 @@ async fn anonymous_groups_of_crashed_processes_are_destroyed() {
         )
         .await
         .unwrap();
+    // Before anything of the dead consumer: it was last seen after this.
+    let began = Instant::now();
     let dead = format!("anonymous.{}", common::unique("dead"));
     let crashed = binder(&url, &prefix)
         .consumer(&stream, &ConsumerOptions::new(&dead).anonymous())
@@ -141,7 +143,6 @@ async fn anonymous_groups_of_crashed_processes_are_destroyed() {
         .await
         .unwrap();
 
-    let began = Instant::now();
     let expected: HashSet<String> = [durable.clone(), live.clone()].into();
     sweep_until(&*sweeper, "the dead groups are destroyed", || {
         let mut raw = raw.clone();
