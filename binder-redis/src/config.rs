@@ -66,6 +66,17 @@ pub struct RedisConfig {
     /// half the binding's `claim-idle`.
     #[serde(default, deserialize_with = "optional_duration")]
     pub claim_interval: Option<Duration>,
+    /// How long a consumer may show no sign of life before other members of the stream
+    /// count it as dead: its name is then removed from its group once it holds nothing,
+    /// and an anonymous group (`anonymous.*`, made by core for a binding without `group`)
+    /// whose consumers are all dead is destroyed. Live consumers show themselves at least
+    /// every `min(claim-idle / 3, consumer-expiry / 10, 10s)`, so the default leaves a wide
+    /// margin; every process sharing the streams should use the same value. Default: 5 min.
+    #[serde(
+        default = "defaults::consumer_expiry",
+        with = "stream_core::config::duration"
+    )]
+    pub consumer_expiry: Duration,
     /// Trimming applied by every `XADD`. Default: none, the stream grows until trimmed by
     /// someone else.
     #[serde(default)]
@@ -152,6 +163,7 @@ impl Default for RedisConfig {
             consumer_prefix: defaults::consumer_prefix(),
             block: defaults::block(),
             claim_interval: None,
+            consumer_expiry: defaults::consumer_expiry(),
             trim: None,
             connect_timeout: defaults::connect_timeout(),
             connect_attempts: defaults::connect_attempts(),
@@ -208,6 +220,11 @@ impl RedisConfig {
         }
         if self.claim_interval.is_some_and(|d| d.is_zero()) {
             return Err(config_error("`claim-interval` must be longer than zero"));
+        }
+        if self.consumer_expiry < Duration::from_millis(100) {
+            // Live consumers show themselves every tenth of it at most, but no more often
+            // than every 10 ms.
+            return Err(config_error("`consumer-expiry` must be at least 100ms"));
         }
         if let Some(trim) = &self.trim {
             trim.strategy()?;
@@ -273,6 +290,7 @@ impl fmt::Debug for RedisConfig {
             .field("consumer_prefix", &self.consumer_prefix)
             .field("block", &self.block)
             .field("claim_interval", &self.claim_interval)
+            .field("consumer_expiry", &self.consumer_expiry)
             .field("trim", &self.trim)
             .field("connect_timeout", &self.connect_timeout)
             .field("connect_attempts", &self.connect_attempts)
@@ -410,6 +428,9 @@ mod defaults {
     pub(super) fn block() -> Duration {
         Duration::from_secs(2)
     }
+    pub(super) fn consumer_expiry() -> Duration {
+        Duration::from_secs(300)
+    }
     pub(super) fn connect_timeout() -> Duration {
         Duration::from_secs(5)
     }
@@ -453,6 +474,7 @@ mod tests {
             consumer-prefix = "orders"
             block = "250ms"
             claim-interval = "1s"
+            consumer-expiry = "10m"
             trim = { max-age = "1h", approximate = false }
             connect-timeout = "1s"
             connect-attempts = 2
@@ -463,6 +485,7 @@ mod tests {
         assert_eq!(config.password.as_deref(), Some("1234"));
         assert_eq!(config.block, Duration::from_millis(250));
         assert_eq!(config.claim_interval, Some(Duration::from_secs(1)));
+        assert_eq!(config.consumer_expiry, Duration::from_secs(600));
         let trim = config.trim.as_ref().unwrap();
         assert_eq!(
             trim.strategy().unwrap(),
@@ -490,6 +513,7 @@ mod tests {
         for text in [
             "block = \"0s\"",
             "connect-attempts = 0",
+            "consumer-expiry = \"10ms\"",
             "trim = {}",
             "trim = { max-len = 5, max-age = \"1h\" }",
             "url = \"redis://h\"\ntls-ca-file = \"/ca.pem\"",

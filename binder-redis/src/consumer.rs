@@ -11,11 +11,26 @@
 //! it never saw, and the claim sweep hands them out once they have been idle `claim-idle`.
 //!
 //! `ack` queues the ids and returns; a task of the consumer sends them (see [`AckQueue`]).
+//!
+//! # Holding entries, and counting attempts
+//!
+//! Redis keeps a delivery count per pending entry; this binder keeps it equal to core's
+//! attempts (see `stream_core::Consumer`): the deliveries of the message that reached a
+//! handler, or may have. A read of a new entry (`XREADGROUP ... >`) and a takeover from
+//! another member (`XAUTOCLAIM`) add one; [`Consumer::retrying`] sets it to the attempt
+//! about to start; [`Consumer::release`] takes one back. Everything else this consumer does
+//! to its own entries leaves the count alone: a task re-claims the entries it holds with
+//! `XCLAIM ... JUSTID` every third of `claim-idle` (10 s at most), so that no other member
+//! finds them idle however long their handlers take; the pass over its own pending list
+//! restores the counts that `XREADGROUP ... 0` raises; and when its own sweep claims an
+//! entry it holds (after a stall longer than `claim-idle`), it takes that count back. Each of these checks, in one
+//! script per batch, that the entry is still pending for this consumer, so none takes back
+//! an entry another member has since claimed.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -43,7 +58,8 @@ const MIN_CLAIM_INTERVAL: Duration = Duration::from_millis(10);
 const ACK_DELAY: Duration = Duration::from_millis(5);
 /// Acknowledgements queued and not yet confirmed beyond which `ack` waits for the queue.
 const MAX_QUEUED_ACKS: usize = 8192;
-/// Failed `XACK`s of one batch tried again before its entries are left to redelivery.
+/// Failed `XACK`s of one batch tried again, once the consumer is gone, before its entries
+/// are left to redelivery.
 const ACK_TRIES: u32 = 20;
 
 /// Hands this consumer's pending entries back to the group at close: their delivery time is
@@ -73,6 +89,263 @@ redis.call(unpack(args))
 return {#page, page[#page][1]}
 ";
 
+/// The shortest pause between keepalive rounds.
+const MIN_KEEPALIVE_PERIOD: Duration = Duration::from_millis(10);
+/// The longest pause between keepalive rounds, whatever `claim-idle` says.
+const MAX_KEEPALIVE_PERIOD: Duration = Duration::from_secs(10);
+/// Entries per call of [`HOLD_SCRIPT`].
+const HOLD_PAGE: usize = 512;
+
+/// Re-claims entries that are still pending for this consumer (`XPENDING` says who owns each
+/// one, in the same atomic step), changing their delivery count as the mode says; returns
+/// the ids that are not, because another member took them or they were acknowledged.
+///
+/// KEYS[1] stream; ARGV: group, consumer, mode, attempt (for `attempt`), ids...
+/// Modes: `keep` resets the idle time (and shows the consumer alive); `attempt` sets the count to ARGV[4]; `release` takes
+/// one off the count and makes the entry claimable at once (delivery time 1970);
+/// `unbump` takes one off; `handback` makes it claimable at once.
+const HOLD_SCRIPT: &str = r"
+local group, consumer, mode = ARGV[1], ARGV[2], ARGV[3]
+if mode == 'keep' then
+  -- Shows the consumer alive to the cleanup of other members (XINFO CONSUMERS idle): made
+  -- again if a cleanup removed it while it held nothing, and seen now. Its own pending list
+  -- after the highest id there can be holds nothing, so the read returns and counts nothing.
+  redis.call('XGROUP', 'CREATECONSUMER', KEYS[1], group, consumer)
+  redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', KEYS[1],
+    '18446744073709551615-18446744073709551614')
+end
+local gone = {}
+for i = 5, #ARGV do
+  local id = ARGV[i]
+  local row = redis.call('XPENDING', KEYS[1], group, id, id, 1)[1]
+  if row and row[2] == consumer then
+    local claim = {'XCLAIM', KEYS[1], group, consumer, 0, id}
+    if mode == 'attempt' then
+      claim[#claim + 1] = 'RETRYCOUNT'
+      claim[#claim + 1] = ARGV[4]
+    elseif mode == 'release' or mode == 'unbump' then
+      claim[#claim + 1] = 'RETRYCOUNT'
+      claim[#claim + 1] = math.max(row[4] - 1, 0)
+    end
+    if mode == 'release' or mode == 'handback' then
+      claim[#claim + 1] = 'TIME'
+      claim[#claim + 1] = 1
+    end
+    claim[#claim + 1] = 'JUSTID'
+    redis.call(unpack(claim))
+  else
+    gone[#gone + 1] = id
+  end
+end
+return gone
+";
+
+/// Reads the consumer's own pending entries after an id, as `XREADGROUP ... <id>` does,
+/// then sets their delivery counts back to what they were: that read adds one to each,
+/// though it is no new attempt (the entries were delivered to this consumer already, and
+/// counted then). Deleted entries are left alone (the read does not count them, and an
+/// `XCLAIM` would drop them from the pending list before the consumer acknowledges them).
+///
+/// KEYS[1] stream; ARGV: group, consumer, after id, count. Returns the read's reply.
+const OWN_PENDING_SCRIPT: &str = r"
+local counts = {}
+for _, row in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], '(' .. ARGV[3], '+', ARGV[4], ARGV[2])) do
+  counts[row[1]] = row[4]
+end
+local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[4], 'STREAMS', KEYS[1], ARGV[3])
+if reply then
+  for _, entry in ipairs(reply[1][2]) do
+    local count = counts[entry[1]]
+    if entry[2] and count then
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, entry[1], 'RETRYCOUNT', count, 'JUSTID')
+    end
+  end
+end
+return reply
+";
+
+/// Removes from the consumer's own group the consumers that hold nothing and were not seen
+/// for the expiry, and destroys other anonymous groups of the stream (named by core with
+/// the prefix) that nobody reads any more: every consumer unseen for the expiry, or no
+/// consumer at all and entries waiting past where the group last read, with that position
+/// unchanged since the caller first saw it so (it passes those as candidates). Returns
+/// {consumers removed, groups destroyed, consumer-less anonymous groups with entries
+/// waiting as flat pairs of name and last-delivered-id}.
+///
+/// KEYS[1] stream; ARGV: own group, expiry ms, anonymous prefix, candidates as pairs.
+const CLEANUP_SCRIPT: &str = r"
+local group, expiry, prefix = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local function fields(flat)
+  local t = {}
+  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
+  return t
+end
+local removed = 0
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], group)) do
+  c = fields(c)
+  if c['pending'] == 0 and c['idle'] > expiry then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], group, c['name'])
+    removed = removed + 1
+  end
+end
+local candidates = {}
+for i = 4, #ARGV, 2 do candidates[ARGV[i]] = ARGV[i + 1] end
+local destroyed, quiet = {}, {}
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  g = fields(g)
+  local name, position = g['name'], g['last-delivered-id']
+  if name ~= group and string.sub(name, 1, #prefix) == prefix then
+    local consumers = redis.call('XINFO', 'CONSUMERS', KEYS[1], name)
+    local dead = #consumers > 0
+    for _, c in ipairs(consumers) do
+      if fields(c)['idle'] <= expiry then
+        dead = false
+        break
+      end
+    end
+    if #consumers == 0 and #redis.call('XRANGE', KEYS[1], '(' .. position, '+', 'COUNT', 1) > 0 then
+      if candidates[name] == position then
+        dead = true
+      else
+        quiet[#quiet + 1] = name
+        quiet[#quiet + 1] = position
+      end
+    end
+    if dead then
+      redis.call('XGROUP', 'DESTROY', KEYS[1], name)
+      destroyed[#destroyed + 1] = name
+    end
+  end
+end
+return {removed, destroyed, quiet}
+";
+
+/// The start of the group names core gives anonymous groups.
+const ANONYMOUS_PREFIX: &str = "anonymous.";
+
+static HOLD: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(HOLD_SCRIPT));
+static CLEANUP: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(CLEANUP_SCRIPT));
+static OWN_PENDING: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(OWN_PENDING_SCRIPT));
+
+/// What [`HOLD_SCRIPT`] does to the entries this consumer still holds.
+#[derive(Debug, Clone, Copy)]
+enum Hold {
+    /// Resets their idle time; the count stays.
+    Keep,
+    /// Records that this attempt of them is about to start.
+    Attempt(u32),
+    /// Takes back the count of a delivery no handler saw, and hands them to the group.
+    Release,
+    /// Takes back the one delivery this consumer's own claim counted.
+    Unbump,
+    /// Hands them to the group with their counts.
+    HandBack,
+}
+
+impl Hold {
+    fn mode(self) -> &'static str {
+        match self {
+            Hold::Keep => "keep",
+            Hold::Attempt(_) => "attempt",
+            Hold::Release => "release",
+            Hold::Unbump => "unbump",
+            Hold::HandBack => "handback",
+        }
+    }
+}
+
+/// Who a consumer is in Redis; shared with its background tasks.
+struct Member {
+    stream: String,
+    group: String,
+    name: String,
+}
+
+impl Member {
+    /// Runs [`HOLD_SCRIPT`] over `ids`, a page at a time; returns those no longer pending
+    /// for this consumer.
+    async fn hold(
+        &self,
+        conn: &mut Conn,
+        hold: Hold,
+        ids: &[EntryId],
+    ) -> RedisResult<Vec<EntryId>> {
+        let attempt = match hold {
+            Hold::Attempt(attempt) => attempt,
+            _ => 0,
+        };
+        let mut gone = Vec::new();
+        let mut pages: Vec<&[EntryId]> = ids.chunks(HOLD_PAGE).collect();
+        if pages.is_empty() && matches!(hold, Hold::Keep) {
+            // Nothing held, but the consumer still shows it is alive.
+            pages.push(&[]);
+        }
+        for page in pages {
+            let ids: Vec<String> = HOLD
+                .key(&self.stream)
+                .arg(&self.group)
+                .arg(&self.name)
+                .arg(hold.mode())
+                .arg(attempt)
+                .arg(page)
+                .invoke_async(conn)
+                .await?;
+            gone.extend(ids.iter().filter_map(|id| EntryId::parse(id)));
+        }
+        Ok(gone)
+    }
+}
+
+/// How often the keepalive re-claims held entries and shows the consumer alive: well
+/// inside `claim-idle`, so that no other member finds held entries idle between two rounds,
+/// and well inside `consumer-expiry`, so that no cleanup takes the consumer for dead.
+fn keepalive_period(claim_idle: Duration, consumer_expiry: Duration) -> Duration {
+    (claim_idle / 3)
+        .min(consumer_expiry / 10)
+        .clamp(MIN_KEEPALIVE_PERIOD, MAX_KEEPALIVE_PERIOD)
+}
+
+/// Re-claims the entries `holdings` holds every `period` until `stop` says so or the
+/// consumer is gone. Entries found in another member's pending list are marked lost.
+async fn keep_alive(
+    member: Arc<Member>,
+    holdings: Arc<Holdings>,
+    mut conn: Conn,
+    period: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut rounds = tokio::time::interval(period);
+    rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = rounds.tick() => {}
+            // Stopped, or the consumer was dropped with the sender.
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        }
+        let ids = holdings.ids();
+        match member.hold(&mut conn, Hold::Keep, &ids).await {
+            Ok(gone) => {
+                if failing {
+                    tracing::info!(stream = %member.stream, group = %member.group, consumer = %member.name, "keeping held entries works again");
+                    failing = false;
+                }
+                let lost = holdings.lose(&gone);
+                if lost > 0 {
+                    tracing::warn!(stream = %member.stream, group = %member.group, consumer = %member.name, lost, "another member took over entries this consumer holds (Redis was out of reach, or this process stalled, for longer than claim-idle); those not started yet are dropped here, those started may be handled twice");
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(stream = %member.stream, group = %member.group, consumer = %member.name, error = %e, "could not keep held entries; another member may take them over after claim-idle");
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
 /// Consumer settings that come from the binder's configuration.
 #[derive(Debug, Clone)]
 pub(crate) struct ReadSettings {
@@ -81,27 +354,135 @@ pub(crate) struct ReadSettings {
     pub(crate) consumer_prefix: String,
     /// How long `close` waits for queued acknowledgements to be confirmed.
     pub(crate) command_timeout: Duration,
+    /// How long a consumer may go unseen before other members count it as dead.
+    pub(crate) consumer_expiry: Duration,
 }
 
 pub(crate) struct RedisConsumer {
     /// Shared with the binder's producers: acks, group setup, close.
     commands: Conn,
-    stream: String,
-    group: String,
-    name: String,
+    member: Arc<Member>,
     durable: bool,
     start: StartFrom,
     claim_idle: Duration,
     claim_interval: Duration,
     block: Duration,
     command_timeout: Duration,
+    consumer_expiry: Duration,
     /// Held for the whole of a `receive`; core calls it from one task anyway.
     state: tokio::sync::Mutex<ReadState>,
     /// Returned by `receive`, not yet acknowledged in Redis: claims and pending passes skip
-    /// these, so a slow handler's message is not handed to this same consumer a second time.
-    in_flight: Arc<Mutex<InFlight>>,
+    /// these, so a slow handler's message is not handed to this same consumer a second time,
+    /// and the keepalive keeps them.
+    holdings: Arc<Holdings>,
     acks: Arc<AckQueue>,
     closed: AtomicBool,
+    /// Stops the keepalive at close; dropping it stops it too.
+    keepalive: watch::Sender<bool>,
+    /// The keepalive task, awaited at close: a round still running could otherwise make the
+    /// consumer name again after close removed it.
+    keepalive_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// The deliveries a consumer holds, and those it lost to another member.
+#[derive(Default)]
+struct Holdings {
+    held: Mutex<Held>,
+    /// Whether `lost` may hold anything: [`Holdings::holds`] needs no lock while it is false.
+    any_lost: AtomicBool,
+}
+
+#[derive(Default)]
+struct Held {
+    /// Handed out and not confirmed acknowledged.
+    in_flight: InFlight,
+    /// Handed out, then found pending for another member: not to be handled here.
+    lost: InFlight,
+}
+
+impl Holdings {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn hand_out(&self, tags: impl Iterator<Item = DeliveryTag>) {
+        let mut held = self.lock();
+        if self.any_lost.load(Ordering::Acquire) {
+            // Taken back from the member that had them: ours again.
+            let held = &mut *held;
+            for tag in tags {
+                held.lost.remove(&tag);
+                held.in_flight.insert(tag);
+            }
+            self.any_lost
+                .store(!held.lost.is_empty(), Ordering::Release);
+        } else {
+            held.in_flight.extend(tags);
+        }
+    }
+
+    /// Forgets entries that are acknowledged or handed back.
+    fn forget(&self, ids: &[EntryId]) {
+        let mut held = self.lock();
+        for id in ids {
+            held.in_flight.remove(&id.tag());
+        }
+        if self.any_lost.load(Ordering::Acquire) {
+            for id in ids {
+                held.lost.remove(&id.tag());
+            }
+            self.any_lost
+                .store(!held.lost.is_empty(), Ordering::Release);
+        }
+    }
+
+    fn contains(&self, tag: DeliveryTag) -> bool {
+        self.lock().in_flight.contains(&tag)
+    }
+
+    fn len(&self) -> usize {
+        self.lock().in_flight.len()
+    }
+
+    fn ids(&self) -> Vec<EntryId> {
+        self.lock()
+            .in_flight
+            .iter()
+            .map(|tag| EntryId::from_tag(*tag))
+            .collect()
+    }
+
+    /// Marks entries another member now holds; returns how many this consumer still held.
+    fn lose(&self, ids: &[EntryId]) -> usize {
+        if ids.is_empty() {
+            return 0;
+        }
+        let mut held = self.lock();
+        let mut lost = 0;
+        for id in ids {
+            // Not held any more: acknowledged meanwhile, which the script cannot tell apart.
+            if held.in_flight.remove(&id.tag()) {
+                held.lost.insert(id.tag());
+                lost += 1;
+            }
+        }
+        if lost > 0 {
+            self.any_lost.store(true, Ordering::Release);
+        }
+        lost
+    }
+
+    /// False, once, for a delivery another member took over.
+    fn holds(&self, tag: DeliveryTag) -> bool {
+        if !self.any_lost.load(Ordering::Acquire) {
+            return true;
+        }
+        let mut held = self.lock();
+        let lost = held.lost.remove(&tag);
+        self.any_lost
+            .store(!held.lost.is_empty(), Ordering::Release);
+        !lost
+    }
 }
 
 /// Tags of deliveries this consumer handed out and Redis has not seen acknowledged.
@@ -164,16 +545,32 @@ impl Hasher for TagHasher {
 /// the read blocks, or the fetch loop waits) are sent on their own by [`send_acks`].
 ///
 /// The handlers are done with these entries; what is in flight is the id. Until Redis
-/// confirms, the entries stay in `in_flight`, so neither a pending pass nor a claim of this
-/// consumer hands them out again, and `close` waits for the queue before leaving the group.
-/// A process that dies with acknowledgements queued leaves those entries pending, to be
-/// delivered again like any other un-acknowledged entry.
+/// confirms, the entries stay held (see [`Holdings`]): neither a pending pass nor a claim of
+/// this consumer hands them out again, the keepalive keeps other members off them, and
+/// `close` records the queue before it hands anything back.
+///
+/// An `XACK` that fails is sent again, with backoff, for as long as the consumer lives: the
+/// entry stays held meanwhile rather than being delivered a second time. When Redis refuses
+/// it for good (a `NOPERM` from an ACL, a key that is no stream any more), the refusal is
+/// kept: the next `receive` returns it, which ends the subscription with that error, and
+/// `close` leaves those entries pending (they are delivered again after `claim-idle`, once
+/// the consumer no longer keeps them) and returns it too. A process that dies with
+/// acknowledgements queued leaves those entries pending, to be delivered again like any
+/// other un-acknowledged entry.
 struct AckQueue {
     state: Mutex<AckState>,
     /// Wakes [`send_acks`].
     wake: Notify,
+    progress: watch::Sender<AckProgress>,
+}
+
+/// What waiters on the queue look at.
+#[derive(Debug, Clone, Copy, Default)]
+struct AckProgress {
     /// Queued or being sent, not yet settled (confirmed, or given up on).
-    outstanding: watch::Sender<usize>,
+    outstanding: usize,
+    /// Redis refused an `XACK` for good: waiting for the queue to drain is pointless.
+    refused: bool,
 }
 
 #[derive(Default)]
@@ -185,6 +582,10 @@ struct AckState {
     urgent: bool,
     /// The consumer is gone: [`send_acks`] sends what is left and ends.
     dropped: bool,
+    /// Taken by [`send_acks`] and not settled yet.
+    sending: Vec<EntryId>,
+    /// Why Redis refused an `XACK` for good, once it has.
+    refusal: Option<(ErrorKind, String)>,
 }
 
 impl AckQueue {
@@ -192,7 +593,7 @@ impl AckQueue {
         AckQueue {
             state: Mutex::default(),
             wake: Notify::new(),
-            outstanding: watch::Sender::new(0),
+            progress: watch::Sender::new(AckProgress::default()),
         }
     }
 
@@ -206,7 +607,7 @@ impl AckQueue {
         state.queued.extend(ids);
         let added = state.queued.len() - before;
         // Counted before anyone can take them, so the count never drops below zero.
-        self.outstanding.send_modify(|n| *n += added);
+        self.progress.send_modify(|p| p.outstanding += added);
         let first = state.since.is_none();
         state.since.get_or_insert_with(Instant::now);
         drop(state);
@@ -246,7 +647,9 @@ impl AckQueue {
                         let due = since + ACK_DELAY;
                         if state.urgent || state.dropped || Instant::now() >= due {
                             state.since = None;
-                            return Some(std::mem::take(&mut state.queued));
+                            let ids = std::mem::take(&mut state.queued);
+                            state.sending.clone_from(&ids);
+                            return Some(ids);
                         }
                         Some(due)
                     }
@@ -265,12 +668,53 @@ impl AckQueue {
         }
     }
 
-    fn settled(&self, n: usize) {
-        self.outstanding
-            .send_modify(|outstanding| *outstanding -= n);
+    /// What was queued meanwhile, to go along with a retry of [`send_acks`]'s batch.
+    fn take_more(&self) -> Vec<EntryId> {
+        let mut state = self.lock();
+        state.since = None;
+        let more = std::mem::take(&mut state.queued);
+        state.sending.extend_from_slice(&more);
+        more
     }
 
-    /// Sends what is queued without waiting for a read, and waits until it is settled.
+    fn settled(&self, n: usize) {
+        self.progress.send_modify(|p| p.outstanding -= n);
+    }
+
+    /// Settles [`send_acks`]'s batch.
+    fn sent(&self, n: usize) {
+        self.lock().sending.clear();
+        self.settled(n);
+    }
+
+    fn is_dropped(&self) -> bool {
+        self.lock().dropped
+    }
+
+    /// Keeps the first refusal, for `receive` and `close` to report.
+    fn refuse(&self, error: &Error) {
+        let mut state = self.lock();
+        if state.refusal.is_none() {
+            state.refusal = Some((error.kind(), error.message().to_owned()));
+            drop(state);
+            self.progress.send_modify(|p| p.refused = true);
+        }
+    }
+
+    fn refusal(&self) -> Option<(ErrorKind, String)> {
+        self.lock().refusal.clone()
+    }
+
+    /// Acknowledged ids Redis has not confirmed.
+    fn unconfirmed(&self) -> Vec<EntryId> {
+        let state = self.lock();
+        let mut ids = state.sending.clone();
+        ids.extend_from_slice(&state.queued);
+        ids
+    }
+
+    /// Sends what is queued without waiting for a read, and waits until it is settled or
+    /// Redis refused some of it for good.
     async fn flush(&self) {
         self.lock().urgent = true;
         self.wake.notify_one();
@@ -278,13 +722,14 @@ impl AckQueue {
         self.lock().urgent = false;
     }
 
-    /// Waits until at most `limit` acknowledgements are outstanding.
+    /// Waits until at most `limit` acknowledgements are outstanding, or one was refused.
     async fn drained_to(&self, limit: usize) {
-        if *self.outstanding.borrow() <= limit {
+        let done = |p: &AckProgress| p.outstanding <= limit || p.refused;
+        if done(&self.progress.borrow()) {
             return;
         }
-        let mut outstanding = self.outstanding.subscribe();
-        let _ = outstanding.wait_for(|n| *n <= limit).await;
+        let mut progress = self.progress.subscribe();
+        let _ = progress.wait_for(done).await;
     }
 }
 
@@ -296,20 +741,28 @@ struct Carried<'a> {
 }
 
 impl Carried<'_> {
-    fn settle(mut self, in_flight: &Mutex<InFlight>, outcome: RedisResult<Value>) {
+    fn settle(mut self, holdings: &Holdings, outcome: RedisResult<Value>) {
         let ids = std::mem::take(&mut self.ids);
         match outcome {
             Ok(_) => {
-                forget(in_flight, &ids);
+                holdings.forget(&ids);
                 self.acks.settled(ids.len());
             }
             // The group is gone, and with it what there was to acknowledge.
             Err(e) if e.code() == Some("NOGROUP") => {
-                forget(in_flight, &ids);
+                holdings.forget(&ids);
                 self.acks.settled(ids.len());
             }
-            // Sent again on their own, with the retries that path has.
-            Err(_) => self.acks.put_back(ids),
+            Err(e) => {
+                let error = command_error(&format!("XACK of {} entries", ids.len()), e);
+                if !error.is_temporary() {
+                    // Carried by every read, a refused XACK would never reach the sender
+                    // that reports it.
+                    self.acks.refuse(&error);
+                }
+                // Sent again on their own, with the retries that path has.
+                self.acks.put_back(ids);
+            }
         }
     }
 }
@@ -319,13 +772,6 @@ impl Drop for Carried<'_> {
         if !self.ids.is_empty() {
             self.acks.put_back(std::mem::take(&mut self.ids));
         }
-    }
-}
-
-fn forget(in_flight: &Mutex<InFlight>, ids: &[EntryId]) {
-    let mut in_flight = in_flight.lock().unwrap_or_else(|p| p.into_inner());
-    for id in ids {
-        in_flight.remove(&id.tag());
     }
 }
 
@@ -343,6 +789,11 @@ struct ReadState {
     claim_from: EntryId,
     /// When the next claim sweep starts.
     next_claim: Instant,
+    /// When the next claim sweep also cleans up after dead consumers.
+    next_cleanup: Instant,
+    /// Anonymous groups without a consumer that leave entries unread: the position each
+    /// was at, and since when. One that has not moved for the expiry is dead.
+    quiet_groups: HashMap<String, (String, Instant)>,
 }
 
 /// Where entries of one read came from.
@@ -391,21 +842,25 @@ impl RedisConsumer {
             .claim_interval
             .unwrap_or(options.claim_idle / 2)
             .max(MIN_CLAIM_INTERVAL);
+        let (keepalive, stop_keepalive) = watch::channel(false);
         let consumer = RedisConsumer {
             commands,
-            stream: stream.to_owned(),
-            group: options.group.clone(),
-            name: format!(
-                "{}-{}",
-                settings.consumer_prefix,
-                stream_core::unique_suffix()
-            ),
+            member: Arc::new(Member {
+                stream: stream.to_owned(),
+                group: options.group.clone(),
+                name: format!(
+                    "{}-{}",
+                    settings.consumer_prefix,
+                    stream_core::unique_suffix()
+                ),
+            }),
             durable: options.durable,
             start: options.start_from,
             claim_idle: options.claim_idle,
             claim_interval,
             block: settings.block,
             command_timeout: settings.command_timeout,
+            consumer_expiry: settings.consumer_expiry,
             state: tokio::sync::Mutex::new(ReadState {
                 conn: Some(read),
                 ready: true,
@@ -416,50 +871,120 @@ impl RedisConsumer {
                 claim_from: ZERO,
                 // Work abandoned by a crashed member is looked for right away.
                 next_claim: Instant::now(),
+                next_cleanup: Instant::now(),
+                quiet_groups: HashMap::new(),
             }),
-            in_flight: Arc::default(),
+            holdings: Arc::default(),
             acks: Arc::new(AckQueue::new()),
             closed: AtomicBool::new(false),
+            keepalive,
+            keepalive_task: Mutex::new(None),
         };
         consumer
-            .create_group(&mut consumer.commands.clone())
+            .join_group(&mut consumer.commands.clone())
             .await
             .map_err(Fail::into_error)?;
         tokio::spawn(send_acks(
             consumer.acks.clone(),
-            consumer.in_flight.clone(),
+            consumer.holdings.clone(),
             consumer.commands.clone(),
-            consumer.stream.clone(),
-            consumer.group.clone(),
+            consumer.member.stream.clone(),
+            consumer.member.group.clone(),
         ));
-        tracing::debug!(stream = %consumer.stream, group = %consumer.group, consumer = %consumer.name, "joined consumer group");
+        let keepalive_task = tokio::spawn(keep_alive(
+            consumer.member.clone(),
+            consumer.holdings.clone(),
+            consumer.commands.clone(),
+            keepalive_period(consumer.claim_idle, consumer.consumer_expiry),
+            stop_keepalive,
+        ));
+        *consumer
+            .keepalive_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(keepalive_task);
+        tracing::debug!(stream = %consumer.member.stream, group = %consumer.member.group, consumer = %consumer.member.name, "joined consumer group");
         Ok(consumer)
     }
 
-    async fn create_group(&self, conn: &mut Conn) -> Result<(), Fail> {
+    /// Creates the group if it does not exist, and this consumer in it: Redis makes a
+    /// consumer only when it first gets an entry, and until then other members' cleanup
+    /// could not tell this one is alive (see [`CLEANUP_SCRIPT`]).
+    async fn join_group(&self, conn: &mut Conn) -> Result<(), Fail> {
         let start = match self.start {
             StartFrom::Earliest => "0",
             StartFrom::Latest => "$",
         };
         let mut cmd = redis::cmd("XGROUP");
         cmd.arg("CREATE")
-            .arg(&self.stream)
-            .arg(&self.group)
+            .arg(&self.member.stream)
+            .arg(&self.member.group)
             .arg(start)
             .arg("MKSTREAM");
         match cmd.query_async::<()>(conn).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {}
             // Created by another member, or by us before a reconnect: exactly what we want.
-            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-            Err(e) => Err(self.fail("XGROUP CREATE", e)),
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            Err(e) => return Err(self.fail("XGROUP CREATE", e)),
         }
+        redis::cmd("XGROUP")
+            .arg("CREATECONSUMER")
+            .arg(&self.member.stream)
+            .arg(&self.member.group)
+            .arg(&self.member.name)
+            .query_async::<i64>(conn)
+            .await
+            .map_err(|e| self.fail("XGROUP CREATECONSUMER", e))?;
+        Ok(())
+    }
+
+    /// Removes what dead consumers left behind (see [`CLEANUP_SCRIPT`]). Housekeeping: a
+    /// failure is logged, and the next sweep tries again.
+    async fn clean_up(&self, conn: &mut Conn, state: &mut ReadState) {
+        let now = Instant::now();
+        let candidates: Vec<&str> = state
+            .quiet_groups
+            .iter()
+            .filter(|(_, (_, since))| now.duration_since(*since) >= self.consumer_expiry)
+            .flat_map(|(name, (position, _))| [name.as_str(), position.as_str()])
+            .collect();
+        let result: RedisResult<(usize, Vec<String>, Vec<String>)> = CLEANUP
+            .key(&self.member.stream)
+            .arg(&self.member.group)
+            .arg(self.consumer_expiry.as_millis() as u64)
+            .arg(ANONYMOUS_PREFIX)
+            .arg(&candidates)
+            .invoke_async(conn)
+            .await;
+        let (removed, destroyed, quiet) = match result {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::warn!(stream = %self.member.stream, group = %self.member.group, error = %e, "could not clean up after dead consumers; trying again at a later sweep");
+                return;
+            }
+        };
+        if removed > 0 {
+            tracing::info!(stream = %self.member.stream, group = %self.member.group, removed, expiry = ?self.consumer_expiry, "removed consumers that held nothing and were not seen for the expiry");
+        }
+        if !destroyed.is_empty() {
+            tracing::info!(stream = %self.member.stream, groups = ?destroyed, expiry = ?self.consumer_expiry, "destroyed anonymous groups nobody reads any more");
+        }
+        let mut seen = HashMap::with_capacity(quiet.len() / 2);
+        for pair in quiet.chunks_exact(2) {
+            let (name, position) = (&pair[0], &pair[1]);
+            let since = match state.quiet_groups.get(name) {
+                Some((was, since)) if was == position => *since,
+                _ => now,
+            };
+            seen.insert(name.clone(), (position.clone(), since));
+        }
+        state.quiet_groups = seen;
     }
 
     fn fail(&self, command: &str, e: RedisError) -> Fail {
         Fail::Redis(
             format!(
                 "{command} on stream `{}` group `{}`",
-                self.stream, self.group
+                self.member.stream, self.member.group
             ),
             e,
         )
@@ -472,20 +997,15 @@ impl RedisConsumer {
             return Ok(Vec::new());
         };
         if !state.ready {
-            self.create_group(&mut conn).await?;
+            self.join_group(&mut conn).await?;
             state.pending_from = Some(ZERO);
             state.ready = true;
         }
         while let Some(from) = state.pending_from {
             // Entries still being handled here sit in the same list and are skipped; reading
             // past them in one go saves a round trip per page of them.
-            let in_flight = self
-                .in_flight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .len();
-            let count = (max + in_flight).min(MAX_PENDING_PAGE).max(max);
-            let entries = self.read(&mut conn, count, &from.to_string(), None).await?;
+            let count = (max + self.holdings.len()).min(MAX_PENDING_PAGE).max(max);
+            let entries = self.read_own_pending(&mut conn, count, from).await?;
             let Some(last) = entries.last() else {
                 state.pending_from = None;
                 break;
@@ -506,6 +1026,11 @@ impl RedisConsumer {
         }
         let now = Instant::now();
         if now >= state.next_claim {
+            if state.claim_from == ZERO && now >= state.next_cleanup {
+                // Cheap, but no need to look more often than a fraction of the expiry.
+                state.next_cleanup = now + (self.consumer_expiry / 4).max(self.claim_interval);
+                self.clean_up(&mut conn, state).await;
+            }
             let batch = self.claim(&mut conn, state, max).await?;
             if state.claim_from == ZERO {
                 // A sweep of the whole pending list is done; the next one waits. Until then
@@ -525,29 +1050,34 @@ impl RedisConsumer {
     fn xreadgroup(&self, max: usize, from: &str, block: Option<Duration>) -> redis::Cmd {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
-            .arg(&self.group)
-            .arg(&self.name)
+            .arg(&self.member.group)
+            .arg(&self.member.name)
             .arg("COUNT")
             .arg(max);
         if let Some(block) = block {
             cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
         }
-        cmd.arg("STREAMS").arg(&self.stream).arg(from);
+        cmd.arg("STREAMS").arg(&self.member.stream).arg(from);
         cmd
     }
 
-    async fn read(
+    /// Reads up to `max` entries of this consumer's own pending list after `after`, leaving
+    /// their delivery counts as they were (see [`OWN_PENDING_SCRIPT`]).
+    async fn read_own_pending(
         &self,
         conn: &mut Conn,
         max: usize,
-        from: &str,
-        block: Option<Duration>,
+        after: EntryId,
     ) -> Result<Vec<Entry>, Fail> {
-        let reply: Value = self
-            .xreadgroup(max, from, block)
-            .query_async(conn)
+        let reply: Value = OWN_PENDING
+            .key(&self.member.stream)
+            .arg(&self.member.group)
+            .arg(&self.member.name)
+            .arg(after)
+            .arg(max)
+            .invoke_async(conn)
             .await
-            .map_err(|e| self.fail("XREADGROUP", e))?;
+            .map_err(|e| self.fail("XREADGROUP of the own pending list", e))?;
         self.parse(reply)
     }
 
@@ -574,8 +1104,8 @@ impl RedisConsumer {
         }
         let mut pipe = redis::pipe();
         pipe.cmd("XACK")
-            .arg(&self.stream)
-            .arg(&self.group)
+            .arg(&self.member.stream)
+            .arg(&self.member.group)
             .arg(&carried.ids);
         pipe.add_command(read);
         // Each reply on its own: a failed XACK must not cost the entries just read.
@@ -586,16 +1116,17 @@ impl RedisConsumer {
         let mut replies = replies.into_iter();
         let (Some(acked), Some(read)) = (replies.next(), replies.next()) else {
             return Err(Fail::Reply(
-                format!("XACK + XREADGROUP on `{}`", self.stream),
+                format!("XACK + XREADGROUP on `{}`", self.member.stream),
                 Malformed("pipeline reply is short"),
             ));
         };
-        carried.settle(&self.in_flight, acked);
+        carried.settle(&self.holdings, acked);
         self.parse(read.map_err(|e| self.fail("XREADGROUP", e))?)
     }
 
     fn parse(&self, reply: Value) -> Result<Vec<Entry>, Fail> {
-        parse_read(reply).map_err(|e| Fail::Reply(format!("XREADGROUP on `{}`", self.stream), e))
+        parse_read(reply)
+            .map_err(|e| Fail::Reply(format!("XREADGROUP on `{}`", self.member.stream), e))
     }
 
     async fn claim(
@@ -605,9 +1136,9 @@ impl RedisConsumer {
         max: usize,
     ) -> Result<Vec<Received>, Fail> {
         let mut cmd = redis::cmd("XAUTOCLAIM");
-        cmd.arg(&self.stream)
-            .arg(&self.group)
-            .arg(&self.name)
+        cmd.arg(&self.member.stream)
+            .arg(&self.member.group)
+            .arg(&self.member.name)
             .arg(self.claim_idle.as_millis() as u64)
             .arg(state.claim_from)
             .arg("COUNT")
@@ -617,26 +1148,37 @@ impl RedisConsumer {
             .await
             .map_err(|e| self.fail("XAUTOCLAIM", e))?;
         let claimed = parse_autoclaim(reply)
-            .map_err(|e| Fail::Reply(format!("XAUTOCLAIM on `{}`", self.stream), e))?;
+            .map_err(|e| Fail::Reply(format!("XAUTOCLAIM on `{}`", self.member.stream), e))?;
         state.claim_from = claimed.cursor;
         if !claimed.deleted.is_empty() {
             // Redis 7 already dropped these from the pending list.
             tracing::warn!(
-                stream = %self.stream,
-                group = %self.group,
+                stream = %self.member.stream,
+                group = %self.member.group,
                 count = claimed.deleted.len(),
                 ids = ?claimed.deleted.iter().map(EntryId::to_string).collect::<Vec<_>>(),
                 "pending entries were deleted or trimmed from the stream before they were handled; they are skipped"
             );
         }
-        let batch = self
-            .accept(conn, claimed.entries, Origin::Redelivered)
-            .await?;
+        let (held, entries): (Vec<Entry>, Vec<Entry>) = claimed
+            .entries
+            .into_iter()
+            .partition(|entry| self.holdings.contains(entry.id.tag()));
+        if !held.is_empty() {
+            // Entries this consumer holds went idle (a stall longer than claim-idle) and
+            // its own sweep took them: no new delivery, so the count it added goes back.
+            let ids: Vec<EntryId> = held.iter().map(|entry| entry.id).collect();
+            self.member
+                .hold(conn, Hold::Unbump, &ids)
+                .await
+                .map_err(|e| self.fail("XCLAIM of held entries", e))?;
+        }
+        let batch = self.accept(conn, entries, Origin::Redelivered).await?;
         if !batch.is_empty() {
             tracing::info!(
-                stream = %self.stream,
-                group = %self.group,
-                consumer = %self.name,
+                stream = %self.member.stream,
+                group = %self.member.group,
+                consumer = %self.member.name,
                 count = batch.len(),
                 idle = ?self.claim_idle,
                 "took over deliveries another member left idle"
@@ -659,11 +1201,11 @@ impl RedisConsumer {
         let mut deleted = Vec::new();
         let mut keep = Vec::with_capacity(entries.len());
         {
-            let in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            let held = self.holdings.lock();
             for entry in entries {
                 if entry.message.is_none() {
                     deleted.push(entry.id);
-                } else if origin == Origin::New || !in_flight.contains(&entry.id.tag()) {
+                } else if origin == Origin::New || !held.in_flight.contains(&entry.id.tag()) {
                     keep.push(entry);
                 }
             }
@@ -681,8 +1223,16 @@ impl RedisConsumer {
             .filter_map(|(entry, count)| {
                 // No count: it left our pending list meanwhile (acked, or claimed by a
                 // member that found it idle); whoever has it now handles it.
-                let attempt = count?;
-                Some(Received::new(entry.message?, entry.id.tag(), attempt))
+                // A count of 0 is an entry released and not yet claimed again.
+                let attempt = count?.max(1);
+                let received = Received::new(entry.message?, entry.id.tag(), attempt);
+                Some(match entry.defect {
+                    Some(defect) => received.with_defect(format!(
+                        "stream entry {} of `{}` is not a message: {defect}",
+                        entry.id, self.member.stream
+                    )),
+                    None => received,
+                })
             })
             .collect())
     }
@@ -691,16 +1241,16 @@ impl RedisConsumer {
     /// coming back forever as empty messages.
     async fn clear_deleted(&self, conn: &mut Conn, ids: &[EntryId]) -> Result<(), Fail> {
         redis::cmd("XACK")
-            .arg(&self.stream)
-            .arg(&self.group)
+            .arg(&self.member.stream)
+            .arg(&self.member.group)
             .arg(ids)
             .query_async::<i64>(conn)
             .await
             .map_err(|e| self.fail("XACK", e))?;
         tracing::warn!(
-            stream = %self.stream,
-            group = %self.group,
-            consumer = %self.name,
+            stream = %self.member.stream,
+            group = %self.member.group,
+            consumer = %self.member.name,
             count = ids.len(),
             ids = ?ids.iter().map(EntryId::to_string).collect::<Vec<_>>(),
             "pending entries were deleted or trimmed from the stream before they were handled; acknowledged and skipped"
@@ -721,12 +1271,12 @@ impl RedisConsumer {
         let mut pipe = redis::pipe();
         for entry in entries {
             pipe.cmd("XPENDING")
-                .arg(&self.stream)
-                .arg(&self.group)
+                .arg(&self.member.stream)
+                .arg(&self.member.group)
                 .arg(entry.id)
                 .arg(entry.id)
                 .arg(1)
-                .arg(&self.name);
+                .arg(&self.member.name);
         }
         let replies: Vec<Value> = pipe
             .query_async(conn)
@@ -735,16 +1285,18 @@ impl RedisConsumer {
         Ok(replies.iter().map(parse_pending_count).collect())
     }
 
-    async fn release(&self) -> Result<usize, RedisError> {
+    /// Hands every pending entry of this consumer to the group at close, and removes the
+    /// consumer name if nothing was pending.
+    async fn hand_back_all(&self) -> Result<usize, RedisError> {
         let script = redis::Script::new(RELEASE_SCRIPT);
         let mut conn = self.commands.clone();
         let mut from = "-".to_owned();
         let mut released = 0;
         loop {
             let (count, last): (usize, String) = script
-                .key(&self.stream)
-                .arg(&self.group)
-                .arg(&self.name)
+                .key(&self.member.stream)
+                .arg(&self.member.group)
+                .arg(&self.member.name)
                 .arg(&from)
                 .arg(RELEASE_PAGE)
                 .invoke_async(&mut conn)
@@ -754,6 +1306,39 @@ impl RedisConsumer {
                 return Ok(released);
             }
             from = format!("({last}");
+        }
+    }
+
+    /// Hands this consumer's pending entries to the group at close, except `kept`: entries
+    /// whose acknowledgement Redis has not confirmed, which must not be handled again at
+    /// once. The consumer name stays, since it still owns those.
+    async fn hand_back_except(&self, kept: &[EntryId]) -> Result<usize, RedisError> {
+        let kept: HashSet<EntryId> = kept.iter().copied().collect();
+        let mut conn = self.commands.clone();
+        let mut from = "-".to_owned();
+        let mut handed_back = 0;
+        loop {
+            // Rows of id, owner, idle ms, delivery count.
+            let page: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+                .arg(&self.member.stream)
+                .arg(&self.member.group)
+                .arg(&from)
+                .arg("+")
+                .arg(RELEASE_PAGE)
+                .arg(&self.member.name)
+                .query_async(&mut conn)
+                .await?;
+            let ids: Vec<EntryId> = page
+                .iter()
+                .filter_map(|(id, ..)| EntryId::parse(id))
+                .filter(|id| !kept.contains(id))
+                .collect();
+            self.member.hold(&mut conn, Hold::HandBack, &ids).await?;
+            handed_back += ids.len();
+            match page.last() {
+                Some((last, ..)) if page.len() == RELEASE_PAGE => from = format!("({last}"),
+                _ => return Ok(handed_back),
+            }
         }
     }
 }
@@ -767,7 +1352,20 @@ impl Consumer for RedisConsumer {
                 ErrorKind::Closed,
                 format!(
                     "consumer `{}` of stream `{}` is closed",
-                    self.name, self.stream
+                    self.member.name, self.member.stream
+                ),
+            ));
+        }
+        if let Some((kind, why)) = self.acks.refusal() {
+            // Going on would hold the refused entries forever while handling more that
+            // cannot be acknowledged either.
+            return Err(Error::new(
+                kind,
+                format!(
+                    "consumer `{}` of stream `{}` stops: {why}; the entries it could not \
+                     acknowledge stay pending and are delivered again after claim-idle once \
+                     it is closed",
+                    self.member.name, self.member.stream
                 ),
             ));
         }
@@ -784,17 +1382,14 @@ impl Consumer for RedisConsumer {
             match self.fetch(&mut state, max).await {
                 Ok(batch) => break batch,
                 Err(fail) if fail.no_group() && !recreated => {
-                    tracing::warn!(stream = %self.stream, group = %self.group, "consumer group is gone (Redis lost its data, or someone deleted it); creating it again");
+                    tracing::warn!(stream = %self.member.stream, group = %self.member.group, "consumer group is gone (Redis lost its data, or someone deleted it); creating it again");
                     recreated = true;
                     state.ready = false;
                 }
                 Err(fail) => return Err(fail.into_error()),
             }
         };
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(batch.iter().map(|r| r.tag));
+        self.holdings.hand_out(batch.iter().map(|r| r.tag));
         state.interrupted = false;
         Ok(batch)
     }
@@ -810,46 +1405,126 @@ impl Consumer for RedisConsumer {
         Ok(())
     }
 
+    fn holds(&self, tag: DeliveryTag) -> bool {
+        self.holdings.holds(tag)
+    }
+
+    async fn release(&self, tags: &[DeliveryTag]) -> Result<()> {
+        let ids: Vec<EntryId> = tags.iter().copied().map(EntryId::from_tag).collect();
+        for page in ids.chunks(RELEASE_PAGE) {
+            // Entries another member took meanwhile are its business now.
+            self.member
+                .hold(&mut self.commands.clone(), Hold::Release, page)
+                .await
+                .map_err(|e| {
+                    command_error(
+                        &format!(
+                            "handing back deliveries on stream `{}` group `{}`",
+                            self.member.stream, self.member.group
+                        ),
+                        e,
+                    )
+                })?;
+            // Handed back: no longer this consumer's to keep or to skip.
+            self.holdings.forget(page);
+        }
+        Ok(())
+    }
+
+    async fn retrying(&self, tag: DeliveryTag, attempt: u32) -> Result<()> {
+        let id = EntryId::from_tag(tag);
+        let gone = self
+            .member
+            .hold(&mut self.commands.clone(), Hold::Attempt(attempt), &[id])
+            .await
+            .map_err(|e| {
+                command_error(
+                    &format!(
+                        "recording attempt {attempt} of entry {id} on stream `{}` group `{}`",
+                        self.member.stream, self.member.group
+                    ),
+                    e,
+                )
+            })?;
+        if !gone.is_empty() {
+            tracing::warn!(stream = %self.member.stream, group = %self.member.group, consumer = %self.member.name, %id, attempt, "retrying an entry another member has taken over; it may be handled by both");
+        }
+        Ok(())
+    }
+
     async fn close(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
         // Waits out a receive still running, then drops the blocking connection.
         self.state.lock().await.conn = None;
-        // Handed back below, an entry whose ack is still queued would be handled twice.
-        if tokio::time::timeout(self.command_timeout, self.acks.flush())
-            .await
-            .is_err()
-        {
-            tracing::warn!(stream = %self.stream, group = %self.group, consumer = %self.name, "acknowledgements still unconfirmed at close; those entries may be delivered again");
+        // From here on what is not acknowledged is handed back, or left to go idle.
+        let _ = self.keepalive.send(true);
+        let keepalive_task = self
+            .keepalive_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(task) = keepalive_task {
+            let _ = task.await;
         }
+        // Acknowledgements are recorded before anything is handed back: an entry handed
+        // back with its XACK still unconfirmed would be handled twice.
+        let _ = tokio::time::timeout(self.command_timeout, self.acks.flush()).await;
+        let unconfirmed = self.acks.unconfirmed();
         if !self.durable {
-            // An anonymous group lives exactly as long as its one consumer.
+            // An anonymous group lives exactly as long as its one consumer; its pending
+            // entries, acknowledged or not, go with it.
             let result = redis::cmd("XGROUP")
                 .arg("DESTROY")
-                .arg(&self.stream)
-                .arg(&self.group)
+                .arg(&self.member.stream)
+                .arg(&self.member.group)
                 .query_async::<i64>(&mut self.commands.clone())
                 .await;
             if let Err(e) = result {
-                tracing::warn!(stream = %self.stream, group = %self.group, error = %e, "could not delete the anonymous consumer group; it stays until deleted by hand");
+                tracing::warn!(stream = %self.member.stream, group = %self.member.group, error = %e, "could not delete the anonymous consumer group; it stays until deleted by hand");
             }
             return Ok(());
         }
-        match self.release().await {
+        let handed_back = if unconfirmed.is_empty() {
+            self.hand_back_all().await
+        } else {
+            self.hand_back_except(&unconfirmed).await
+        };
+        match handed_back {
             Ok(0) => {
-                tracing::debug!(stream = %self.stream, group = %self.group, consumer = %self.name, "left consumer group");
+                tracing::debug!(stream = %self.member.stream, group = %self.member.group, consumer = %self.member.name, "left consumer group");
             }
-            Ok(released) => {
-                tracing::debug!(stream = %self.stream, group = %self.group, consumer = %self.name, released, "left consumer group; un-acknowledged entries handed to the other members");
+            Ok(handed_back) => {
+                tracing::debug!(stream = %self.member.stream, group = %self.member.group, consumer = %self.member.name, handed_back, "left consumer group; un-acknowledged entries handed to the other members");
             }
             Err(e) => {
                 // Nothing is lost: the entries stay pending under this name and other
                 // members claim them once they have been idle for `claim-idle`.
-                tracing::warn!(stream = %self.stream, group = %self.group, consumer = %self.name, error = %e, "could not hand back pending entries at close; other members will claim them after the idle time");
+                tracing::warn!(stream = %self.member.stream, group = %self.member.group, consumer = %self.member.name, error = %e, "could not hand back pending entries at close; other members will claim them after the idle time");
             }
         }
-        Ok(())
+        if unconfirmed.is_empty() {
+            return Ok(());
+        }
+        let (kind, why) = self.acks.refusal().unwrap_or_else(|| {
+            (
+                ErrorKind::Timeout,
+                format!("no reply within {:?}", self.command_timeout),
+            )
+        });
+        Err(Error::new(
+            kind,
+            format!(
+                "consumer `{}` of stream `{}` group `{}` closed with {} acknowledgements Redis \
+                 did not confirm ({why}); those entries stay pending, and unless their XACK \
+                 got through they are delivered again after claim-idle",
+                self.member.name,
+                self.member.stream,
+                self.member.group,
+                unconfirmed.len()
+            ),
+        ))
     }
 }
 
@@ -861,10 +1536,12 @@ impl Drop for RedisConsumer {
 }
 
 /// Sends queued acknowledgements, one `XACK` for whatever gathered while the previous one
-/// was on its way, until the consumer is dropped and the queue is empty.
+/// was on its way, until the consumer is dropped and the queue is empty. A failed `XACK`
+/// is sent again until it passes; only once the consumer is gone does it give up (see
+/// [`AckQueue`]).
 async fn send_acks(
     acks: Arc<AckQueue>,
-    in_flight: Arc<Mutex<InFlight>>,
+    holdings: Arc<Holdings>,
     mut conn: Conn,
     stream: String,
     group: String,
@@ -874,7 +1551,7 @@ async fn send_acks(
             continue;
         }
         let mut tries = 0;
-        let outcome = loop {
+        loop {
             let result = redis::cmd("XACK")
                 .arg(&stream)
                 .arg(&group)
@@ -882,38 +1559,49 @@ async fn send_acks(
                 .query_async::<i64>(&mut conn)
                 .await;
             match result {
-                Ok(_) => break Ok(()),
+                Ok(_) => {
+                    holdings.forget(&ids);
+                    break;
+                }
                 Err(e) if e.code() == Some("NOGROUP") => {
                     tracing::warn!(%stream, %group, count = ids.len(), "consumer group is gone; nothing left to acknowledge");
-                    break Ok(());
+                    holdings.forget(&ids);
+                    break;
                 }
                 // The first command after a dropped connection fails while the connection is
                 // re-made; XACK is idempotent, so it is simply sent again.
                 Err(e) if e.is_connection_dropped() && tries == 0 => {}
-                Err(e) if is_temporary(&e) && tries < ACK_TRIES => {
+                Err(e) => {
+                    let error = command_error(
+                        &format!(
+                            "XACK of {} entries on stream `{stream}` group `{group}`",
+                            ids.len()
+                        ),
+                        e,
+                    );
+                    if acks.is_dropped() && tries >= ACK_TRIES {
+                        // Nobody is left to report to; the entries stay pending.
+                        tracing::error!(%stream, %group, count = ids.len(), %error, "XACK failed; these entries will be delivered again");
+                        break;
+                    }
                     let wait = ack_backoff(tries);
-                    tracing::warn!(%stream, %group, error = %e, retry_in = ?wait, "XACK failed; retrying");
+                    if error.is_temporary() {
+                        tracing::warn!(%stream, %group, %error, retry_in = ?wait, "XACK failed; retrying");
+                    } else {
+                        if acks.refusal().is_none() {
+                            tracing::error!(%stream, %group, count = ids.len(), %error, "redis refuses XACK; the consumer stops, and these entries stay pending");
+                        }
+                        acks.refuse(&error);
+                    }
                     tokio::time::sleep(wait).await;
                 }
-                Err(e) => break Err(e),
             }
             tries += 1;
             // Whatever was acknowledged meanwhile goes along with the retry.
-            ids.append(&mut acks.take());
-        };
-        if let Err(e) = outcome {
-            tracing::error!(%stream, %group, count = ids.len(), error = %e, "XACK failed; these entries will be delivered again");
+            ids.append(&mut acks.take_more());
         }
-        // Forgotten whatever the outcome: an entry whose ack failed must be free to come
-        // back through the pending pass or a claim.
-        forget(&in_flight, &ids);
-        acks.settled(ids.len());
+        acks.sent(ids.len());
     }
-}
-
-/// Errors after which the same `XACK` may pass later.
-fn is_temporary(e: &RedisError) -> bool {
-    command_error("XACK", e.clone()).is_temporary()
 }
 
 /// 50 ms doubling to 5 s, as core waits between failed acks.

@@ -63,6 +63,10 @@ pub(crate) fn write_fields(cmd: &mut redis::Cmd, message: &Message) {
 pub(crate) struct Entry {
     pub(crate) id: EntryId,
     pub(crate) message: Option<Message>,
+    /// Why the entry's fields do not make a message faithfully (a name or value that is not
+    /// UTF-8, no payload): the message is then what could be salvaged, and core
+    /// dead-letters it as undecodable instead of handing it to a handler.
+    pub(crate) defect: Option<String>,
 }
 
 /// The headers of the entry parsed last, as Redis sent them and as built.
@@ -74,24 +78,46 @@ pub(crate) struct Entry {
 struct HeaderCache {
     fields: Vec<(Vec<u8>, Vec<u8>)>,
     headers: Headers,
+    /// What made `headers` unfaithful, if anything did; the same bytes have the same flaw.
+    defect: Option<String>,
 }
 
-/// Builds the message of one entry from its flat field-value list.
+/// Builds the message of one entry from its flat field-value list, with the first reason
+/// it is not faithful to the entry, if there is one. Nothing an entry holds makes this
+/// fail: one odd entry must not stop a consumer.
 fn message_of(
-    id: &[u8],
+    id: &str,
     fields: impl Iterator<Item = (Value, Value)>,
     cache: &mut HeaderCache,
-) -> Result<Message, Malformed> {
-    let mut payload = Bytes::new();
+) -> (Message, Option<String>) {
+    let mut payload = None;
     let mut key = None;
+    let mut defect = None;
     // Header fields agreeing with the cache so far; once one differs, `own` holds them all.
     let mut matched = 0;
     let mut own: Option<Vec<(Vec<u8>, Vec<u8>)>> = None;
     for (field, value) in fields {
-        let (field, value) = (bytes_of(field)?, bytes_of(value)?);
+        let (Some(field), Some(value)) = (bytes_of(field), bytes_of(value)) else {
+            defect.get_or_insert_with(|| "a field or value is not a string".to_owned());
+            continue;
+        };
         match field.as_slice() {
-            f if f == PAYLOAD.as_bytes() => payload = Bytes::from(value),
-            f if f == KEY.as_bytes() => key = Some(text(value)),
+            f if f == PAYLOAD.as_bytes() => {
+                if payload.replace(Bytes::from(value)).is_some() {
+                    defect.get_or_insert_with(|| {
+                        format!("field `{PAYLOAD}` (the payload) appears twice")
+                    });
+                }
+            }
+            f if f == KEY.as_bytes() => {
+                let text = String::from_utf8(value).unwrap_or_else(|e| {
+                    defect.get_or_insert_with(|| format!("field `{KEY}` (the key) is not UTF-8"));
+                    String::from_utf8_lossy(e.as_bytes()).into_owned()
+                });
+                if key.replace(text).is_some() {
+                    defect.get_or_insert_with(|| format!("field `{KEY}` (the key) appears twice"));
+                }
+            }
             _ => match &mut own {
                 Some(own) => own.push((field, value)),
                 None if cache
@@ -109,35 +135,63 @@ fn message_of(
             },
         }
     }
-    let headers = match own {
-        None if matched == cache.fields.len() => cache.headers.clone(),
+    let (headers, header_defect) = match own {
+        None if matched == cache.fields.len() => (cache.headers.clone(), cache.defect.clone()),
         own => {
             let fields = own.unwrap_or_else(|| cache.fields[..matched].to_vec());
-            let headers = fields
-                .iter()
-                .map(|(field, value)| {
-                    let name = String::from_utf8_lossy(field);
-                    let name = name.strip_prefix(HEADER_PREFIX).unwrap_or(&name);
-                    (name.to_owned(), String::from_utf8_lossy(value).into_owned())
-                })
-                .collect::<Headers>();
+            let (headers, defect) = headers_of(&fields);
             *cache = HeaderCache {
                 fields,
                 headers: headers.clone(),
+                defect: defect.clone(),
             };
-            headers
+            (headers, defect)
         }
     };
-    let id = std::str::from_utf8(id).map_err(|_| Malformed("stream entry id"))?;
-    let mut message = Message::new(payload).with_headers(headers).with_id(id);
+    let defect = defect.or(header_defect);
+    let defect = match payload {
+        Some(_) => defect,
+        None => defect.or_else(|| Some(format!("the entry has no payload field `{PAYLOAD}`"))),
+    };
+    let mut message = Message::new(payload.unwrap_or_default())
+        .with_headers(headers)
+        .with_id(id);
     if let Some(key) = key {
         message = message.with_key(key);
     }
-    Ok(message)
+    (message, defect)
 }
 
-fn text(bytes: Vec<u8>) -> String {
-    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+/// Headers from `h:<name>` fields (and foreign fields, under their own name), with the first
+/// name or value that is not UTF-8 as the defect; such text is kept with replacement
+/// characters, for the dead letter.
+fn headers_of(fields: &[(Vec<u8>, Vec<u8>)]) -> (Headers, Option<String>) {
+    let mut defect = None;
+    let headers = fields
+        .iter()
+        .map(|(field, value)| {
+            let name = field
+                .strip_prefix(HEADER_PREFIX.as_bytes())
+                .unwrap_or(field);
+            let shown = String::from_utf8_lossy(field);
+            let name = std::str::from_utf8(name)
+                .map(str::to_owned)
+                .unwrap_or_else(|_| {
+                    defect.get_or_insert_with(|| format!("field name `{shown}` is not UTF-8"));
+                    String::from_utf8_lossy(name).into_owned()
+                });
+            let value = std::str::from_utf8(value)
+                .map(str::to_owned)
+                .unwrap_or_else(|_| {
+                    defect.get_or_insert_with(|| {
+                        format!("the value of field `{shown}` is not UTF-8")
+                    });
+                    String::from_utf8_lossy(value).into_owned()
+                });
+            (name, value)
+        })
+        .collect::<Headers>();
+    (headers, defect)
 }
 
 /// A stream entry id `ms-seq`; it is also the delivery tag, as `DeliveryTag(ms, seq)`.
@@ -287,30 +341,40 @@ fn parse_entries(value: Value) -> Result<Vec<Entry>, Malformed> {
                 .ok()
                 .and_then(EntryId::parse)
                 .ok_or(Malformed("stream entry id"))?;
-            let message = match fields {
-                Value::Nil => None,
+            let text_id = id.to_string();
+            let parsed = match fields {
+                // A Lua script's `false` arrives as nil over RESP2 and as false over RESP3.
+                Value::Nil | Value::Boolean(false) => None,
                 Value::Array(flat) => {
-                    if !flat.len().is_multiple_of(2) {
-                        return Err(Malformed("odd number of field values"));
-                    }
+                    let odd = !flat.len().is_multiple_of(2);
                     let mut flat = flat.into_iter();
                     let pairs = std::iter::from_fn(|| Some((flat.next()?, flat.next()?)));
-                    Some(message_of(&raw_id, pairs, &mut cache)?)
+                    let (message, defect) = message_of(&text_id, pairs, &mut cache);
+                    let odd = odd.then(|| "a field has no value".to_owned());
+                    Some((message, defect.or(odd)))
                 }
-                Value::Map(map) => Some(message_of(&raw_id, map.into_iter(), &mut cache)?),
+                Value::Map(map) => Some(message_of(&text_id, map.into_iter(), &mut cache)),
                 _ => return Err(Malformed("stream entry fields")),
             };
-            Ok(Entry { id, message })
+            let (message, defect) = match parsed {
+                Some((message, defect)) => (Some(message), defect),
+                None => (None, None),
+            };
+            Ok(Entry {
+                id,
+                message,
+                defect,
+            })
         })
         .collect()
 }
 
-fn bytes_of(value: Value) -> Result<Vec<u8>, Malformed> {
+fn bytes_of(value: Value) -> Option<Vec<u8>> {
     match value {
-        Value::BulkString(b) => Ok(b),
-        Value::SimpleString(s) => Ok(s.into_bytes()),
-        Value::Int(n) => Ok(n.to_string().into_bytes()),
-        _ => Err(Malformed("stream field is not a string")),
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        Value::Int(n) => Some(n.to_string().into_bytes()),
+        _ => None,
     }
 }
 
@@ -416,6 +480,47 @@ mod tests {
             assert_eq!(headers(message), expected, "{}", message.id());
         }
         assert_eq!(&messages[2].payload()[..], b"x");
+    }
+
+    fn raw_entry(id: &str, fields: &[(&[u8], &[u8])]) -> Value {
+        let flat = fields
+            .iter()
+            .flat_map(|(f, v)| [Value::BulkString(f.to_vec()), Value::BulkString(v.to_vec())])
+            .collect();
+        Value::Array(vec![bulk(id), Value::Array(flat)])
+    }
+
+    #[test]
+    fn entries_that_are_not_faithful_messages_carry_a_defect_and_spoil_no_other() {
+        let reply = read_reply(vec![
+            raw_entry("1-0", &[(b"p", b"1"), (b"h:\xffname", b"v")]),
+            raw_entry("2-0", &[(b"p", b"2"), (b"h:name", b"\xc3\x28")]),
+            raw_entry("3-0", &[(b"h:name", b"v")]),
+            raw_entry("4-0", &[(b"p", b"4"), (b"k", b"\xff")]),
+            raw_entry("5-0", &[(b"p", b"5"), (b"\xfe", b"foreign")]),
+            raw_entry("6-0", &[(b"p", b"6"), (b"p", b"6")]),
+            raw_entry("7-0", &[(b"p", b"7"), (b"h:name", b"v")]),
+            // Same header bytes as 2-0, after a good entry: the cache keeps the defect.
+            raw_entry("8-0", &[(b"p", b"8"), (b"h:name", b"\xc3\x28")]),
+        ]);
+        let entries = parse_read(reply).unwrap();
+        let defects: Vec<Option<&str>> = entries.iter().map(|e| e.defect.as_deref()).collect();
+        assert_eq!(
+            defects,
+            [
+                Some("field name `h:\u{fffd}name` is not UTF-8"),
+                Some("the value of field `h:name` is not UTF-8"),
+                Some("the entry has no payload field `p`"),
+                Some("field `k` (the key) is not UTF-8"),
+                Some("field name `\u{fffd}` is not UTF-8"),
+                Some("field `p` (the payload) appears twice"),
+                None,
+                Some("the value of field `h:name` is not UTF-8"),
+            ]
+        );
+        let good = entries[6].message.as_ref().unwrap();
+        assert_eq!(headers(good), vec![("name", "v")]);
+        assert_eq!(&good.payload()[..], b"7");
     }
 
     #[test]

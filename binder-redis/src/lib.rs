@@ -98,30 +98,61 @@
 //!
 //! # Delivery
 //!
-//! * A consumer first re-reads its own pending list (`XREADGROUP ... 0`), then sweeps the
-//!   group's pending list with `XAUTOCLAIM` every `claim-interval` (default: half of
-//!   `claim-idle`), then reads new entries (`XREADGROUP ... BLOCK`). Deliveries from the
-//!   first two carry the delivery count of `XPENDING`, which core uses as the attempt
-//!   number, so a message that kept crashing its consumers reaches the retry limit and the
+//! * A consumer joins its group under a name of its own (`XGROUP CREATE`, then `XGROUP
+//!   CREATECONSUMER`). Each `receive` first finishes a pass over its own pending list, then
+//!   sweeps the group's pending list with `XAUTOCLAIM` every `claim-interval` (default:
+//!   half of `claim-idle`), then reads new entries (`XREADGROUP ... BLOCK`).
+//! * A live member keeps what it holds, however long its handlers take (slow handlers,
+//!   long backoffs, a full prefetch window): a task re-claims the entries it has handed out
+//!   and not yet acknowledged with `XCLAIM ... JUSTID` every `min(claim-idle / 3, 10s)`, so
+//!   no other member's sweep finds them idle. It re-claims only entries still pending for
+//!   this consumer; one another member has taken meanwhile (after Redis was out of reach,
+//!   or this process stalled, for longer than `claim-idle`) is dropped before its handler
+//!   starts (`Consumer::holds`), or, if its handler has started, may be handled twice.
+//! * Redis's delivery count of an entry is core's attempt count (`Received::attempt`): the
+//!   deliveries that reached a handler, or may have. A new read and a takeover from another
+//!   member count one; a retry in process is recorded before it starts (`XCLAIM ...
+//!   RETRYCOUNT n JUSTID`), so attempts survive a crash; deliveries core hands back without
+//!   handling them (`Consumer::release`: prefetched and never started at close) lose the
+//!   count they added and become claimable by other members at once, so a rolling restart
+//!   uses up no attempts. The own pending pass and the own sweep change no count. A
+//!   message that keeps crashing its consumers therefore reaches the retry limit and the
 //!   dead-letter stream.
 //! * `ack` returns once the ids are queued. The consumer's next `XREADGROUP` carries them
 //!   (`XACK` and `XREADGROUP` in one pipeline: one round trip, and one fsync on a server
 //!   with `appendfsync always`); when no read comes within a few milliseconds, a task of the
-//!   consumer sends them alone. Until Redis confirms, this consumer does not hand the entries
-//!   out again, and `close` sends what is queued before it leaves the group. A process that
-//!   dies with acknowledgements queued leaves those entries pending: they are delivered
-//!   again, as any un-acknowledged entry is.
+//!   consumer sends them alone. Until Redis confirms, this consumer keeps the entries and
+//!   does not hand them out again; a failed `XACK` is sent again for as long as the
+//!   consumer lives. When Redis refuses it for good (`NOPERM`, say), the next `receive`
+//!   fails with that error, which ends the subscription. A process that dies with
+//!   acknowledgements queued leaves those entries pending: they are delivered again, as
+//!   any un-acknowledged entry is.
+//! * On close, a durable consumer first records its queued acknowledgements, then hands
+//!   what it did not acknowledge back to the group (immediately claimable by other members,
+//!   counts kept) and, if nothing was pending, deletes its consumer name. Entries whose
+//!   `XACK` Redis did not confirm are not handed back (they would be handled again at
+//!   once): they stay pending under the closed consumer, and `close` returns an error
+//!   saying how many. An anonymous group is destroyed.
+//! * Live members clean up after dead ones. At most every quarter of `consumer-expiry`
+//!   (default 5 min), a sweep removes the group's consumers that hold nothing and were not
+//!   seen for `consumer-expiry`, and destroys the stream's anonymous groups (`anonymous.*`,
+//!   the names core gives them) whose consumers were all unseen that long, or that have no
+//!   consumer and left entries unread without moving for that long. Every live consumer
+//!   shows itself at least every `min(claim-idle / 3, consumer-expiry / 10, 10s)`.
 //! * A pending entry that was deleted or trimmed from the stream is acknowledged and
-//!   reported with a warning, never delivered as an empty message.
-//! * On close, a durable consumer hands what it did not acknowledge back to the group (the
-//!   entries become immediately claimable by other members) and, if nothing was pending,
-//!   deletes its consumer name. An anonymous group is destroyed.
+//!   reported with a warning, never delivered as an empty message. An entry that is not a
+//!   faithful message (a field name, value or key that is not UTF-8, no payload field) is
+//!   delivered with a defect, which core dead-letters as undecodable.
+//! * Dead letters are never trimmed: the binder's `trim` rule applies to every stream but
+//!   the dead-letter ones.
 //! * After a dropped connection or a Redis restart, commands fail with temporary errors
 //!   (which core retries) until the connection is back; the consumer then re-creates its
 //!   group if Redis lost it and re-reads its own pending entries before new ones.
 //!
-//! `claim-idle` must exceed the longest time a handler (with its retries) holds a message,
-//! or another member will take the message over while it is still being handled.
+//! A binding with a `group` must have a `claim-idle` longer than its `retry.max-backoff`
+//! (checked at load): a member that dies while a message waits out its backoff stops
+//! keeping it, and another member must not take it over and retry it sooner than the
+//! backoff promised.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -137,7 +168,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use stream_core::{
-    Binder, Consumer, ConsumerOptions, Error, ErrorKind, Producer, Registry, Result,
+    Binder, BindingConfig, Consumer, ConsumerOptions, Error, ErrorKind, Producer, Registry, Result,
 };
 use tokio::sync::OnceCell;
 
@@ -251,6 +282,38 @@ impl Binder for RedisBinder {
         )))
     }
 
+    async fn dead_letter_producer(&self, destination: &str) -> Result<Box<dyn Producer>> {
+        let conn = self.commands().await?;
+        // No trim rule: dead letters stay until someone handles them, however many
+        // messages the binder's streams keep.
+        Ok(Box::new(RedisProducer::new(
+            conn,
+            destination,
+            None,
+            self.inner.config.command_timeout,
+        )))
+    }
+
+    fn check_binding(&self, name: &str, binding: &BindingConfig) -> Result<()> {
+        if binding.group.is_some() && binding.claim_idle <= binding.retry.max_backoff {
+            // Live members keep what they hold whatever the backoff (the keepalive). A
+            // member that dies while a message waits out its backoff stops that, and the
+            // message must not be taken over and retried sooner than the backoff promised.
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "bindings.{name}: `claim-idle` ({:?}) must be longer than \
+                     `retry.max-backoff` ({:?}) on a redis binder: when a member dies while a \
+                     message waits out its backoff, another member takes the message over \
+                     after `claim-idle`, which must not come before the backoff ends; raise \
+                     `claim-idle` or lower `retry.max-backoff`",
+                    binding.claim_idle, binding.retry.max_backoff
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     async fn consumer(
         &self,
         destination: &str,
@@ -266,6 +329,7 @@ impl Binder for RedisBinder {
         let settings = ReadSettings {
             block: config.block,
             claim_interval: config.claim_interval,
+            consumer_expiry: config.consumer_expiry,
             consumer_prefix: config.consumer_prefix.clone(),
             command_timeout: config.command_timeout,
         };

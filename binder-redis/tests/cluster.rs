@@ -20,7 +20,8 @@ use std::time::Duration;
 use binder_redis::{RedisBinder, RedisConfig};
 use stream_core::testing::{broker_lock, skip, Capabilities, Harness};
 use stream_core::{
-    Binder, BindingConfig, Channel, ConsumerOptions, Envelope, Error, ErrorKind, Message, Streams,
+    Binder, BindingConfig, Channel, ConsumerOptions, Envelope, Error, ErrorKind, Message,
+    RetryConfig, Streams,
 };
 use tokio::time::Instant;
 
@@ -331,7 +332,12 @@ async fn cluster_master_of_the_stream_killed_mid_stream_loses_no_acked_message()
     let binder = cluster_binder(&nodes);
     let config = BindingConfig::new(&stream)
         .group(&group)
-        .claim_idle(Duration::from_secs(2));
+        .claim_idle(Duration::from_secs(2))
+        // Below claim-idle, as a redis binder requires.
+        .retry(RetryConfig {
+            max_backoff: Duration::from_secs(1),
+            ..RetryConfig::default()
+        });
     let channel = Channel::new("cluster-kill", binder.clone(), config);
     // Entry id -> (payload, handlings).
     let handled: Arc<Mutex<HashMap<String, (u64, u32)>>> = Arc::default();
