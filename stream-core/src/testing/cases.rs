@@ -1269,7 +1269,7 @@ pub async fn refused_dead_letter_stops_the_subscription_with_the_error(h: &dyn H
         .group(unique("g"))
         .retry(RetryConfig {
             max_attempts: 1,
-            ..RetryConfig::default()
+            ..test_binding(&dest, &caps).retry
         });
     let unopenable: Arc<dyn Binder> =
         Arc::new(RefusingDeadLetters::new(real.clone(), Refusal::Open));
@@ -1329,7 +1329,7 @@ pub async fn refused_dead_letter_stops_the_stream_with_the_error(h: &dyn Harness
         .group(unique("g"))
         .retry(RetryConfig {
             max_attempts: 1,
-            ..RetryConfig::default()
+            ..test_binding(&dest, &caps).retry
         });
     let refusing: Arc<dyn Binder> =
         Arc::new(RefusingDeadLetters::new(real.clone(), Refusal::Publish));
