@@ -254,6 +254,11 @@ pub enum StartFrom {
     Latest,
 }
 
+/// The prefix of the groups core makes up for consumers without a `group`
+/// (`anonymous.<unique suffix>`). Configured groups may not use it, so a binder may treat
+/// such groups as throwaway (delete those of dead processes).
+pub const ANONYMOUS_GROUP_PREFIX: &str = "anonymous.";
+
 /// How core asks a binder for a consumer.
 #[derive(Debug, Clone)]
 #[non_exhaustive]

@@ -253,6 +253,17 @@ impl BindingConfig {
         if self.destination.is_empty() {
             return bad("`destination` must not be empty");
         }
+        if self
+            .group
+            .as_deref()
+            .is_some_and(|group| group.starts_with(crate::ANONYMOUS_GROUP_PREFIX))
+        {
+            return bad(&format!(
+                "`group` names starting with `{}` are reserved for consumers without a group \
+                 (binders may delete such groups once their consumer is gone); pick another name",
+                crate::ANONYMOUS_GROUP_PREFIX
+            ));
+        }
         if self.concurrency == 0 {
             return bad("`concurrency` must be at least 1");
         }
@@ -849,6 +860,7 @@ mod tests {
                 "out of range",
             ),
             ("instance-count = 2", "needs `partitions`"),
+            ("group = \"anonymous.billing\"", "reserved"),
             (
                 "partitions = 2\ninstance-count = 3\ninstance-index = 2",
                 "would read no partition",

@@ -311,9 +311,13 @@ impl Inbound {
         channel.binder.check_binding(&channel.name, config)?;
         let options = match &config.group {
             Some(group) => ConsumerOptions::new(group.clone()).start_from(config.start_from),
-            None => ConsumerOptions::new(format!("anonymous.{}", crate::unique_suffix()))
-                .anonymous()
-                .start_from(StartFrom::Latest),
+            None => ConsumerOptions::new(format!(
+                "{}{}",
+                crate::ANONYMOUS_GROUP_PREFIX,
+                crate::unique_suffix()
+            ))
+            .anonymous()
+            .start_from(StartFrom::Latest),
         }
         .prefetch(config.prefetch)
         .claim_idle(config.claim_idle);

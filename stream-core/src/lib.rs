@@ -64,7 +64,10 @@ mod streams;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use binder::{Binder, Consumer, ConsumerOptions, DeliveryTag, Producer, Received, StartFrom};
+pub use binder::{
+    Binder, Consumer, ConsumerOptions, DeliveryTag, Producer, Received, StartFrom,
+    ANONYMOUS_GROUP_PREFIX,
+};
 pub use channel::Channel;
 pub use codec::{Codec, Json, Raw};
 pub use config::{BindingConfig, Config, RetryConfig};
