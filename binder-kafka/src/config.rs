@@ -66,9 +66,9 @@ pub struct KafkaConfig {
         with = "stream_core::config::duration"
     )]
     pub delivery_timeout: Duration,
-    /// How often acknowledged offsets are committed (`auto.commit.interval.ms`); on a crash,
-    /// at most this much acknowledged work is delivered again. Offsets are also committed
-    /// when partitions are revoked and when a consumer closes. Default: `"1s"`.
+    /// How often acknowledged offsets are committed; on a crash, at most this much
+    /// acknowledged work is delivered again. Offsets are also committed when partitions are
+    /// revoked and when a consumer closes. Default: `"1s"`.
     #[serde(
         default = "defaults::commit_interval",
         with = "stream_core::config::duration"
@@ -309,8 +309,7 @@ impl KafkaConfig {
             // after this long (default: a second). A consumer drains the 1 MiB queue in 2 ms
             // at 500 MB/s: at 10 ms it starved most of the time (1 KiB messages: 140k msgs/s
             // against 530k at 1 ms). A check per millisecond per full partition is cheap.
-            .set("fetch.queue.backoff.ms", "1")
-            .set("auto.commit.interval.ms", millis(self.commit_interval));
+            .set("fetch.queue.backoff.ms", "1");
         for (name, value) in &self.consumer {
             config.set(name, &value.0);
         }

@@ -76,7 +76,9 @@ mod config;
 mod consumer;
 mod error;
 mod offsets;
+mod poller;
 mod producer;
+mod record;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -59,9 +59,10 @@ async fn keys_headers_and_ids_survive_the_round_trip() {
     let received = &got[0];
     assert_eq!(received.message.id(), id);
     assert_eq!(
-        received.tag,
-        DeliveryTag(partition.parse().unwrap(), offset.parse().unwrap())
+        received.message.partition(),
+        Some(partition.parse().unwrap())
     );
+    assert_eq!(received.tag.1, offset.parse::<u64>().unwrap());
     assert_eq!(received.message.key(), Some("order-7"));
     assert_eq!(received.message.payload(), sent.payload());
     assert_eq!(received.message.headers(), sent.headers());
@@ -261,7 +262,7 @@ async fn out_of_order_acks_never_commit_past_a_gap() {
         assert_eq!(committed().await.get(&0), Some(&(gap as i64)));
     }
     // Closing the first gap moves the commit to the second one, not beyond.
-    consumer.ack(&[DeliveryTag(0, gap)]).await.unwrap();
+    consumer.ack(&[got[gap as usize].tag]).await.unwrap();
     assert!(
         eventually(Duration::from_secs(15), || async {
             committed().await.get(&0) == Some(&(second_gap as i64))
@@ -300,8 +301,8 @@ async fn member_dropped_without_acking_hands_its_messages_to_the_survivor() {
     let dying = binder.consumer(&topic, &options).await.unwrap();
     let survivor: Arc<dyn Consumer> = binder.consumer(&topic, &options).await.unwrap().into();
 
-    // The survivor acks everything it gets, and records which (partition, offset) it saw.
-    let seen_by_survivor = Arc::new(Mutex::new(BTreeMap::<(u64, u64), u64>::new()));
+    // The survivor acks everything it gets, and records which ids (partition@offset) it saw.
+    let seen_by_survivor = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let survivor_task = {
         let (survivor, seen, stop) = (survivor.clone(), seen_by_survivor.clone(), stop.clone());
@@ -310,7 +311,11 @@ async fn member_dropped_without_acking_hands_its_messages_to_the_survivor() {
                 let batch = survivor.receive(64).await.unwrap();
                 let tags: Vec<DeliveryTag> = batch.iter().map(|r| r.tag).collect();
                 for r in &batch {
-                    *seen.lock().unwrap().entry((r.tag.0, r.tag.1)).or_default() += 1;
+                    *seen
+                        .lock()
+                        .unwrap()
+                        .entry(r.message.id().to_owned())
+                        .or_default() += 1;
                 }
                 survivor.ack(&tags).await.unwrap();
             }
@@ -336,7 +341,7 @@ async fn member_dropped_without_acking_hands_its_messages_to_the_survivor() {
     }
     // Drain what it can still get of what was published, without acknowledging any of it.
     held.extend(receive_n(dying.as_ref(), 1000, Duration::from_millis(500)).await);
-    let held_tags: BTreeSet<(u64, u64)> = held.iter().map(|r| (r.tag.0, r.tag.1)).collect();
+    let held_tags: BTreeSet<String> = held.iter().map(|r| r.message.id().to_owned()).collect();
 
     drop(dying);
 
@@ -346,7 +351,10 @@ async fn member_dropped_without_acking_hands_its_messages_to_the_survivor() {
     })
     .await;
     let seen = seen_by_survivor.lock().unwrap().clone();
-    let missing: Vec<_> = held_tags.iter().filter(|t| !seen.contains_key(t)).collect();
+    let missing: Vec<_> = held_tags
+        .iter()
+        .filter(|t| !seen.contains_key(*t))
+        .collect();
     assert!(
         covered,
         "un-acked messages of the dropped member never reached the survivor: {missing:?}"
