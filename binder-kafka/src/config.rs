@@ -133,7 +133,10 @@ const RESERVED: &[(&str, &str)] = &[
     ("bootstrap.servers", "set `brokers` instead"),
     ("metadata.broker.list", "set `brokers` instead"),
     ("group.id", "the binding's `group` sets it"),
-    ("auto.offset.reset", "the binding's `start-from` sets it"),
+    (
+        "auto.offset.reset",
+        "the binding's `start-from` decides where a new group starts, and anything else without a committed offset starts at the oldest retained message",
+    ),
     (
         "enable.auto.commit",
         "the binder commits acknowledged offsets itself; see `commit-interval`",

@@ -254,15 +254,11 @@ impl KafkaConsumer {
         // librdkafka wants a group even for a manual assignment; an anonymous one never
         // joins it nor commits to it.
         client.set("group.id", &options.group);
-        if options.durable {
-            client.set(
-                "auto.offset.reset",
-                match options.start_from {
-                    StartFrom::Earliest => "earliest",
-                    StartFrom::Latest => "latest",
-                },
-            );
-        }
+        // `start-from` decides only where a new group starts, which `pin_new_group_at_end`
+        // takes care of. Everything else without a usable committed offset (a partition
+        // added later, an offset retention deleted) starts from the oldest retained message:
+        // skipping retained messages silently is never right for a durable group.
+        client.set("auto.offset.reset", "earliest");
         let latest = options.start_from == StartFrom::Latest;
         let start = match (&options.partitions, options.durable) {
             (_, false) => Start::Anonymous {
@@ -506,22 +502,17 @@ pub(crate) fn ends<C: ConsumerContext, K: rdkafka::consumer::Consumer<C>>(
 /// Makes "latest" mean the end at the time the group is created, not whenever librdkafka
 /// gets round to resolving it after the first assignment (messages published in between
 /// would be skipped): partitions the group never committed get their current end committed
-/// before the member joins.
+/// before the member joins. A group that exists keeps its commits.
 pub(crate) fn pin_new_group_at_end<C: ConsumerContext, K: rdkafka::consumer::Consumer<C>>(
     consumer: &K,
     topic: &str,
     partitions: &[i32],
 ) -> Result<()> {
     let committed = committed(consumer, topic, Some(partitions))?;
-    let missing: Vec<i32> = partitions
-        .iter()
-        .copied()
-        .filter(|p| !committed.contains_key(p))
-        .collect();
-    if missing.is_empty() {
+    if !committed.is_empty() {
         return Ok(());
     }
-    let ends = ends(consumer, topic, &missing)?;
+    let ends = ends(consumer, topic, partitions)?;
     if let Err(e) = consumer.commit(&offset_list(topic, &ends), CommitMode::Sync) {
         // A group with live members refuses commits from outside; it is not new, and its
         // members' commits decide where it reads.

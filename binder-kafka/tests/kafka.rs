@@ -556,3 +556,121 @@ async fn topic_with_too_few_partitions_is_a_config_error() {
     assert!(err.message().contains("has 2 partitions"), "{err}");
     assert!(binder.prepare_partitions(&topic, 2).await.unwrap());
 }
+
+/// `start-from = "latest"` decides only where a new group starts: a partition added to the
+/// topic later is read from its first message, not from whatever its end is when the group
+/// notices it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_group_reads_partitions_added_later() {
+    let Some(brokers) = brokers("latest_group_reads_partitions_added_later") else {
+        return;
+    };
+    let mut settings =
+        config(&brokers).consumer_property("topic.metadata.refresh.interval.ms", "1000");
+    settings.partitions = 1;
+    let binder = KafkaBinder::new(settings).unwrap();
+    let topic = unique("grow-latest");
+    let producer = binder.producer(&topic).await.unwrap();
+    producer
+        .send_batch((0..5).map(numbered).collect())
+        .await
+        .unwrap();
+    let consumer = binder
+        .consumer(
+            &topic,
+            &ConsumerOptions::new(unique("g")).start_from(StartFrom::Latest),
+        )
+        .await
+        .unwrap();
+    producer
+        .send_batch((100..103).map(numbered).collect())
+        .await
+        .unwrap();
+    common::grow_topic(&brokers, &topic, 2).await;
+    // Published at once, before the group can have noticed the new partition.
+    let publisher = KafkaBinder::new(config(&brokers)).unwrap();
+    let late = publisher.producer(&topic).await.unwrap();
+    for id in 200..203 {
+        late.send(numbered(id).with_partition(1)).await.unwrap();
+    }
+    let got = receive_n(consumer.as_ref(), 6, Duration::from_secs(30)).await;
+    let ids: BTreeSet<u64> = got.iter().map(id_of).collect();
+    assert_eq!(
+        ids,
+        [100, 101, 102, 200, 201, 202].into_iter().collect(),
+        "the new partition is read from its start; the messages before the group are not"
+    );
+    let tags: Vec<DeliveryTag> = got.iter().map(|r| r.tag).collect();
+    consumer.ack(&tags).await.unwrap();
+    consumer.close().await.unwrap();
+}
+
+/// A durable group whose committed offset is no longer retained (deleted by retention) goes
+/// on from the oldest retained message: `start-from = "latest"` does not apply to it, so it
+/// does not silently skip what is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_group_whose_offset_is_gone_resumes_at_the_oldest_retained_message() {
+    let Some(brokers) =
+        brokers("latest_group_whose_offset_is_gone_resumes_at_the_oldest_retained_message")
+    else {
+        return;
+    };
+    let mut settings = config(&brokers);
+    settings.partitions = 1;
+    let binder = KafkaBinder::new(settings).unwrap();
+    let topic = unique("retained");
+    let group = unique("g");
+    let options = ConsumerOptions::new(&group).start_from(StartFrom::Latest);
+    let producer = binder.producer(&topic).await.unwrap();
+    producer
+        .send_batch((0..10).map(numbered).collect())
+        .await
+        .unwrap();
+    let first = binder.consumer(&topic, &options).await.unwrap();
+    producer
+        .send_batch((10..20).map(numbered).collect())
+        .await
+        .unwrap();
+    let got = receive_n(first.as_ref(), 10, Duration::from_secs(30)).await;
+    assert_eq!(
+        got.iter().map(id_of).collect::<Vec<_>>(),
+        (10..20).collect::<Vec<_>>()
+    );
+    let done: Vec<DeliveryTag> = got[..5].iter().map(|r| r.tag).collect();
+    first.ack(&done).await.unwrap();
+    first.close().await.unwrap();
+    assert_eq!(
+        binder
+            .committed_offsets(&topic, &group)
+            .await
+            .unwrap()
+            .get(&0),
+        Some(&15)
+    );
+    // Retention removes everything below offset 17, the committed 15 and 16 included.
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .unwrap();
+    let mut below = rdkafka::TopicPartitionList::new();
+    below
+        .add_partition_offset(&topic, 0, rdkafka::Offset::Offset(17))
+        .unwrap();
+    let result = admin
+        .delete_records(&below, &rdkafka::admin::AdminOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        result.find_partition(&topic, 0).unwrap().offset(),
+        rdkafka::Offset::Offset(17)
+    );
+    let second = binder.consumer(&topic, &options).await.unwrap();
+    let got = receive_n(second.as_ref(), 3, Duration::from_secs(30)).await;
+    assert_eq!(
+        got.iter().map(id_of).collect::<Vec<_>>(),
+        vec![17, 18, 19],
+        "the group goes on from the oldest retained message"
+    );
+    second.close().await.unwrap();
+}
