@@ -557,6 +557,221 @@ async fn topic_with_too_few_partitions_is_a_config_error() {
     assert!(binder.prepare_partitions(&topic, 2).await.unwrap());
 }
 
+/// One record written through librdkafka's C API, so that its key and header bytes can be
+/// anything a broker accepts (rdkafka's safe API only writes UTF-8 header names).
+struct RawRecord<'a> {
+    key: Option<&'a [u8]>,
+    header: Option<(&'a [u8], &'a [u8])>,
+    payload: &'a [u8],
+}
+
+/// Publishes `record` to `topic` and waits until the broker has it.
+#[allow(unsafe_code)]
+fn produce_raw(brokers: &str, topic: &str, record: &RawRecord<'_>) {
+    use rdkafka::producer::{BaseProducer, Producer as _};
+    use rdkafka_sys as rdsys;
+    use std::ffi::{c_void, CString};
+
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("a producer");
+    let topic = CString::new(topic).unwrap();
+    let header_name = record.header.map(|(name, _)| CString::new(name).unwrap());
+    let vu = |vtype, u| rdsys::rd_kafka_vu_t { vtype, u };
+    let mem = |bytes: &[u8]| rdsys::rd_kafka_vu_s__bindgen_ty_1 {
+        mem: rdsys::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
+            ptr: bytes.as_ptr() as *mut c_void,
+            size: bytes.len(),
+        },
+    };
+    let mut vus = vec![
+        vu(
+            rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_TOPIC,
+            rdsys::rd_kafka_vu_s__bindgen_ty_1 {
+                cstr: topic.as_ptr(),
+            },
+        ),
+        vu(
+            rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_MSGFLAGS,
+            rdsys::rd_kafka_vu_s__bindgen_ty_1 {
+                i: rdsys::RD_KAFKA_MSG_F_COPY,
+            },
+        ),
+        vu(
+            rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_VALUE,
+            mem(record.payload),
+        ),
+    ];
+    if let Some(key) = record.key {
+        vus.push(vu(rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_KEY, mem(key)));
+    }
+    if let (Some(name), Some((_, value))) = (&header_name, record.header) {
+        vus.push(vu(
+            rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_HEADER,
+            rdsys::rd_kafka_vu_s__bindgen_ty_1 {
+                header: rdsys::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_2 {
+                    name: name.as_ptr(),
+                    val: value.as_ptr() as *const c_void,
+                    size: value.len() as isize,
+                },
+            },
+        ));
+    }
+    // SAFETY: every pointer in `vus` points into `topic`, `header_name` or `record`, which
+    // outlive the call; with RD_KAFKA_MSG_F_COPY librdkafka copies the payload, and it copies
+    // key and header before returning.
+    let error = unsafe {
+        rdsys::rd_kafka_produceva(producer.client().native_ptr(), vus.as_ptr(), vus.len())
+    };
+    assert!(error.is_null(), "librdkafka refused the raw record");
+    producer
+        .flush(Duration::from_secs(30))
+        .expect("the raw record was delivered");
+}
+
+/// Reads the dead letters of `destination` with a consumer of its own, until `count` arrived.
+async fn dead_letters(binder: &KafkaBinder, destination: &str, count: usize) -> Vec<Received> {
+    let reader = binder
+        .consumer(
+            &format!("{destination}.dlq"),
+            &ConsumerOptions::new(unique("dlq-reader")),
+        )
+        .await
+        .unwrap();
+    let got = receive_n(reader.as_ref(), count, Duration::from_secs(30)).await;
+    reader.close().await.unwrap();
+    got
+}
+
+/// Records whose key or headers cannot be given to a handler as they are: each goes to the
+/// dead-letter topic as undecodable with a reason, the handler never sees it, and the
+/// subscription goes on with the next message.
+async fn check_raw_records_are_dead_lettered(test: &str, bad: &[RawRecord<'_>]) {
+    let Some(brokers) = brokers(test) else {
+        return;
+    };
+    // One partition: the good message is handled only after every bad one before it.
+    let mut settings = config(&brokers);
+    settings.partitions = 1;
+    let kafka = Arc::new(KafkaBinder::new(settings).unwrap());
+    let topic = unique("not-utf8");
+    let channel = Channel::new(
+        "not-utf8",
+        kafka.clone() as Arc<dyn Binder>,
+        BindingConfig::new(&topic).group(unique("g")),
+    );
+    let source = channel.source::<u64>().await.unwrap();
+    for record in bad {
+        let (brokers, topic) = (brokers.clone(), topic.clone());
+        // Owned copies: the record crosses into a blocking task.
+        let key = record.key.map(<[u8]>::to_vec);
+        let header = record.header.map(|(n, v)| (n.to_vec(), v.to_vec()));
+        let payload = record.payload.to_vec();
+        tokio::task::spawn_blocking(move || {
+            produce_raw(
+                &brokers,
+                &topic,
+                &RawRecord {
+                    key: key.as_deref(),
+                    header: header.as_ref().map(|(n, v)| (n.as_slice(), v.as_slice())),
+                    payload: &payload,
+                },
+            )
+        })
+        .await
+        .unwrap();
+    }
+    source.send(&1_000).await.unwrap();
+    let handled = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let mut subscription = {
+        let handled = handled.clone();
+        channel
+            .sink::<u64>()
+            .subscribe(move |n: u64| {
+                handled.lock().unwrap().push(n);
+                async { Ok::<(), String>(()) }
+            })
+            .await
+            .unwrap()
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            handled.lock().unwrap().contains(&1_000)
+        })
+        .await,
+        "the good message after the bad ones was never handled"
+    );
+    let letters = dead_letters(&kafka, &topic, bad.len()).await;
+    assert_eq!(
+        letters.len(),
+        bad.len(),
+        "every bad record was dead-lettered"
+    );
+    for letter in &letters {
+        assert_eq!(
+            letter
+                .message
+                .headers()
+                .get(stream_core::header::ERROR_KIND),
+            Some("decode"),
+            "{letter:?}"
+        );
+        assert!(
+            letter
+                .message
+                .headers()
+                .get(stream_core::header::ERROR)
+                .is_some_and(|reason| !reason.is_empty()),
+            "{letter:?}"
+        );
+    }
+    assert_eq!(
+        *handled.lock().unwrap(),
+        vec![1_000],
+        "no bad record reached the handler"
+    );
+    assert!(
+        !subscription.is_finished(),
+        "the subscription ended: {:?}",
+        tokio::time::timeout(Duration::from_secs(1), subscription.wait()).await
+    );
+    subscription.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_name_that_is_not_utf8_is_dead_lettered_as_undecodable() {
+    check_raw_records_are_dead_lettered(
+        "header_name_that_is_not_utf8_is_dead_lettered_as_undecodable",
+        &[RawRecord {
+            key: None,
+            header: Some((&[0xff, 0xfe, b'n'], b"value")),
+            payload: b"7",
+        }],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_or_header_value_that_is_not_utf8_is_dead_lettered_as_undecodable() {
+    check_raw_records_are_dead_lettered(
+        "key_or_header_value_that_is_not_utf8_is_dead_lettered_as_undecodable",
+        &[
+            RawRecord {
+                key: Some(&[0xc3, 0x28]),
+                header: None,
+                payload: b"8",
+            },
+            RawRecord {
+                key: None,
+                header: Some((b"trace", &[0x80, 0x81])),
+                payload: b"9",
+            },
+        ],
+    )
+    .await;
+}
+
 /// `start-from = "latest"` decides only where a new group starts: a partition added to the
 /// topic later is read from its first message, not from whatever its end is when the group
 /// notices it.
