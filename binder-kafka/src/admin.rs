@@ -40,32 +40,44 @@ impl Admin {
     }
 
     /// Returns the partitions of `topic` once every one of them has a leader, creating the
-    /// topic first if it is missing and creation is allowed.
+    /// topic first (with the binder's `partitions`) if it is missing and creation is allowed.
+    /// An existing topic may have any number of partitions.
     pub(crate) async fn ensure_topic(&self, topic: &str) -> Result<Vec<i32>> {
-        self.ensure_partitioned_topic(topic, self.config.partitions)
-            .await
+        self.ensure(topic, None).await
     }
 
-    /// [`ensure_topic`](Admin::ensure_topic) for a partitioned binding: a topic it creates
-    /// gets at least `at_least` partitions, and an existing topic with fewer is an error.
+    /// [`ensure_topic`](Admin::ensure_topic) for a partitioned binding, which routes
+    /// messages to partitions and splits them between instances by its own count: the topic
+    /// must have exactly `partitions`, and gets that many if the binder creates it.
     pub(crate) async fn ensure_partitioned_topic(
         &self,
         topic: &str,
-        at_least: i32,
+        partitions: i32,
     ) -> Result<Vec<i32>> {
+        self.ensure(topic, Some(partitions)).await
+    }
+
+    async fn ensure(&self, topic: &str, exactly: Option<i32>) -> Result<Vec<i32>> {
         let deadline = Instant::now() + self.config.connect_timeout;
         let mut created = false;
         loop {
             match self.partitions(topic, deadline).await? {
-                Some(partitions) if partitions.len() < at_least as usize => {
-                    // Adding partitions would move keys to other partitions under a
-                    // running group, so it is left to an operator's deliberate step.
+                Some(partitions)
+                    if exactly.is_some_and(|wanted| partitions.len() != wanted as usize) =>
+                {
+                    let wanted = exactly.unwrap_or_default();
+                    // With fewer, messages routed to the missing partitions fail; with more,
+                    // instances that split the binding's partitions never read the others,
+                    // and Kafka's own partitioner (other producers) puts keys elsewhere.
+                    // Changing a topic's partitions moves keys under running groups, so it is
+                    // left to an operator's deliberate step.
                     return Err(Error::new(
                         ErrorKind::Config,
                         format!(
-                            "Kafka topic `{topic}` has {} partitions but the binding asks for {at_least} \
-                             (`partitions`): lower it, or add partitions to the topic with \
-                             kafka-topics.sh --alter",
+                            "Kafka topic `{topic}` has {} partitions but the binding says \
+                             `partitions = {wanted}`: set it to {}, or give the topic {wanted} \
+                             partitions",
+                            partitions.len(),
                             partitions.len()
                         ),
                     ));
@@ -87,7 +99,7 @@ impl Admin {
                     ));
                 }
                 None if !created => {
-                    self.create(topic, at_least.max(self.config.partitions))
+                    self.create(topic, exactly.unwrap_or(self.config.partitions))
                         .await?;
                     created = true;
                 }

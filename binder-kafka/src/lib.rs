@@ -194,10 +194,10 @@ impl Binder for KafkaBinder {
         Ok(Box::new(consumer))
     }
 
-    /// Kafka topics have partitions of their own: the topic gets (or must already have) at
-    /// least `partitions`, and core sets each message's partition.
+    /// Kafka topics have partitions of their own: the topic gets (or must already have)
+    /// exactly `partitions`, and core sets each message's partition.
     async fn prepare_partitions(&self, destination: &str, partitions: u32) -> Result<bool> {
-        let at_least = i32::try_from(partitions).map_err(|_| {
+        let exactly = i32::try_from(partitions).map_err(|_| {
             Error::new(
                 ErrorKind::Config,
                 format!("{partitions} partitions are more than Kafka allows"),
@@ -205,7 +205,7 @@ impl Binder for KafkaBinder {
         })?;
         self.admin()
             .await?
-            .ensure_partitioned_topic(destination, at_least)
+            .ensure_partitioned_topic(destination, exactly)
             .await?;
         Ok(true)
     }

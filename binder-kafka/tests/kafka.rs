@@ -889,3 +889,93 @@ async fn latest_group_whose_offset_is_gone_resumes_at_the_oldest_retained_messag
     );
     second.close().await.unwrap();
 }
+
+/// A partitioned binding creates its topic with exactly its `partitions`, whatever the
+/// binder's default for other topics, so instances that split the partitions by
+/// `instance-count` read every message, including those another producer spreads over the
+/// topic's partitions with Kafka's own partitioner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_binding_creates_its_topic_with_exactly_its_partitions() {
+    let Some(brokers) =
+        brokers("partitioned_binding_creates_its_topic_with_exactly_its_partitions")
+    else {
+        return;
+    };
+    let mut settings = config(&brokers);
+    settings.partitions = 3;
+    let binder: Arc<dyn Binder> = Arc::new(KafkaBinder::new(settings).unwrap());
+    let topic = unique("exact");
+    let group = unique("g");
+    let binding = BindingConfig::new(&topic).group(&group).partitions(2);
+    let handled = Arc::new(Mutex::new(BTreeMap::<u64, usize>::new()));
+    let mut instances = Vec::new();
+    for index in 0..2 {
+        let handled = handled.clone();
+        let channel = Channel::new("exact", binder.clone(), binding.clone().instance(index, 2));
+        instances.push(
+            channel
+                .sink::<u64>()
+                .subscribe(move |id: u64| {
+                    *handled.lock().unwrap().entry(id).or_default() += 1;
+                    async { Ok::<(), String>(()) }
+                })
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(common::partition_count(&brokers, &topic).await, 2);
+    // Another service's producer, not partitioned by the binding: librdkafka's partitioner
+    // spreads keys over every partition the topic has.
+    let other = Channel::new("other", binder.clone(), BindingConfig::new(&topic));
+    let source = other.source::<u64>().await.unwrap();
+    for id in 0..40u64 {
+        source.send_keyed(format!("key-{id}"), &id).await.unwrap();
+    }
+    let complete = eventually(Duration::from_secs(30), || async {
+        handled.lock().unwrap().len() >= 40
+    })
+    .await;
+    for instance in instances {
+        instance.shutdown().await.unwrap();
+    }
+    let result = account(0..40, &handled.lock().unwrap());
+    assert!(
+        complete && result.lost.is_empty(),
+        "lost: {:?}",
+        result.lost
+    );
+}
+
+/// A partitioned binding on a topic that has more partitions than the binding says is a
+/// configuration error: instances that split the binding's partitions would never read the
+/// others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_binding_on_a_topic_with_more_partitions_is_a_config_error() {
+    let Some(brokers) =
+        brokers("partitioned_binding_on_a_topic_with_more_partitions_is_a_config_error")
+    else {
+        return;
+    };
+    let mut settings = config(&brokers);
+    settings.partitions = 3;
+    let binder: Arc<dyn Binder> = Arc::new(KafkaBinder::new(settings).unwrap());
+    let topic = unique("more");
+    binder.producer(&topic).await.unwrap();
+    let err = binder.prepare_partitions(&topic, 2).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.message().contains(&topic), "{err}");
+    let channel = Channel::new(
+        "more",
+        binder.clone(),
+        BindingConfig::new(&topic)
+            .group(unique("g"))
+            .partitions(2)
+            .instance(0, 2),
+    );
+    let err = channel
+        .sink::<u64>()
+        .subscribe(|_: u64| async { Ok::<(), String>(()) })
+        .await
+        .expect_err("the instance must not start");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+}
