@@ -181,7 +181,12 @@ impl Admin {
 
     async fn create(&self, topic: &str, partitions: i32) -> Result<()> {
         let replication = self.config.replication_factor.map_or(-1, i32::from);
-        let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+        // The brokers' default (1,048,588 bytes per record batch) is below the 1 MiB payload
+        // core allows by default; the dead-letter topic is made here too, and its copies
+        // carry extra headers.
+        let max_message_bytes = self.config.topic_max_message_bytes().to_string();
+        let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication))
+            .set("max.message.bytes", &max_message_bytes);
         let options = AdminOptions::new().operation_timeout(Some(self.config.connect_timeout));
         let results = self
             .client

@@ -86,7 +86,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use rdkafka::producer::FutureProducer;
-use stream_core::{Binder, ConsumerOptions, Error, ErrorKind, Registry, Result};
+use stream_core::{Binder, BindingConfig, ConsumerOptions, Error, ErrorKind, Registry, Result};
 use tokio::sync::OnceCell;
 
 use crate::admin::Admin;
@@ -192,6 +192,29 @@ impl Binder for KafkaBinder {
         let consumer =
             consumer::KafkaConsumer::open(&self.config, destination, &partitions, options).await?;
         Ok(Box::new(consumer))
+    }
+
+    /// Refuses a `max-payload-bytes` that a message, or its dead-letter copy with the
+    /// headers core adds, would not fit into with this binder's `message.max.bytes` (the
+    /// default carries core's default of 1 MiB).
+    fn check_binding(&self, name: &str, binding: &BindingConfig) -> Result<()> {
+        let carried = self.config.max_payload_bytes();
+        if binding.max_payload_bytes > carried {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "bindings.{name}: `max-payload-bytes` = {} is more than this Kafka binder \
+                     carries: {carried} bytes, its producers' librdkafka `message.max.bytes` \
+                     ({}) less {} for the key, the headers and the headers of a dead-letter \
+                     copy; lower `max-payload-bytes`, or raise `\"message.max.bytes\"` in the \
+                     binder's `producer` table",
+                    binding.max_payload_bytes,
+                    self.config.message_max_bytes(),
+                    config::MESSAGE_HEADROOM,
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Kafka topics have partitions of their own: the topic gets (or must already have)

@@ -979,3 +979,117 @@ async fn partitioned_binding_on_a_topic_with_more_partitions_is_a_config_error()
         .expect_err("the instance must not start");
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
 }
+
+// Needs no broker: checked from the settings alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binding_whose_payload_limit_kafka_cannot_carry_is_a_config_error() {
+    let binder = KafkaBinder::new(KafkaConfig::new("127.0.0.1:1")).unwrap();
+    let default = BindingConfig::new("orders");
+    assert_eq!(default.max_payload_bytes, 1 << 20);
+    binder
+        .check_binding("orders", &default)
+        .expect("the documented default fits");
+    let err = binder
+        .check_binding(
+            "orders",
+            &BindingConfig::new("orders").max_payload_bytes(8 << 20),
+        )
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.message().contains("orders"), "{err}");
+    assert!(err.message().contains("max-payload-bytes"), "{err}");
+    let roomy = KafkaBinder::new(
+        KafkaConfig::new("127.0.0.1:1").producer_property("message.max.bytes", "16777216"),
+    )
+    .unwrap();
+    roomy
+        .check_binding(
+            "orders",
+            &BindingConfig::new("orders").max_payload_bytes(8 << 20),
+        )
+        .expect("a raised client limit carries it");
+    // From a file, it is refused when the configuration is loaded.
+    let err = stream_core::Streams::builder()
+        .register(binder_kafka::register)
+        .env(Vec::<(String, String)>::new())
+        .load_str(
+            r#"
+            default-binder = "kafka"
+            [binders.kafka]
+            type = "kafka"
+            brokers = "127.0.0.1:1"
+            [bindings.big]
+            destination = "big"
+            max-payload-bytes = 8388608
+            "#,
+        )
+        .expect_err("refused at load");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+}
+
+/// A payload of the documented default limit (1 MiB) goes through Kafka with stock broker
+/// settings, and so does its dead-letter copy, which carries the dead-letter headers on top.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_payload_limit_round_trips_and_its_dead_letter_fits() {
+    let Some(brokers) = brokers("default_payload_limit_round_trips_and_its_dead_letter_fits")
+    else {
+        return;
+    };
+    const LIMIT: usize = 1 << 20;
+    let kafka = Arc::new(binder(&brokers));
+    let topic = unique("mib");
+    let binding = BindingConfig::new(&topic)
+        .group(unique("g"))
+        .retry(stream_core::RetryConfig {
+            max_attempts: 1,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(10),
+            multiplier: 1.0,
+        });
+    assert_eq!(binding.max_payload_bytes, LIMIT);
+    let channel = Channel::new("mib", kafka.clone() as Arc<dyn Binder>, binding);
+    let source = channel.source_with(stream_core::Raw).await.unwrap();
+    let handled = Arc::new(Mutex::new(Vec::<(u8, usize)>::new()));
+    let subscription = {
+        let handled = handled.clone();
+        channel
+            .sink_with(stream_core::Raw)
+            .subscribe(move |payload: bytes::Bytes| {
+                let handled = handled.clone();
+                async move {
+                    handled.lock().unwrap().push((payload[0], payload.len()));
+                    if payload[0] == 2 {
+                        // The longest error text core keeps, and then some.
+                        return Err("e".repeat(5_000));
+                    }
+                    Ok(())
+                }
+            })
+            .await
+            .unwrap()
+    };
+    for marker in [1u8, 2] {
+        let mut payload = vec![0u8; LIMIT];
+        payload[0] = marker;
+        source
+            .send_keyed("one-key", &bytes::Bytes::from(payload))
+            .await
+            .unwrap();
+    }
+    let letters = dead_letters(&kafka, &topic, 1).await;
+    assert_eq!(
+        letters.len(),
+        1,
+        "the failed message at the limit was dead-lettered"
+    );
+    let letter = &letters[0].message;
+    assert_eq!(letter.payload().len(), LIMIT);
+    assert_eq!(letter.payload()[0], 2);
+    assert_eq!(
+        letter.headers().get(stream_core::header::ATTEMPTS),
+        Some("1")
+    );
+    assert!(letter.headers().get(stream_core::header::ERROR).is_some());
+    subscription.shutdown().await.unwrap();
+    assert_eq!(*handled.lock().unwrap(), vec![(1, LIMIT), (2, LIMIT)]);
+}
