@@ -85,7 +85,7 @@ impl Admin {
                 Some(partitions) => {
                     self.ready
                         .lock()
-                        .expect("not poisoned")
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
                         .insert(topic.to_owned());
                     return Ok(partitions);
                 }
@@ -213,7 +213,10 @@ impl Admin {
 
     /// Whether `topic` was seen ready before, so the first-use check can be skipped.
     pub(crate) fn is_ready(&self, topic: &str) -> bool {
-        self.ready.lock().expect("not poisoned").contains(topic)
+        self.ready
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(topic)
     }
 }
 

@@ -82,6 +82,7 @@ mod record;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -111,6 +112,7 @@ pub struct KafkaBinder {
     config: Arc<KafkaConfig>,
     admin: OnceCell<Admin>,
     producer: OnceCell<Arc<SharedProducer>>,
+    closed: AtomicBool,
 }
 
 impl fmt::Debug for KafkaBinder {
@@ -130,6 +132,7 @@ impl KafkaBinder {
             config: Arc::new(config),
             admin: OnceCell::new(),
             producer: OnceCell::new(),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -143,6 +146,16 @@ impl KafkaBinder {
     /// tests: the reader does not join the group.
     pub async fn committed_offsets(&self, topic: &str, group: &str) -> Result<BTreeMap<i32, i64>> {
         consumer::group_offsets(&self.config, topic, group).await
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::new(
+                ErrorKind::Closed,
+                format!("the Kafka binder for {} is closed", self.config.brokers),
+            ));
+        }
+        Ok(())
     }
 
     async fn admin(&self) -> Result<&Admin> {
@@ -175,6 +188,7 @@ impl Binder for KafkaBinder {
     }
 
     async fn producer(&self, destination: &str) -> Result<Box<dyn stream_core::Producer>> {
+        self.check_open()?;
         let admin = self.admin().await?;
         if !admin.is_ready(destination) {
             admin.ensure_topic(destination).await?;
@@ -188,6 +202,7 @@ impl Binder for KafkaBinder {
         destination: &str,
         options: &ConsumerOptions,
     ) -> Result<Box<dyn stream_core::Consumer>> {
+        self.check_open()?;
         let partitions = self.admin().await?.ensure_topic(destination).await?;
         let consumer =
             consumer::KafkaConsumer::open(&self.config, destination, &partitions, options).await?;
@@ -220,6 +235,7 @@ impl Binder for KafkaBinder {
     /// Kafka topics have partitions of their own: the topic gets (or must already have)
     /// exactly `partitions`, and core sets each message's partition.
     async fn prepare_partitions(&self, destination: &str, partitions: u32) -> Result<bool> {
+        self.check_open()?;
         let exactly = i32::try_from(partitions).map_err(|_| {
             Error::new(
                 ErrorKind::Config,
@@ -233,7 +249,10 @@ impl Binder for KafkaBinder {
         Ok(true)
     }
 
+    /// Flushes the shared producer. Afterwards no new producer or consumer is made (they
+    /// fail with [`ErrorKind::Closed`]); those made before keep working until closed.
     async fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
         match self.producer.get() {
             Some(producer) => producer.flush().await,
             None => Ok(()),

@@ -1093,3 +1093,64 @@ async fn default_payload_limit_round_trips_and_its_dead_letter_fits() {
     subscription.shutdown().await.unwrap();
     assert_eq!(*handled.lock().unwrap(), vec![(1, LIMIT), (2, LIMIT)]);
 }
+
+/// After `close`, the binder makes no new producers or consumers; those made before keep
+/// working until they are closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_binder_refuses_new_clients_and_keeps_existing_ones() {
+    let Some(brokers) = brokers("closed_binder_refuses_new_clients_and_keeps_existing_ones") else {
+        return;
+    };
+    let binder = binder(&brokers);
+    let topic = unique("closed");
+    let producer = binder.producer(&topic).await.unwrap();
+    let consumer = binder
+        .consumer(&topic, &ConsumerOptions::new(unique("g")))
+        .await
+        .unwrap();
+    binder.close().await.unwrap();
+    let err = binder.producer(&topic).await.err().expect("closed");
+    assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+    let err = binder
+        .dead_letter_producer(&topic)
+        .await
+        .err()
+        .expect("closed");
+    assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+    let err = binder
+        .consumer(&topic, &ConsumerOptions::new(unique("g")))
+        .await
+        .err()
+        .expect("closed");
+    assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+    producer.send(numbered(1)).await.unwrap();
+    let got = receive_n(consumer.as_ref(), 1, Duration::from_secs(30)).await;
+    assert_eq!(got.iter().map(id_of).collect::<Vec<_>>(), vec![1]);
+    consumer.close().await.unwrap();
+    producer.close().await.unwrap();
+}
+
+/// A dead-letter topic that is missing while the binder may not create topics fails the
+/// subscription when it starts, naming the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_dead_letter_topic_fails_the_subscription_at_start() {
+    let Some(brokers) = brokers("missing_dead_letter_topic_fails_the_subscription_at_start") else {
+        return;
+    };
+    let topic = unique("no-dlq");
+    binder(&brokers).producer(&topic).await.unwrap();
+    let mut settings = config(&brokers);
+    settings.create_topics = false;
+    let channel = Channel::new(
+        "no-dlq",
+        Arc::new(KafkaBinder::new(settings).unwrap()) as Arc<dyn Binder>,
+        BindingConfig::new(&topic).group(unique("g")),
+    );
+    let err = channel
+        .sink::<u64>()
+        .subscribe(|_: u64| async { Ok::<(), String>(()) })
+        .await
+        .expect_err("the dead-letter topic is missing");
+    assert_eq!(err.kind(), ErrorKind::DestinationNotFound, "{err}");
+    assert!(err.message().contains(&format!("{topic}.dlq")), "{err}");
+}
