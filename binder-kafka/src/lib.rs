@@ -7,15 +7,33 @@
 //! * Producers are idempotent with `acks=all`: `send` returns `partition@offset` once every
 //!   in-sync replica has the message; retries inside librdkafka neither reorder nor
 //!   duplicate. Keys and headers map to Kafka's.
-//! * A consumer is a member of the binding's group (`group.id`). An acknowledgement stores an
-//!   offset only when every earlier delivery of its partition is acknowledged too, so an
-//!   out-of-order acknowledgement never commits past a message still being handled. Stored
-//!   offsets are committed every `commit-interval`, synchronously when partitions are
-//!   revoked, and when the consumer closes. A member that dies leaves its un-acknowledged
-//!   messages to the member that takes its partitions over.
-//! * Topics are created on first use with `partitions` and `replication-factor` (unset: the
-//!   brokers' `default.replication.factor`), unless `create-topics = false`, in which case a
-//!   missing topic is an [`ErrorKind::DestinationNotFound`] error.
+//! * A consumer is a member of the binding's group (`group.id`), polled continuously by a
+//!   thread of its own whatever core's prefetch window holds, so slow handlers never get it
+//!   evicted (`max.poll.interval.ms`) nor hold up a rebalance. Fetched records wait in a
+//!   buffer of at most `prefetch` messages (and `fetch-queue-kbytes`); while it stays full,
+//!   the fetch of the member's partitions is paused. On a revoke, deliveries of the revoked
+//!   partitions that no handler started are dropped ([`Consumer::holds`] answers false) and
+//!   started ones are waited for, at most half of `max.poll.interval.ms`.
+//! * An acknowledgement moves a partition's commit position only when every earlier delivery
+//!   of it is acknowledged too, so an out-of-order acknowledgement never commits past a
+//!   message still being handled. Positions are committed every `commit-interval`,
+//!   synchronously when partitions are revoked, and when the consumer closes. A member that
+//!   dies leaves its un-acknowledged messages to the member that takes its partitions over.
+//! * `start-from` decides only where a new group starts; anything else without a usable
+//!   committed offset starts at the oldest retained message.
+//! * Kafka keeps no delivery count: [`Received::attempt`] is always 1, and attempts are not
+//!   kept across a crash or a rebalance.
+//! * A record whose key or headers are not UTF-8 is dead-lettered as undecodable.
+//! * Topics are created on first use with `partitions`, `replication-factor` (unset: the
+//!   brokers' `default.replication.factor`) and a `max.message.bytes` that carries core's
+//!   default 1 MiB payload and its dead-letter copy, unless `create-topics = false`, in which
+//!   case a missing topic is an [`ErrorKind::DestinationNotFound`] error. A partitioned
+//!   binding needs a topic with exactly its `partitions`.
+//!
+//! The crate's README describes polling, revocation, attempts and payload limits in full.
+//!
+//! [`Consumer::holds`]: stream_core::Consumer::holds
+//! [`Received::attempt`]: stream_core::Received::attempt
 //! * A broker that dies is survived as long as the remaining in-sync replicas satisfy the
 //!   topic's `min.insync.replicas`: librdkafka follows leaders and the group coordinator to
 //!   the brokers that take over, and the connection errors it reports meanwhile are logged,
