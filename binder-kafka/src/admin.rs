@@ -40,32 +40,44 @@ impl Admin {
     }
 
     /// Returns the partitions of `topic` once every one of them has a leader, creating the
-    /// topic first if it is missing and creation is allowed.
+    /// topic first (with the binder's `partitions`) if it is missing and creation is allowed.
+    /// An existing topic may have any number of partitions.
     pub(crate) async fn ensure_topic(&self, topic: &str) -> Result<Vec<i32>> {
-        self.ensure_partitioned_topic(topic, self.config.partitions)
-            .await
+        self.ensure(topic, None).await
     }
 
-    /// [`ensure_topic`](Admin::ensure_topic) for a partitioned binding: a topic it creates
-    /// gets at least `at_least` partitions, and an existing topic with fewer is an error.
+    /// [`ensure_topic`](Admin::ensure_topic) for a partitioned binding, which routes
+    /// messages to partitions and splits them between instances by its own count: the topic
+    /// must have exactly `partitions`, and gets that many if the binder creates it.
     pub(crate) async fn ensure_partitioned_topic(
         &self,
         topic: &str,
-        at_least: i32,
+        partitions: i32,
     ) -> Result<Vec<i32>> {
+        self.ensure(topic, Some(partitions)).await
+    }
+
+    async fn ensure(&self, topic: &str, exactly: Option<i32>) -> Result<Vec<i32>> {
         let deadline = Instant::now() + self.config.connect_timeout;
         let mut created = false;
         loop {
             match self.partitions(topic, deadline).await? {
-                Some(partitions) if partitions.len() < at_least as usize => {
-                    // Adding partitions would move keys to other partitions under a
-                    // running group, so it is left to an operator's deliberate step.
+                Some(partitions)
+                    if exactly.is_some_and(|wanted| partitions.len() != wanted as usize) =>
+                {
+                    let wanted = exactly.unwrap_or_default();
+                    // With fewer, messages routed to the missing partitions fail; with more,
+                    // instances that split the binding's partitions never read the others,
+                    // and Kafka's own partitioner (other producers) puts keys elsewhere.
+                    // Changing a topic's partitions moves keys under running groups, so it is
+                    // left to an operator's deliberate step.
                     return Err(Error::new(
                         ErrorKind::Config,
                         format!(
-                            "Kafka topic `{topic}` has {} partitions but the binding asks for {at_least} \
-                             (`partitions`): lower it, or add partitions to the topic with \
-                             kafka-topics.sh --alter",
+                            "Kafka topic `{topic}` has {} partitions but the binding says \
+                             `partitions = {wanted}`: set it to {}, or give the topic {wanted} \
+                             partitions",
+                            partitions.len(),
                             partitions.len()
                         ),
                     ));
@@ -73,7 +85,7 @@ impl Admin {
                 Some(partitions) => {
                     self.ready
                         .lock()
-                        .expect("not poisoned")
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
                         .insert(topic.to_owned());
                     return Ok(partitions);
                 }
@@ -87,7 +99,7 @@ impl Admin {
                     ));
                 }
                 None if !created => {
-                    self.create(topic, at_least.max(self.config.partitions))
+                    self.create(topic, exactly.unwrap_or(self.config.partitions))
                         .await?;
                     created = true;
                 }
@@ -169,7 +181,12 @@ impl Admin {
 
     async fn create(&self, topic: &str, partitions: i32) -> Result<()> {
         let replication = self.config.replication_factor.map_or(-1, i32::from);
-        let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+        // The brokers' default (1,048,588 bytes per record batch) is below the 1 MiB payload
+        // core allows by default; the dead-letter topic is made here too, and its copies
+        // carry extra headers.
+        let max_message_bytes = self.config.topic_max_message_bytes().to_string();
+        let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication))
+            .set("max.message.bytes", &max_message_bytes);
         let options = AdminOptions::new().operation_timeout(Some(self.config.connect_timeout));
         let results = self
             .client
@@ -196,7 +213,10 @@ impl Admin {
 
     /// Whether `topic` was seen ready before, so the first-use check can be skipped.
     pub(crate) fn is_ready(&self, topic: &str) -> bool {
-        self.ready.lock().expect("not poisoned").contains(topic)
+        self.ready
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(topic)
     }
 }
 

@@ -66,9 +66,9 @@ pub struct KafkaConfig {
         with = "stream_core::config::duration"
     )]
     pub delivery_timeout: Duration,
-    /// How often acknowledged offsets are committed (`auto.commit.interval.ms`); on a crash,
-    /// at most this much acknowledged work is delivered again. Offsets are also committed
-    /// when partitions are revoked and when a consumer closes. Default: `"1s"`.
+    /// How often acknowledged offsets are committed; on a crash, at most this much
+    /// acknowledged work is delivered again. Offsets are also committed when partitions are
+    /// revoked and when a consumer closes. Default: `"1s"`.
     #[serde(
         default = "defaults::commit_interval",
         with = "stream_core::config::duration"
@@ -128,12 +128,31 @@ mod defaults {
     }
 }
 
+/// Room a message needs on Kafka beyond its payload: its key and headers, and the headers
+/// core adds to a dead-letter copy (about 2.5 KiB: the error text is capped at 2 KiB). A
+/// binding's `max-payload-bytes` may be at most `message.max.bytes` less this.
+pub(crate) const MESSAGE_HEADROOM: usize = 64 * 1024;
+
+/// The producers' `message.max.bytes` unless a passthrough table sets it: core's default
+/// `max-payload-bytes` (1 MiB) plus [`MESSAGE_HEADROOM`]. librdkafka's own default (1,000,000
+/// bytes) and the brokers' (1,048,588) are both below a 1 MiB payload.
+pub(crate) const DEFAULT_MESSAGE_MAX_BYTES: usize = (1 << 20) + MESSAGE_HEADROOM;
+
+/// How much more a topic the binder creates accepts (its `max.message.bytes`, which bounds a
+/// whole record batch) than producers send as one message (`message.max.bytes`): a batch of
+/// one message adds its framing, and compression of data that does not compress adds a
+/// little.
+pub(crate) const BATCH_MARGIN: usize = 64 * 1024;
+
 /// Properties whose values the binder sets itself, with what to use instead.
 const RESERVED: &[(&str, &str)] = &[
     ("bootstrap.servers", "set `brokers` instead"),
     ("metadata.broker.list", "set `brokers` instead"),
     ("group.id", "the binding's `group` sets it"),
-    ("auto.offset.reset", "the binding's `start-from` sets it"),
+    (
+        "auto.offset.reset",
+        "the binding's `start-from` decides where a new group starts, and anything else without a committed offset starts at the oldest retained message",
+    ),
     (
         "enable.auto.commit",
         "the binder commits acknowledged offsets itself; see `commit-interval`",
@@ -228,6 +247,15 @@ impl KafkaConfig {
         if self.fetch_queue_kbytes == 0 {
             return Err(config_error("`fetch-queue-kbytes` must be at least 1"));
         }
+        for (table, properties) in [("client", &self.client), ("producer", &self.producer)] {
+            if let Some(value) = properties.get("message.max.bytes") {
+                if value.0.trim().parse::<usize>().is_err() {
+                    return Err(config_error(format!(
+                        "`{table}.\"message.max.bytes\"` must be a number of bytes"
+                    )));
+                }
+            }
+        }
         for (table, properties) in [
             ("client", &self.client),
             ("producer", &self.producer),
@@ -284,6 +312,9 @@ impl KafkaConfig {
             .set("allow.auto.create.topics", "false")
             .set("linger.ms", millis(self.linger))
             .set("message.timeout.ms", millis(self.delivery_timeout));
+        if !self.client.contains_key("message.max.bytes") {
+            config.set("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES.to_string());
+        }
         for (name, value) in &self.producer {
             config.set(name, &value.0);
         }
@@ -309,12 +340,34 @@ impl KafkaConfig {
             // after this long (default: a second). A consumer drains the 1 MiB queue in 2 ms
             // at 500 MB/s: at 10 ms it starved most of the time (1 KiB messages: 140k msgs/s
             // against 530k at 1 ms). A check per millisecond per full partition is cheap.
-            .set("fetch.queue.backoff.ms", "1")
-            .set("auto.commit.interval.ms", millis(self.commit_interval));
+            .set("fetch.queue.backoff.ms", "1");
         for (name, value) in &self.consumer {
             config.set(name, &value.0);
         }
         config
+    }
+
+    /// The largest message (payload, key and headers) producers send: librdkafka's
+    /// `message.max.bytes` as the passthrough tables set it, or
+    /// [`DEFAULT_MESSAGE_MAX_BYTES`].
+    pub(crate) fn message_max_bytes(&self) -> usize {
+        self.producer
+            .get("message.max.bytes")
+            .or_else(|| self.client.get("message.max.bytes"))
+            .and_then(|value| value.0.trim().parse().ok())
+            .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES)
+    }
+
+    /// The largest payload a binding may allow (`max-payload-bytes`) so that the message
+    /// and its dead-letter copy both fit in [`message_max_bytes`](Self::message_max_bytes).
+    pub(crate) fn max_payload_bytes(&self) -> usize {
+        self.message_max_bytes().saturating_sub(MESSAGE_HEADROOM)
+    }
+
+    /// `max.message.bytes` of topics the binder creates: what producers send, with room for
+    /// batch framing.
+    pub(crate) fn topic_max_message_bytes(&self) -> usize {
+        self.message_max_bytes() + BATCH_MARGIN
     }
 
     /// A librdkafka configuration error, with any secret value that librdkafka echoed
@@ -533,6 +586,32 @@ mod tests {
         }
         assert!(shown.contains("svc"), "{shown}");
         assert!(shown.contains("sasl.password"), "{shown}");
+    }
+
+    #[test]
+    fn producers_carry_the_default_payload_with_room_for_dead_letter_headers() {
+        let c = parse("brokers = \"b:1\"\n").unwrap();
+        assert_eq!(
+            c.producer_config().get("message.max.bytes"),
+            Some(DEFAULT_MESSAGE_MAX_BYTES.to_string().as_str())
+        );
+        assert_eq!(c.max_payload_bytes(), 1 << 20);
+        assert!(c.topic_max_message_bytes() > c.message_max_bytes());
+        // Set in either table, the value applies to the checks too.
+        for table in ["client", "producer"] {
+            let c = parse(&format!(
+                "brokers = \"b:1\"\n[{table}]\n\"message.max.bytes\" = 4194304\n"
+            ))
+            .unwrap();
+            assert_eq!(
+                c.producer_config().get("message.max.bytes"),
+                Some("4194304")
+            );
+            assert_eq!(c.max_payload_bytes(), 4_194_304 - MESSAGE_HEADROOM);
+        }
+        let err =
+            parse("brokers = \"b:1\"\n[producer]\n\"message.max.bytes\" = \"lots\"\n").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
     }
 
     #[test]

@@ -7,15 +7,33 @@
 //! * Producers are idempotent with `acks=all`: `send` returns `partition@offset` once every
 //!   in-sync replica has the message; retries inside librdkafka neither reorder nor
 //!   duplicate. Keys and headers map to Kafka's.
-//! * A consumer is a member of the binding's group (`group.id`). An acknowledgement stores an
-//!   offset only when every earlier delivery of its partition is acknowledged too, so an
-//!   out-of-order acknowledgement never commits past a message still being handled. Stored
-//!   offsets are committed every `commit-interval`, synchronously when partitions are
-//!   revoked, and when the consumer closes. A member that dies leaves its un-acknowledged
-//!   messages to the member that takes its partitions over.
-//! * Topics are created on first use with `partitions` and `replication-factor` (unset: the
-//!   brokers' `default.replication.factor`), unless `create-topics = false`, in which case a
-//!   missing topic is an [`ErrorKind::DestinationNotFound`] error.
+//! * A consumer is a member of the binding's group (`group.id`), polled continuously by a
+//!   thread of its own whatever core's prefetch window holds, so slow handlers never get it
+//!   evicted (`max.poll.interval.ms`) nor hold up a rebalance. Fetched records wait in a
+//!   buffer of at most `prefetch` messages (and `fetch-queue-kbytes`); while it stays full,
+//!   the fetch of the member's partitions is paused. On a revoke, deliveries of the revoked
+//!   partitions that no handler started are dropped ([`Consumer::holds`] answers false) and
+//!   started ones are waited for, at most half of `max.poll.interval.ms`.
+//! * An acknowledgement moves a partition's commit position only when every earlier delivery
+//!   of it is acknowledged too, so an out-of-order acknowledgement never commits past a
+//!   message still being handled. Positions are committed every `commit-interval`,
+//!   synchronously when partitions are revoked, and when the consumer closes. A member that
+//!   dies leaves its un-acknowledged messages to the member that takes its partitions over.
+//! * `start-from` decides only where a new group starts; anything else without a usable
+//!   committed offset starts at the oldest retained message.
+//! * Kafka keeps no delivery count: [`Received::attempt`] is always 1, and attempts are not
+//!   kept across a crash or a rebalance.
+//! * A record whose key or headers are not UTF-8 is dead-lettered as undecodable.
+//! * Topics are created on first use with `partitions`, `replication-factor` (unset: the
+//!   brokers' `default.replication.factor`) and a `max.message.bytes` that carries core's
+//!   default 1 MiB payload and its dead-letter copy, unless `create-topics = false`, in which
+//!   case a missing topic is an [`ErrorKind::DestinationNotFound`] error. A partitioned
+//!   binding needs a topic with exactly its `partitions`.
+//!
+//! The crate's README describes polling, revocation, attempts and payload limits in full.
+//!
+//! [`Consumer::holds`]: stream_core::Consumer::holds
+//! [`Received::attempt`]: stream_core::Received::attempt
 //! * A broker that dies is survived as long as the remaining in-sync replicas satisfy the
 //!   topic's `min.insync.replicas`: librdkafka follows leaders and the group coordinator to
 //!   the brokers that take over, and the connection errors it reports meanwhile are logged,
@@ -68,7 +86,7 @@
 //! # Ok(())
 //! # }
 //! ```
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 mod admin;
@@ -76,15 +94,18 @@ mod config;
 mod consumer;
 mod error;
 mod offsets;
+mod poller;
 mod producer;
+mod record;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use rdkafka::producer::FutureProducer;
-use stream_core::{Binder, ConsumerOptions, Error, ErrorKind, Registry, Result};
+use stream_core::{Binder, BindingConfig, ConsumerOptions, Error, ErrorKind, Registry, Result};
 use tokio::sync::OnceCell;
 
 use crate::admin::Admin;
@@ -109,6 +130,7 @@ pub struct KafkaBinder {
     config: Arc<KafkaConfig>,
     admin: OnceCell<Admin>,
     producer: OnceCell<Arc<SharedProducer>>,
+    closed: AtomicBool,
 }
 
 impl fmt::Debug for KafkaBinder {
@@ -128,6 +150,7 @@ impl KafkaBinder {
             config: Arc::new(config),
             admin: OnceCell::new(),
             producer: OnceCell::new(),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -141,6 +164,16 @@ impl KafkaBinder {
     /// tests: the reader does not join the group.
     pub async fn committed_offsets(&self, topic: &str, group: &str) -> Result<BTreeMap<i32, i64>> {
         consumer::group_offsets(&self.config, topic, group).await
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::new(
+                ErrorKind::Closed,
+                format!("the Kafka binder for {} is closed", self.config.brokers),
+            ));
+        }
+        Ok(())
     }
 
     async fn admin(&self) -> Result<&Admin> {
@@ -173,6 +206,7 @@ impl Binder for KafkaBinder {
     }
 
     async fn producer(&self, destination: &str) -> Result<Box<dyn stream_core::Producer>> {
+        self.check_open()?;
         let admin = self.admin().await?;
         if !admin.is_ready(destination) {
             admin.ensure_topic(destination).await?;
@@ -186,16 +220,41 @@ impl Binder for KafkaBinder {
         destination: &str,
         options: &ConsumerOptions,
     ) -> Result<Box<dyn stream_core::Consumer>> {
+        self.check_open()?;
         let partitions = self.admin().await?.ensure_topic(destination).await?;
         let consumer =
             consumer::KafkaConsumer::open(&self.config, destination, &partitions, options).await?;
         Ok(Box::new(consumer))
     }
 
-    /// Kafka topics have partitions of their own: the topic gets (or must already have) at
-    /// least `partitions`, and core sets each message's partition.
+    /// Refuses a `max-payload-bytes` that a message, or its dead-letter copy with the
+    /// headers core adds, would not fit into with this binder's `message.max.bytes` (the
+    /// default carries core's default of 1 MiB).
+    fn check_binding(&self, name: &str, binding: &BindingConfig) -> Result<()> {
+        let carried = self.config.max_payload_bytes();
+        if binding.max_payload_bytes > carried {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "bindings.{name}: `max-payload-bytes` = {} is more than this Kafka binder \
+                     carries: {carried} bytes, its producers' librdkafka `message.max.bytes` \
+                     ({}) less {} for the key, the headers and the headers of a dead-letter \
+                     copy; lower `max-payload-bytes`, or raise `\"message.max.bytes\"` in the \
+                     binder's `producer` table",
+                    binding.max_payload_bytes,
+                    self.config.message_max_bytes(),
+                    config::MESSAGE_HEADROOM,
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Kafka topics have partitions of their own: the topic gets (or must already have)
+    /// exactly `partitions`, and core sets each message's partition.
     async fn prepare_partitions(&self, destination: &str, partitions: u32) -> Result<bool> {
-        let at_least = i32::try_from(partitions).map_err(|_| {
+        self.check_open()?;
+        let exactly = i32::try_from(partitions).map_err(|_| {
             Error::new(
                 ErrorKind::Config,
                 format!("{partitions} partitions are more than Kafka allows"),
@@ -203,12 +262,15 @@ impl Binder for KafkaBinder {
         })?;
         self.admin()
             .await?
-            .ensure_partitioned_topic(destination, at_least)
+            .ensure_partitioned_topic(destination, exactly)
             .await?;
         Ok(true)
     }
 
+    /// Flushes the shared producer. Afterwards no new producer or consumer is made (they
+    /// fail with [`ErrorKind::Closed`]); those made before keep working until closed.
     async fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
         match self.producer.get() {
             Some(producer) => producer.flush().await,
             None => Ok(()),

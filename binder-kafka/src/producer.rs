@@ -159,7 +159,13 @@ impl Producer for KafkaProducer {
         let mut done = Vec::new();
         match self.enqueue(&message, &mut pending, &mut done).await? {
             Some(delivery) => self.report(delivery.await),
-            None => done.pop().expect("enqueue reported the outcome"),
+            // `enqueue` reported the outcome itself.
+            None => done.pop().unwrap_or_else(|| {
+                Err(Error::new(
+                    ErrorKind::Broker,
+                    format!("no delivery report for a message to `{}`", self.topic),
+                ))
+            }),
         }
     }
 

@@ -59,9 +59,10 @@ async fn keys_headers_and_ids_survive_the_round_trip() {
     let received = &got[0];
     assert_eq!(received.message.id(), id);
     assert_eq!(
-        received.tag,
-        DeliveryTag(partition.parse().unwrap(), offset.parse().unwrap())
+        received.message.partition(),
+        Some(partition.parse().unwrap())
     );
+    assert_eq!(received.tag.1, offset.parse::<u64>().unwrap());
     assert_eq!(received.message.key(), Some("order-7"));
     assert_eq!(received.message.payload(), sent.payload());
     assert_eq!(received.message.headers(), sent.headers());
@@ -261,7 +262,7 @@ async fn out_of_order_acks_never_commit_past_a_gap() {
         assert_eq!(committed().await.get(&0), Some(&(gap as i64)));
     }
     // Closing the first gap moves the commit to the second one, not beyond.
-    consumer.ack(&[DeliveryTag(0, gap)]).await.unwrap();
+    consumer.ack(&[got[gap as usize].tag]).await.unwrap();
     assert!(
         eventually(Duration::from_secs(15), || async {
             committed().await.get(&0) == Some(&(second_gap as i64))
@@ -300,8 +301,8 @@ async fn member_dropped_without_acking_hands_its_messages_to_the_survivor() {
     let dying = binder.consumer(&topic, &options).await.unwrap();
     let survivor: Arc<dyn Consumer> = binder.consumer(&topic, &options).await.unwrap().into();
 
-    // The survivor acks everything it gets, and records which (partition, offset) it saw.
-    let seen_by_survivor = Arc::new(Mutex::new(BTreeMap::<(u64, u64), u64>::new()));
+    // The survivor acks everything it gets, and records which ids (partition@offset) it saw.
+    let seen_by_survivor = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let survivor_task = {
         let (survivor, seen, stop) = (survivor.clone(), seen_by_survivor.clone(), stop.clone());
@@ -310,7 +311,11 @@ async fn member_dropped_without_acking_hands_its_messages_to_the_survivor() {
                 let batch = survivor.receive(64).await.unwrap();
                 let tags: Vec<DeliveryTag> = batch.iter().map(|r| r.tag).collect();
                 for r in &batch {
-                    *seen.lock().unwrap().entry((r.tag.0, r.tag.1)).or_default() += 1;
+                    *seen
+                        .lock()
+                        .unwrap()
+                        .entry(r.message.id().to_owned())
+                        .or_default() += 1;
                 }
                 survivor.ack(&tags).await.unwrap();
             }
@@ -336,7 +341,7 @@ async fn member_dropped_without_acking_hands_its_messages_to_the_survivor() {
     }
     // Drain what it can still get of what was published, without acknowledging any of it.
     held.extend(receive_n(dying.as_ref(), 1000, Duration::from_millis(500)).await);
-    let held_tags: BTreeSet<(u64, u64)> = held.iter().map(|r| (r.tag.0, r.tag.1)).collect();
+    let held_tags: BTreeSet<String> = held.iter().map(|r| r.message.id().to_owned()).collect();
 
     drop(dying);
 
@@ -346,7 +351,10 @@ async fn member_dropped_without_acking_hands_its_messages_to_the_survivor() {
     })
     .await;
     let seen = seen_by_survivor.lock().unwrap().clone();
-    let missing: Vec<_> = held_tags.iter().filter(|t| !seen.contains_key(t)).collect();
+    let missing: Vec<_> = held_tags
+        .iter()
+        .filter(|t| !seen.contains_key(*t))
+        .collect();
     assert!(
         covered,
         "un-acked messages of the dropped member never reached the survivor: {missing:?}"
@@ -547,4 +555,602 @@ async fn topic_with_too_few_partitions_is_a_config_error() {
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
     assert!(err.message().contains("has 2 partitions"), "{err}");
     assert!(binder.prepare_partitions(&topic, 2).await.unwrap());
+}
+
+/// One record written through librdkafka's C API, so that its key and header bytes can be
+/// anything a broker accepts (rdkafka's safe API only writes UTF-8 header names).
+struct RawRecord<'a> {
+    key: Option<&'a [u8]>,
+    header: Option<(&'a [u8], &'a [u8])>,
+    payload: &'a [u8],
+}
+
+/// Publishes `record` to `topic` and waits until the broker has it.
+#[allow(unsafe_code)]
+fn produce_raw(brokers: &str, topic: &str, record: &RawRecord<'_>) {
+    use rdkafka::producer::{BaseProducer, Producer as _};
+    use rdkafka_sys as rdsys;
+    use std::ffi::{c_void, CString};
+
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("a producer");
+    let topic = CString::new(topic).unwrap();
+    let header_name = record.header.map(|(name, _)| CString::new(name).unwrap());
+    let vu = |vtype, u| rdsys::rd_kafka_vu_t { vtype, u };
+    let mem = |bytes: &[u8]| rdsys::rd_kafka_vu_s__bindgen_ty_1 {
+        mem: rdsys::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
+            ptr: bytes.as_ptr() as *mut c_void,
+            size: bytes.len(),
+        },
+    };
+    let mut vus = vec![
+        vu(
+            rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_TOPIC,
+            rdsys::rd_kafka_vu_s__bindgen_ty_1 {
+                cstr: topic.as_ptr(),
+            },
+        ),
+        vu(
+            rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_MSGFLAGS,
+            rdsys::rd_kafka_vu_s__bindgen_ty_1 {
+                i: rdsys::RD_KAFKA_MSG_F_COPY,
+            },
+        ),
+        vu(
+            rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_VALUE,
+            mem(record.payload),
+        ),
+    ];
+    if let Some(key) = record.key {
+        vus.push(vu(rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_KEY, mem(key)));
+    }
+    if let (Some(name), Some((_, value))) = (&header_name, record.header) {
+        vus.push(vu(
+            rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_HEADER,
+            rdsys::rd_kafka_vu_s__bindgen_ty_1 {
+                header: rdsys::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_2 {
+                    name: name.as_ptr(),
+                    val: value.as_ptr() as *const c_void,
+                    size: value.len() as isize,
+                },
+            },
+        ));
+    }
+    // SAFETY: every pointer in `vus` points into `topic`, `header_name` or `record`, which
+    // outlive the call; with RD_KAFKA_MSG_F_COPY librdkafka copies the payload, and it copies
+    // key and header before returning.
+    let error = unsafe {
+        rdsys::rd_kafka_produceva(producer.client().native_ptr(), vus.as_ptr(), vus.len())
+    };
+    assert!(error.is_null(), "librdkafka refused the raw record");
+    producer
+        .flush(Duration::from_secs(30))
+        .expect("the raw record was delivered");
+}
+
+/// Reads the dead letters of `destination` with a consumer of its own, until `count` arrived.
+async fn dead_letters(binder: &KafkaBinder, destination: &str, count: usize) -> Vec<Received> {
+    let reader = binder
+        .consumer(
+            &format!("{destination}.dlq"),
+            &ConsumerOptions::new(unique("dlq-reader")),
+        )
+        .await
+        .unwrap();
+    let got = receive_n(reader.as_ref(), count, Duration::from_secs(30)).await;
+    reader.close().await.unwrap();
+    got
+}
+
+/// Records whose key or headers cannot be given to a handler as they are: each goes to the
+/// dead-letter topic as undecodable with a reason, the handler never sees it, and the
+/// subscription goes on with the next message.
+async fn check_raw_records_are_dead_lettered(test: &str, bad: &[RawRecord<'_>]) {
+    let Some(brokers) = brokers(test) else {
+        return;
+    };
+    // One partition: the good message is handled only after every bad one before it.
+    let mut settings = config(&brokers);
+    settings.partitions = 1;
+    let kafka = Arc::new(KafkaBinder::new(settings).unwrap());
+    let topic = unique("not-utf8");
+    let channel = Channel::new(
+        "not-utf8",
+        kafka.clone() as Arc<dyn Binder>,
+        BindingConfig::new(&topic).group(unique("g")),
+    );
+    let source = channel.source::<u64>().await.unwrap();
+    for record in bad {
+        let (brokers, topic) = (brokers.clone(), topic.clone());
+        // Owned copies: the record crosses into a blocking task.
+        let key = record.key.map(<[u8]>::to_vec);
+        let header = record.header.map(|(n, v)| (n.to_vec(), v.to_vec()));
+        let payload = record.payload.to_vec();
+        tokio::task::spawn_blocking(move || {
+            produce_raw(
+                &brokers,
+                &topic,
+                &RawRecord {
+                    key: key.as_deref(),
+                    header: header.as_ref().map(|(n, v)| (n.as_slice(), v.as_slice())),
+                    payload: &payload,
+                },
+            )
+        })
+        .await
+        .unwrap();
+    }
+    source.send(&1_000).await.unwrap();
+    let handled = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let mut subscription = {
+        let handled = handled.clone();
+        channel
+            .sink::<u64>()
+            .subscribe(move |n: u64| {
+                handled.lock().unwrap().push(n);
+                async { Ok::<(), String>(()) }
+            })
+            .await
+            .unwrap()
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            handled.lock().unwrap().contains(&1_000)
+        })
+        .await,
+        "the good message after the bad ones was never handled"
+    );
+    let letters = dead_letters(&kafka, &topic, bad.len()).await;
+    assert_eq!(
+        letters.len(),
+        bad.len(),
+        "every bad record was dead-lettered"
+    );
+    for letter in &letters {
+        assert_eq!(
+            letter
+                .message
+                .headers()
+                .get(stream_core::header::ERROR_KIND),
+            Some("decode"),
+            "{letter:?}"
+        );
+        assert!(
+            letter
+                .message
+                .headers()
+                .get(stream_core::header::ERROR)
+                .is_some_and(|reason| !reason.is_empty()),
+            "{letter:?}"
+        );
+    }
+    assert_eq!(
+        *handled.lock().unwrap(),
+        vec![1_000],
+        "no bad record reached the handler"
+    );
+    assert!(
+        !subscription.is_finished(),
+        "the subscription ended: {:?}",
+        tokio::time::timeout(Duration::from_secs(1), subscription.wait()).await
+    );
+    subscription.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_name_that_is_not_utf8_is_dead_lettered_as_undecodable() {
+    check_raw_records_are_dead_lettered(
+        "header_name_that_is_not_utf8_is_dead_lettered_as_undecodable",
+        &[RawRecord {
+            key: None,
+            header: Some((&[0xff, 0xfe, b'n'], b"value")),
+            payload: b"7",
+        }],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_or_header_value_that_is_not_utf8_is_dead_lettered_as_undecodable() {
+    check_raw_records_are_dead_lettered(
+        "key_or_header_value_that_is_not_utf8_is_dead_lettered_as_undecodable",
+        &[
+            RawRecord {
+                key: Some(&[0xc3, 0x28]),
+                header: None,
+                payload: b"8",
+            },
+            RawRecord {
+                key: None,
+                header: Some((b"trace", &[0x80, 0x81])),
+                payload: b"9",
+            },
+        ],
+    )
+    .await;
+}
+
+/// `start-from = "latest"` decides only where a new group starts: a partition added to the
+/// topic later is read from its first message, not from whatever its end is when the group
+/// notices it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_group_reads_partitions_added_later() {
+    let Some(brokers) = brokers("latest_group_reads_partitions_added_later") else {
+        return;
+    };
+    let mut settings =
+        config(&brokers).consumer_property("topic.metadata.refresh.interval.ms", "1000");
+    settings.partitions = 1;
+    let binder = KafkaBinder::new(settings).unwrap();
+    let topic = unique("grow-latest");
+    let producer = binder.producer(&topic).await.unwrap();
+    producer
+        .send_batch((0..5).map(numbered).collect())
+        .await
+        .unwrap();
+    let consumer = binder
+        .consumer(
+            &topic,
+            &ConsumerOptions::new(unique("g")).start_from(StartFrom::Latest),
+        )
+        .await
+        .unwrap();
+    producer
+        .send_batch((100..103).map(numbered).collect())
+        .await
+        .unwrap();
+    common::grow_topic(&brokers, &topic, 2).await;
+    // Published at once, before the group can have noticed the new partition.
+    let publisher = KafkaBinder::new(config(&brokers)).unwrap();
+    let late = publisher.producer(&topic).await.unwrap();
+    for id in 200..203 {
+        late.send(numbered(id).with_partition(1)).await.unwrap();
+    }
+    let got = receive_n(consumer.as_ref(), 6, Duration::from_secs(30)).await;
+    let ids: BTreeSet<u64> = got.iter().map(id_of).collect();
+    assert_eq!(
+        ids,
+        [100, 101, 102, 200, 201, 202].into_iter().collect(),
+        "the new partition is read from its start; the messages before the group are not"
+    );
+    let tags: Vec<DeliveryTag> = got.iter().map(|r| r.tag).collect();
+    consumer.ack(&tags).await.unwrap();
+    consumer.close().await.unwrap();
+}
+
+/// A durable group whose committed offset is no longer retained (deleted by retention) goes
+/// on from the oldest retained message: `start-from = "latest"` does not apply to it, so it
+/// does not silently skip what is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_group_whose_offset_is_gone_resumes_at_the_oldest_retained_message() {
+    let Some(brokers) =
+        brokers("latest_group_whose_offset_is_gone_resumes_at_the_oldest_retained_message")
+    else {
+        return;
+    };
+    let mut settings = config(&brokers);
+    settings.partitions = 1;
+    let binder = KafkaBinder::new(settings).unwrap();
+    let topic = unique("retained");
+    let group = unique("g");
+    let options = ConsumerOptions::new(&group).start_from(StartFrom::Latest);
+    let producer = binder.producer(&topic).await.unwrap();
+    producer
+        .send_batch((0..10).map(numbered).collect())
+        .await
+        .unwrap();
+    let first = binder.consumer(&topic, &options).await.unwrap();
+    producer
+        .send_batch((10..20).map(numbered).collect())
+        .await
+        .unwrap();
+    let got = receive_n(first.as_ref(), 10, Duration::from_secs(30)).await;
+    assert_eq!(
+        got.iter().map(id_of).collect::<Vec<_>>(),
+        (10..20).collect::<Vec<_>>()
+    );
+    let done: Vec<DeliveryTag> = got[..5].iter().map(|r| r.tag).collect();
+    first.ack(&done).await.unwrap();
+    first.close().await.unwrap();
+    assert_eq!(
+        binder
+            .committed_offsets(&topic, &group)
+            .await
+            .unwrap()
+            .get(&0),
+        Some(&15)
+    );
+    // Retention removes everything below offset 17, the committed 15 and 16 included.
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .unwrap();
+    let mut below = rdkafka::TopicPartitionList::new();
+    below
+        .add_partition_offset(&topic, 0, rdkafka::Offset::Offset(17))
+        .unwrap();
+    let result = admin
+        .delete_records(&below, &rdkafka::admin::AdminOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        result.find_partition(&topic, 0).unwrap().offset(),
+        rdkafka::Offset::Offset(17)
+    );
+    let second = binder.consumer(&topic, &options).await.unwrap();
+    let got = receive_n(second.as_ref(), 3, Duration::from_secs(30)).await;
+    assert_eq!(
+        got.iter().map(id_of).collect::<Vec<_>>(),
+        vec![17, 18, 19],
+        "the group goes on from the oldest retained message"
+    );
+    second.close().await.unwrap();
+}
+
+/// A partitioned binding creates its topic with exactly its `partitions`, whatever the
+/// binder's default for other topics, so instances that split the partitions by
+/// `instance-count` read every message, including those another producer spreads over the
+/// topic's partitions with Kafka's own partitioner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_binding_creates_its_topic_with_exactly_its_partitions() {
+    let Some(brokers) =
+        brokers("partitioned_binding_creates_its_topic_with_exactly_its_partitions")
+    else {
+        return;
+    };
+    let mut settings = config(&brokers);
+    settings.partitions = 3;
+    let binder: Arc<dyn Binder> = Arc::new(KafkaBinder::new(settings).unwrap());
+    let topic = unique("exact");
+    let group = unique("g");
+    let binding = BindingConfig::new(&topic).group(&group).partitions(2);
+    let handled = Arc::new(Mutex::new(BTreeMap::<u64, usize>::new()));
+    let mut instances = Vec::new();
+    for index in 0..2 {
+        let handled = handled.clone();
+        let channel = Channel::new("exact", binder.clone(), binding.clone().instance(index, 2));
+        instances.push(
+            channel
+                .sink::<u64>()
+                .subscribe(move |id: u64| {
+                    *handled.lock().unwrap().entry(id).or_default() += 1;
+                    async { Ok::<(), String>(()) }
+                })
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(common::partition_count(&brokers, &topic).await, 2);
+    // Another service's producer, not partitioned by the binding: librdkafka's partitioner
+    // spreads keys over every partition the topic has.
+    let other = Channel::new("other", binder.clone(), BindingConfig::new(&topic));
+    let source = other.source::<u64>().await.unwrap();
+    for id in 0..40u64 {
+        source.send_keyed(format!("key-{id}"), &id).await.unwrap();
+    }
+    let complete = eventually(Duration::from_secs(30), || async {
+        handled.lock().unwrap().len() >= 40
+    })
+    .await;
+    for instance in instances {
+        instance.shutdown().await.unwrap();
+    }
+    let result = account(0..40, &handled.lock().unwrap());
+    assert!(
+        complete && result.lost.is_empty(),
+        "lost: {:?}",
+        result.lost
+    );
+}
+
+/// A partitioned binding on a topic that has more partitions than the binding says is a
+/// configuration error: instances that split the binding's partitions would never read the
+/// others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_binding_on_a_topic_with_more_partitions_is_a_config_error() {
+    let Some(brokers) =
+        brokers("partitioned_binding_on_a_topic_with_more_partitions_is_a_config_error")
+    else {
+        return;
+    };
+    let mut settings = config(&brokers);
+    settings.partitions = 3;
+    let binder: Arc<dyn Binder> = Arc::new(KafkaBinder::new(settings).unwrap());
+    let topic = unique("more");
+    binder.producer(&topic).await.unwrap();
+    let err = binder.prepare_partitions(&topic, 2).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.message().contains(&topic), "{err}");
+    let channel = Channel::new(
+        "more",
+        binder.clone(),
+        BindingConfig::new(&topic)
+            .group(unique("g"))
+            .partitions(2)
+            .instance(0, 2),
+    );
+    let err = channel
+        .sink::<u64>()
+        .subscribe(|_: u64| async { Ok::<(), String>(()) })
+        .await
+        .expect_err("the instance must not start");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+}
+
+// Needs no broker: checked from the settings alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binding_whose_payload_limit_kafka_cannot_carry_is_a_config_error() {
+    let binder = KafkaBinder::new(KafkaConfig::new("127.0.0.1:1")).unwrap();
+    let default = BindingConfig::new("orders");
+    assert_eq!(default.max_payload_bytes, 1 << 20);
+    binder
+        .check_binding("orders", &default)
+        .expect("the documented default fits");
+    let err = binder
+        .check_binding(
+            "orders",
+            &BindingConfig::new("orders").max_payload_bytes(8 << 20),
+        )
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.message().contains("orders"), "{err}");
+    assert!(err.message().contains("max-payload-bytes"), "{err}");
+    let roomy = KafkaBinder::new(
+        KafkaConfig::new("127.0.0.1:1").producer_property("message.max.bytes", "16777216"),
+    )
+    .unwrap();
+    roomy
+        .check_binding(
+            "orders",
+            &BindingConfig::new("orders").max_payload_bytes(8 << 20),
+        )
+        .expect("a raised client limit carries it");
+    // From a file, it is refused when the configuration is loaded.
+    let err = stream_core::Streams::builder()
+        .register(binder_kafka::register)
+        .env(Vec::<(String, String)>::new())
+        .load_str(
+            r#"
+            default-binder = "kafka"
+            [binders.kafka]
+            type = "kafka"
+            brokers = "127.0.0.1:1"
+            [bindings.big]
+            destination = "big"
+            max-payload-bytes = 8388608
+            "#,
+        )
+        .expect_err("refused at load");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+}
+
+/// A payload of the documented default limit (1 MiB) goes through Kafka with stock broker
+/// settings, and so does its dead-letter copy, which carries the dead-letter headers on top.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_payload_limit_round_trips_and_its_dead_letter_fits() {
+    let Some(brokers) = brokers("default_payload_limit_round_trips_and_its_dead_letter_fits")
+    else {
+        return;
+    };
+    const LIMIT: usize = 1 << 20;
+    let kafka = Arc::new(binder(&brokers));
+    let topic = unique("mib");
+    let binding = BindingConfig::new(&topic)
+        .group(unique("g"))
+        .retry(stream_core::RetryConfig {
+            max_attempts: 1,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(10),
+            multiplier: 1.0,
+        });
+    assert_eq!(binding.max_payload_bytes, LIMIT);
+    let channel = Channel::new("mib", kafka.clone() as Arc<dyn Binder>, binding);
+    let source = channel.source_with(stream_core::Raw).await.unwrap();
+    let handled = Arc::new(Mutex::new(Vec::<(u8, usize)>::new()));
+    let subscription = {
+        let handled = handled.clone();
+        channel
+            .sink_with(stream_core::Raw)
+            .subscribe(move |payload: bytes::Bytes| {
+                let handled = handled.clone();
+                async move {
+                    handled.lock().unwrap().push((payload[0], payload.len()));
+                    if payload[0] == 2 {
+                        // The longest error text core keeps, and then some.
+                        return Err("e".repeat(5_000));
+                    }
+                    Ok(())
+                }
+            })
+            .await
+            .unwrap()
+    };
+    for marker in [1u8, 2] {
+        let mut payload = vec![0u8; LIMIT];
+        payload[0] = marker;
+        source
+            .send_keyed("one-key", &bytes::Bytes::from(payload))
+            .await
+            .unwrap();
+    }
+    let letters = dead_letters(&kafka, &topic, 1).await;
+    assert_eq!(
+        letters.len(),
+        1,
+        "the failed message at the limit was dead-lettered"
+    );
+    let letter = &letters[0].message;
+    assert_eq!(letter.payload().len(), LIMIT);
+    assert_eq!(letter.payload()[0], 2);
+    assert_eq!(
+        letter.headers().get(stream_core::header::ATTEMPTS),
+        Some("1")
+    );
+    assert!(letter.headers().get(stream_core::header::ERROR).is_some());
+    subscription.shutdown().await.unwrap();
+    assert_eq!(*handled.lock().unwrap(), vec![(1, LIMIT), (2, LIMIT)]);
+}
+
+/// After `close`, the binder makes no new producers or consumers; those made before keep
+/// working until they are closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_binder_refuses_new_clients_and_keeps_existing_ones() {
+    let Some(brokers) = brokers("closed_binder_refuses_new_clients_and_keeps_existing_ones") else {
+        return;
+    };
+    let binder = binder(&brokers);
+    let topic = unique("closed");
+    let producer = binder.producer(&topic).await.unwrap();
+    let consumer = binder
+        .consumer(&topic, &ConsumerOptions::new(unique("g")))
+        .await
+        .unwrap();
+    binder.close().await.unwrap();
+    let err = binder.producer(&topic).await.err().expect("closed");
+    assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+    let err = binder
+        .dead_letter_producer(&topic)
+        .await
+        .err()
+        .expect("closed");
+    assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+    let err = binder
+        .consumer(&topic, &ConsumerOptions::new(unique("g")))
+        .await
+        .err()
+        .expect("closed");
+    assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+    producer.send(numbered(1)).await.unwrap();
+    let got = receive_n(consumer.as_ref(), 1, Duration::from_secs(30)).await;
+    assert_eq!(got.iter().map(id_of).collect::<Vec<_>>(), vec![1]);
+    consumer.close().await.unwrap();
+    producer.close().await.unwrap();
+}
+
+/// A dead-letter topic that is missing while the binder may not create topics fails the
+/// subscription when it starts, naming the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_dead_letter_topic_fails_the_subscription_at_start() {
+    let Some(brokers) = brokers("missing_dead_letter_topic_fails_the_subscription_at_start") else {
+        return;
+    };
+    let topic = unique("no-dlq");
+    binder(&brokers).producer(&topic).await.unwrap();
+    let mut settings = config(&brokers);
+    settings.create_topics = false;
+    let channel = Channel::new(
+        "no-dlq",
+        Arc::new(KafkaBinder::new(settings).unwrap()) as Arc<dyn Binder>,
+        BindingConfig::new(&topic).group(unique("g")),
+    );
+    let err = channel
+        .sink::<u64>()
+        .subscribe(|_: u64| async { Ok::<(), String>(()) })
+        .await
+        .expect_err("the dead-letter topic is missing");
+    assert_eq!(err.kind(), ErrorKind::DestinationNotFound, "{err}");
+    assert!(err.message().contains(&format!("{topic}.dlq")), "{err}");
 }

@@ -92,3 +92,110 @@ pub fn account(expected: impl IntoIterator<Item = u64>, seen: &BTreeMap<u64, usi
         unexpected,
     }
 }
+
+/// The member ids a consumer group had, sampled every 100 ms by a client that does not join
+/// it. A member that is evicted and joins again comes back under a new id, so more ids than
+/// members means someone was thrown out of the group.
+pub struct GroupWatch {
+    seen: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sampler: std::thread::JoinHandle<()>,
+}
+
+impl GroupWatch {
+    pub fn start(brokers: &str, group: &str) -> GroupWatch {
+        use rdkafka::consumer::{BaseConsumer, Consumer as _};
+        use std::sync::atomic::Ordering;
+        let client: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()
+            .expect("a metadata client");
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let (seen, stop, group) = (seen.clone(), stop.clone(), group.to_owned());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(groups) =
+                        client.fetch_group_list(Some(&group), Duration::from_secs(2))
+                    {
+                        let mut seen = seen.lock().unwrap();
+                        for info in groups.groups() {
+                            for member in info.members() {
+                                seen.insert(member.id().to_owned());
+                            }
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        GroupWatch {
+            seen,
+            stop,
+            sampler,
+        }
+    }
+
+    /// Every member id seen so far.
+    pub fn members(&self) -> std::collections::BTreeSet<String> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Stops sampling and returns every member id seen.
+    pub fn finish(self) -> std::collections::BTreeSet<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.sampler.join();
+        let seen = self.seen.lock().unwrap().clone();
+        seen
+    }
+}
+
+/// Adds partitions to `topic` until it has `total`, and waits until metadata shows them all.
+pub async fn grow_topic(brokers: &str, topic: &str, total: usize) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("an admin client");
+    let results = admin
+        .create_partitions(&[NewPartitions::new(topic, total)], &AdminOptions::new())
+        .await
+        .expect("create partitions");
+    for result in results {
+        result.expect("partitions added");
+    }
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            partition_count(brokers, topic).await == total
+        })
+        .await,
+        "{topic} never showed {total} partitions"
+    );
+}
+
+/// The partitions `topic` has, as metadata reports them (0 when it does not exist).
+pub async fn partition_count(brokers: &str, topic: &str) -> usize {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let client: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("a metadata client");
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        client
+            .fetch_metadata(Some(&topic), Duration::from_secs(5))
+            .map(|metadata| {
+                metadata
+                    .topics()
+                    .iter()
+                    .filter(|t| t.name() == topic && t.error().is_none())
+                    .map(|t| t.partitions().len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    })
+    .await
+    .unwrap()
+}
