@@ -102,6 +102,8 @@ impl Harness for ClusterHarness {
         Capabilities::default()
             .restart(self.restart.is_some())
             .counts_deliveries(false)
+            // A key lives in one partition, and one member owns a partition at a time.
+            .orders_keys_across_members(true)
             .claim_idle(Duration::from_secs(2))
             .patience(Duration::from_secs(45))
     }

@@ -37,6 +37,8 @@ impl Harness for KafkaHarness {
             .restart(self.restart.is_some())
             // Kafka keeps no per-message delivery count; redeliveries report 1.
             .counts_deliveries(false)
+            // A key lives in one partition, and one member owns a partition at a time.
+            .orders_keys_across_members(true)
             // Takeover is by rebalance, not idle time: a dropped member leaves its group at
             // once, and a silent one is noticed after session.timeout.ms (6 s in tests).
             .claim_idle(Duration::from_secs(2))
