@@ -156,10 +156,13 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod acks;
+mod cleanup;
 mod config;
 mod connection;
 mod consumer;
 mod entry;
+mod holdings;
 mod producer;
 
 use std::fmt;
