@@ -474,13 +474,20 @@ impl RedisConsumer {
         let claimed = parse_autoclaim(reply)
             .map_err(|e| Fail::Reply(format!("XAUTOCLAIM on `{}`", self.member.stream), e))?;
         state.claim_from = claimed.cursor;
-        if !claimed.deleted.is_empty() {
-            // Redis 7 already dropped these from the pending list.
+        // Redis 7 already dropped these from the pending list. Those this consumer holds
+        // were read whole before they were trimmed, and are being handled.
+        let skipped: Vec<String> = claimed
+            .deleted
+            .iter()
+            .filter(|id| !self.holdings.contains(id.tag()))
+            .map(EntryId::to_string)
+            .collect();
+        if !skipped.is_empty() {
             tracing::warn!(
                 stream = %self.member.stream,
                 group = %self.member.group,
-                count = claimed.deleted.len(),
-                ids = ?claimed.deleted.iter().map(EntryId::to_string).collect::<Vec<_>>(),
+                count = skipped.len(),
+                ids = ?skipped,
                 "pending entries were deleted or trimmed from the stream before they were handled; they are skipped"
             );
         }

@@ -42,6 +42,12 @@ const HOLD_PAGE: usize = 512;
 /// one, in the same atomic step), changing their delivery count as the mode says; returns
 /// the ids that are not, because another member took them or they were acknowledged.
 ///
+/// An entry deleted or trimmed from the stream is left alone and never returned, except
+/// that a hand-back claims it (which drops it from the pending list, as any member's claim
+/// would). `XCLAIM` drops a deleted entry from the pending list, yet the consumer that
+/// holds it was handed its content and is handling it; and no other member can deliver it
+/// any more, so it is not lost to anyone. Its `XACK` (or a claim sweep) clears it.
+///
 /// KEYS[1] stream; ARGV: group, consumer, mode, attempt (for `attempt`), ids...
 /// Modes: `keep` resets the idle time (and shows the consumer alive); `attempt` sets the
 /// count to ARGV[4]; `release` takes one off the count and makes the entry claimable at once
@@ -56,11 +62,15 @@ if mode == 'keep' then
   redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', KEYS[1],
     '18446744073709551615-18446744073709551614')
 end
+local handback = mode == 'release' or mode == 'handback'
+local function exists(id)
+  return #redis.call('XRANGE', KEYS[1], id, id) > 0
+end
 local gone = {}
 for i = 5, #ARGV do
   local id = ARGV[i]
   local row = redis.call('XPENDING', KEYS[1], group, id, id, 1)[1]
-  if row and row[2] == consumer then
+  if row and row[2] == consumer and (handback or exists(id)) then
     local claim = {'XCLAIM', KEYS[1], group, consumer, 0, id}
     if mode == 'attempt' then
       claim[#claim + 1] = 'RETRYCOUNT'
@@ -69,13 +79,13 @@ for i = 5, #ARGV do
       claim[#claim + 1] = 'RETRYCOUNT'
       claim[#claim + 1] = math.max(row[4] - 1, 0)
     end
-    if mode == 'release' or mode == 'handback' then
+    if handback then
       claim[#claim + 1] = 'TIME'
       claim[#claim + 1] = 1
     end
     claim[#claim + 1] = 'JUSTID'
     redis.call(unpack(claim))
-  else
+  elseif exists(id) then
     gone[#gone + 1] = id
   end
 end

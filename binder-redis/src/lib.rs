@@ -140,7 +140,8 @@
 //!   consumer and left entries unread without moving for that long. Every live consumer
 //!   shows itself at least every `min(claim-idle / 3, consumer-expiry / 10, 10s)`.
 //! * A pending entry that was deleted or trimmed from the stream is acknowledged and
-//!   reported with a warning, never delivered as an empty message. An entry that is not a
+//!   reported with a warning, never delivered as an empty message; one trimmed while a
+//!   consumer holds it was read whole and is still handled. An entry that is not a
 //!   faithful message (a field name, value or key that is not UTF-8, no payload field) is
 //!   delivered with a defect, which core dead-letters as undecodable.
 //! * Dead letters are never trimmed: the binder's `trim` rule applies to every stream but
