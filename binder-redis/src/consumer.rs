@@ -536,7 +536,7 @@ impl RedisConsumer {
             for entry in entries {
                 if entry.message.is_none() {
                     deleted.push(entry.id);
-                } else if origin == Origin::New || !held.in_flight.contains(&entry.id.tag()) {
+                } else if origin == Origin::New || !held.in_flight.contains_key(&entry.id.tag()) {
                     keep.push(entry);
                 }
             }
@@ -729,6 +729,7 @@ impl Consumer for RedisConsumer {
         if tags.is_empty() {
             return Ok(());
         }
+        self.holdings.acked(tags);
         self.acks.push(tags.iter().copied().map(EntryId::from_tag));
         // Bounds the queue when Redis cannot keep up (or is away): core's window then stays
         // shut, as it would with an ack that waited.

@@ -18,7 +18,7 @@
 //! these checks, in one script per batch, that the entry is still pending for this consumer, so
 //! none takes back an entry another member has since claimed.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -225,7 +225,7 @@ pub(crate) struct Held {
     /// Handed out and not confirmed acknowledged.
     pub(crate) in_flight: InFlight,
     /// Handed out, then found pending for another member: not to be handled here.
-    lost: InFlight,
+    lost: Tags,
 }
 
 impl Holdings {
@@ -240,12 +240,23 @@ impl Holdings {
             let held = &mut *held;
             for tag in tags {
                 held.lost.remove(&tag);
-                held.in_flight.insert(tag);
+                held.in_flight.insert(tag, false);
             }
             self.any_lost
                 .store(!held.lost.is_empty(), Ordering::Release);
         } else {
-            held.in_flight.extend(tags);
+            held.in_flight.extend(tags.map(|tag| (tag, false)));
+        }
+    }
+
+    /// Marks deliveries core acknowledged: their `XACK` is queued or on its way, so the
+    /// keepalive finding them no longer pending is that `XACK` landing, not a loss.
+    pub(crate) fn acked(&self, tags: &[DeliveryTag]) {
+        let mut held = self.lock();
+        for tag in tags {
+            if let Some(acked) = held.in_flight.get_mut(tag) {
+                *acked = true;
+            }
         }
     }
 
@@ -265,7 +276,7 @@ impl Holdings {
     }
 
     pub(crate) fn contains(&self, tag: DeliveryTag) -> bool {
-        self.lock().in_flight.contains(&tag)
+        self.lock().in_flight.contains_key(&tag)
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -275,12 +286,13 @@ impl Holdings {
     fn ids(&self) -> Vec<EntryId> {
         self.lock()
             .in_flight
-            .iter()
+            .keys()
             .map(|tag| EntryId::from_tag(*tag))
             .collect()
     }
 
-    /// Marks entries another member now holds; returns how many this consumer still held.
+    /// Marks entries another member now holds; returns how many this consumer still held and
+    /// had not acknowledged.
     fn lose(&self, ids: &[EntryId]) -> usize {
         if ids.is_empty() {
             return 0;
@@ -288,8 +300,11 @@ impl Holdings {
         let mut held = self.lock();
         let mut lost = 0;
         for id in ids {
-            // Not held any more: acknowledged meanwhile, which the script cannot tell apart.
-            if held.in_flight.remove(&id.tag()) {
+            // Not held any more: its XACK was confirmed meanwhile. Acknowledged and not yet
+            // confirmed: the script ran after the XACK, and cannot tell that apart from a
+            // takeover; the handler is done with it either way.
+            if held.in_flight.get(&id.tag()) == Some(&false) {
+                held.in_flight.remove(&id.tag());
                 held.lost.insert(id.tag());
                 lost += 1;
             }
@@ -313,10 +328,14 @@ impl Holdings {
     }
 }
 
-/// Tags of deliveries this consumer handed out and Redis has not seen acknowledged.
-pub(crate) type InFlight = HashSet<DeliveryTag, TagHash>;
+/// Tags of deliveries this consumer handed out and Redis has not seen acknowledged, each
+/// with whether core has acknowledged it.
+pub(crate) type InFlight = HashMap<DeliveryTag, bool, TagHash>;
 
-/// Hashing for [`InFlight`]: every delivery is inserted and removed once, and SipHash over
+/// A set of delivery tags.
+type Tags = HashSet<DeliveryTag, TagHash>;
+
+/// Hashing for [`InFlight`] and [`Tags`]: every delivery is inserted and removed once, and SipHash over
 /// its two words was a measurable part of the consumer's time. Seeded per process, so ids
 /// chosen by a producer cannot be made to collide.
 #[derive(Clone)]
