@@ -616,6 +616,39 @@ impl RedisConsumer {
         Ok(replies.iter().map(parse_pending_count).collect())
     }
 
+    /// Takes back, at close, the count of this consumer's pending entries that no `receive`
+    /// returned, and makes them claimable at once, as [`Consumer::release`] does for what
+    /// core never started. A `receive` dropped while its read is blocked in Redis (core
+    /// stops fetching that way) is still served: entries published meanwhile land in this
+    /// consumer's pending list, counted as delivered, and nobody sees them. Entries `release`
+    /// handed back already are left alone (see [`HOLD_SCRIPT`](crate::holdings)).
+    async fn release_unseen(&self) -> Result<(), RedisError> {
+        let mut conn = self.commands.clone();
+        let mut from = "-".to_owned();
+        loop {
+            // Rows of id, owner, idle ms, delivery count.
+            let page: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+                .arg(&self.member.stream)
+                .arg(&self.member.group)
+                .arg(&from)
+                .arg("+")
+                .arg(RELEASE_PAGE)
+                .arg(&self.member.name)
+                .query_async(&mut conn)
+                .await?;
+            let unseen: Vec<EntryId> = page
+                .iter()
+                .filter_map(|(id, ..)| EntryId::parse(id))
+                .filter(|id| !self.holdings.contains(id.tag()))
+                .collect();
+            self.member.hold(&mut conn, Hold::Release, &unseen).await?;
+            match page.last() {
+                Some((last, ..)) if page.len() == RELEASE_PAGE => from = format!("({last}"),
+                _ => return Ok(()),
+            }
+        }
+    }
+
     /// Hands every pending entry of this consumer to the group at close, and removes the
     /// consumer name if nothing was pending.
     async fn hand_back_all(&self) -> Result<usize, RedisError> {
@@ -817,6 +850,9 @@ impl Consumer for RedisConsumer {
                 tracing::warn!(stream = %self.member.stream, group = %self.member.group, error = %e, "could not delete the anonymous consumer group; it stays until deleted by hand");
             }
             return Ok(());
+        }
+        if let Err(e) = self.release_unseen().await {
+            tracing::warn!(stream = %self.member.stream, group = %self.member.group, consumer = %self.member.name, error = %e, "could not take back the count of pending entries no handler saw; they are handed back counted as attempts");
         }
         let handed_back = if unconfirmed.is_empty() {
             self.hand_back_all().await

@@ -42,6 +42,11 @@ const HOLD_PAGE: usize = 512;
 /// one, in the same atomic step), changing their delivery count as the mode says; returns
 /// the ids that are not, because another member took them or they were acknowledged.
 ///
+/// An entry handed back already (its delivery time set to 1970, by `release` or `handback`)
+/// is left alone by `keep` and `release`: keeping it would make other members wait
+/// `claim-idle` for it again, and releasing it again would take a second count off. That
+/// makes `release` safe to run over entries some of which were released before.
+///
 /// An entry deleted or trimmed from the stream is left alone and never returned, except
 /// that a hand-back claims it (which drops it from the pending list, as any member's claim
 /// would). `XCLAIM` drops a deleted entry from the pending list, yet the consumer that
@@ -63,6 +68,9 @@ if mode == 'keep' then
     '18446744073709551615-18446744073709551614')
 end
 local handback = mode == 'release' or mode == 'handback'
+-- The server's clock in ms: an entry delivered in the first second of 1970 was handed back.
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local function exists(id)
   return #redis.call('XRANGE', KEYS[1], id, id) > 0
 end
@@ -70,7 +78,10 @@ local gone = {}
 for i = 5, #ARGV do
   local id = ARGV[i]
   local row = redis.call('XPENDING', KEYS[1], group, id, id, 1)[1]
-  if row and row[2] == consumer and (handback or exists(id)) then
+  if row and row[2] == consumer and (mode == 'keep' or mode == 'release')
+      and now - row[3] <= 1000 then
+    -- Handed back already.
+  elseif row and row[2] == consumer and (handback or exists(id)) then
     local claim = {'XCLAIM', KEYS[1], group, consumer, 0, id}
     if mode == 'attempt' then
       claim[#claim + 1] = 'RETRYCOUNT'

@@ -129,10 +129,12 @@
 //!   any un-acknowledged entry is.
 //! * On close, a durable consumer first records its queued acknowledgements, then hands
 //!   what it did not acknowledge back to the group (immediately claimable by other members,
-//!   counts kept) and, if nothing was pending, deletes its consumer name. Entries whose
-//!   `XACK` Redis did not confirm are not handed back (they would be handled again at
-//!   once): they stay pending under the closed consumer, and `close` returns an error
-//!   saying how many. An anonymous group is destroyed.
+//!   counts kept) and, if nothing was pending, deletes its consumer name. Entries Redis
+//!   handed to a `receive` that was dropped before returning them (core stops fetching
+//!   that way, and a blocked read is still served) go back uncounted, as released ones do.
+//!   Entries whose `XACK` Redis did not confirm are not handed back (they would be handled
+//!   again at once): they stay pending under the closed consumer, and `close` returns an
+//!   error saying how many. An anonymous group is destroyed.
 //! * Live members clean up after dead ones. At most every quarter of `consumer-expiry`
 //!   (default 5 min), a sweep removes the group's consumers that hold nothing and were not
 //!   seen for `consumer-expiry`, and destroys the stream's anonymous groups (`anonymous.*`,

@@ -447,6 +447,82 @@ async fn close_and_reopen_with_a_large_prefetch_dead_letters_nothing() {
     );
 }
 
+/// Clients of the server blocked in a command (`INFO clients`).
+async fn blocked_clients(raw: &mut redis::aio::MultiplexedConnection) -> usize {
+    let info: String = redis::cmd("INFO")
+        .arg("clients")
+        .query_async(raw)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("blocked_clients:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("INFO clients has blocked_clients")
+}
+
+/// Core stops fetching by dropping a `receive` whose read is blocked in Redis. The read is
+/// still served: an entry published meanwhile lands in the consumer's pending list, counted
+/// as delivered, and nothing ever sees it. No handler saw it, so `close` hands it back
+/// uncounted, as it hands back what core released: the next member gets it as attempt 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_a_dropped_receive_never_returned_are_handed_back_uncounted() {
+    // Counts the server's blocked clients: nothing else may run meanwhile.
+    let _lock = broker_lock(true).await;
+    let Some(url) = common::redis_url() else {
+        return;
+    };
+    let (stream, group) = (common::unique("dropped-read"), common::unique("g"));
+    // An hour: anything the other member gets was handed back, not claimed as idle.
+    let options = ConsumerOptions::new(&group).claim_idle(Duration::from_secs(3600));
+    let binder = common::binder_with(RedisConfig {
+        block: Duration::from_secs(10),
+        ..RedisConfig::with_url(&url)
+    });
+    let first = binder.consumer(&stream, &options).await.unwrap();
+    let mut raw = common::raw(&url).await;
+    let mut watch = common::raw(&url).await;
+    let blocked = async {
+        while blocked_clients(&mut watch).await == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    tokio::select! {
+        got = first.receive(16) => panic!("nothing was published yet: {got:?}"),
+        () = blocked => {}
+        () = tokio::time::sleep(PATIENCE) => panic!("the read never blocked"),
+    }
+    // The receive is dropped; its read is not.
+    binder
+        .producer(&stream)
+        .await
+        .unwrap()
+        .send(Message::new("late"))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while common::pending(&mut raw, &stream, &group).await == 0 {
+        assert!(Instant::now() < deadline, "the blocked read never got it");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    first.close().await.unwrap();
+
+    let second = common::binder(&url)
+        .consumer(&stream, &options)
+        .await
+        .unwrap();
+    let back = common::receive_until(&*second, PATIENCE, "the entry", |g| !g.is_empty()).await;
+    assert_eq!(
+        back.iter().map(|r| r.attempt).collect::<Vec<_>>(),
+        vec![1],
+        "a delivery no handler saw was counted as an attempt"
+    );
+    second
+        .ack(&back.iter().map(|r| r.tag).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    second.close().await.unwrap();
+}
+
 /// `release` hands deliveries back at once (another member takes them without waiting for
 /// `claim-idle`) and uncounted: the next delivery is attempt 1 again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
