@@ -12,7 +12,7 @@ use std::time::Duration;
 use redis::RedisResult;
 use tokio::time::Instant;
 
-use crate::connection::Conn;
+use crate::connection::{millis, Conn};
 use crate::holdings::Member;
 
 /// Removes from the consumer's own group the consumers that hold nothing and were not seen
@@ -94,7 +94,7 @@ pub(crate) async fn clean_up(
     let result: RedisResult<(usize, Vec<String>, Vec<String>)> = CLEANUP
         .key(&member.stream)
         .arg(&member.group)
-        .arg(expiry.as_millis() as u64)
+        .arg(millis(expiry))
         .arg(ANONYMOUS_PREFIX)
         .arg(&candidates)
         .invoke_async(conn)

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use crate::acks::{send_acks, AckQueue, Carried, MAX_QUEUED_ACKS};
 use crate::cleanup::clean_up;
-use crate::connection::{command_error, Conn};
+use crate::connection::{command_error, millis, Conn};
 use crate::entry::{parse_autoclaim, parse_pending_count, parse_read, Entry, EntryId, Malformed};
 use crate::holdings::{keep_alive, keepalive_period, Hold, Holdings, Member};
 
@@ -43,6 +43,9 @@ const RELEASE_PAGE: usize = 500;
 const MAX_PENDING_PAGE: usize = 4096;
 /// The shortest pause between claim sweeps, whatever the configuration says.
 const MIN_CLAIM_INTERVAL: Duration = Duration::from_millis(10);
+/// Further away than any sweep needs waiting for: a hundred years. Longer settings mean
+/// the same, and keep deadlines within what a clock can hold.
+const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
 /// Hands this consumer's pending entries back to the group at close: their delivery time is
 /// set to 1970 so that the next `XAUTOCLAIM` of any member takes them at once. When nothing
@@ -346,7 +349,10 @@ impl RedisConsumer {
         if now >= state.next_claim {
             if state.claim_from == ZERO && now >= state.next_cleanup {
                 // Cheap, but no need to look more often than a fraction of the expiry.
-                state.next_cleanup = now + (self.consumer_expiry / 4).max(self.claim_interval);
+                state.next_cleanup = now
+                    + (self.consumer_expiry / 4)
+                        .max(self.claim_interval)
+                        .min(NEVER);
                 clean_up(
                     &self.member,
                     &mut conn,
@@ -359,7 +365,7 @@ impl RedisConsumer {
             if state.claim_from == ZERO {
                 // A sweep of the whole pending list is done; the next one waits. Until then
                 // every receive continues the sweep, so a large backlog is taken over fast.
-                state.next_claim = now + self.claim_interval;
+                state.next_claim = now + self.claim_interval.min(NEVER);
             }
             if !batch.is_empty() {
                 return Ok(batch);
@@ -379,7 +385,7 @@ impl RedisConsumer {
             .arg("COUNT")
             .arg(max);
         if let Some(block) = block {
-            cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+            cmd.arg("BLOCK").arg(millis(block).max(1));
         }
         cmd.arg("STREAMS").arg(&self.member.stream).arg(from);
         cmd
@@ -463,7 +469,7 @@ impl RedisConsumer {
         cmd.arg(&self.member.stream)
             .arg(&self.member.group)
             .arg(&self.member.name)
-            .arg(self.claim_idle.as_millis() as u64)
+            .arg(millis(self.claim_idle))
             .arg(state.claim_from)
             .arg("COUNT")
             .arg(max);

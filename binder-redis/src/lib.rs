@@ -330,7 +330,7 @@ impl Binder for RedisBinder {
         let read = self
             .inner
             .endpoint
-            .connect(config.block + config.command_timeout)
+            .connect(config.block.saturating_add(config.command_timeout))
             .await?;
         let settings = ReadSettings {
             block: config.block,

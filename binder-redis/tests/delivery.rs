@@ -868,6 +868,50 @@ async fn malformed_entries_are_dead_lettered_without_stopping_the_consumer() {
     }
 }
 
+/// Durations far past any deadline a clock can hold (`claim-idle`, `claim-interval` and
+/// `consumer-expiry` as `Duration::MAX`: "never") are "not in this process's lifetime",
+/// not a panic in `receive` or a garbage argument to Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_durations_mean_never() {
+    let _lock = broker_lock(false).await;
+    let Some(url) = common::redis_url() else {
+        return;
+    };
+    let (stream, group) = (common::unique("never"), common::unique("g"));
+    let binder = common::binder_with(RedisConfig {
+        block: Duration::from_millis(50),
+        claim_interval: Some(Duration::MAX),
+        consumer_expiry: Duration::MAX,
+        ..RedisConfig::with_url(&url)
+    });
+    let consumer = binder
+        .consumer(
+            &stream,
+            &ConsumerOptions::new(&group).claim_idle(Duration::MAX),
+        )
+        .await
+        .unwrap();
+    let first = tokio::spawn(async move {
+        let got = consumer.receive(16).await;
+        (consumer, got)
+    });
+    let (consumer, got) = first.await.expect("receive does not panic");
+    assert!(got.unwrap().is_empty());
+    binder
+        .producer(&stream)
+        .await
+        .unwrap()
+        .send(Message::new("m"))
+        .await
+        .unwrap();
+    let got = common::receive_until(&*consumer, PATIENCE, "the entry", |g| !g.is_empty()).await;
+    consumer
+        .ack(&got.iter().map(|r| r.tag).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    consumer.close().await.unwrap();
+}
+
 /// A `claim-idle` that does not exceed `retry.max-backoff` is refused at load, naming the
 /// binding: a member that dies while a message waits out its backoff would otherwise have
 /// it taken over and retried sooner than the backoff promises.
