@@ -33,6 +33,9 @@ use crate::entry::EntryId;
 
 /// The shortest pause between keepalive rounds.
 const MIN_KEEPALIVE_PERIOD: Duration = Duration::from_millis(10);
+/// The shortest `claim-idle` of a group the keepalive covers: three rounds at their
+/// shortest, as it goes round every third of `claim-idle`.
+pub(crate) const MIN_CLAIM_IDLE: Duration = MIN_KEEPALIVE_PERIOD.saturating_mul(3);
 /// The longest pause between keepalive rounds, whatever `claim-idle` says.
 const MAX_KEEPALIVE_PERIOD: Duration = Duration::from_secs(10);
 /// Entries per call of [`HOLD_SCRIPT`].

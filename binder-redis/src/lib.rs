@@ -152,10 +152,10 @@
 //!   (which core retries) until the connection is back; the consumer then re-creates its
 //!   group if Redis lost it and re-reads its own pending entries before new ones.
 //!
-//! A binding with a `group` must have a `claim-idle` longer than its `retry.max-backoff`
-//! (checked at load): a member that dies while a message waits out its backoff stops
-//! keeping it, and another member must not take it over and retry it sooner than the
-//! backoff promised.
+//! A binding with a `group` must have a `claim-idle` of at least 30 ms (three keepalive
+//! rounds at their shortest) and longer than its `retry.max-backoff` (both checked at
+//! load): a member that dies while a message waits out its backoff stops keeping it, and
+//! another member must not take it over and retry it sooner than the backoff promised.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -301,6 +301,19 @@ impl Binder for RedisBinder {
     }
 
     fn check_binding(&self, name: &str, binding: &BindingConfig) -> Result<()> {
+        if binding.group.is_some() && binding.claim_idle < holdings::MIN_CLAIM_IDLE {
+            // Below that, the keepalive cannot re-claim held entries often enough: another
+            // member would take over entries a live member holds.
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "bindings.{name}: `claim-idle` ({:?}) must be at least {:?} on a redis                      binder: a live member re-claims what it holds every third of                      `claim-idle`, and no more often than every {:?}",
+                    binding.claim_idle,
+                    holdings::MIN_CLAIM_IDLE,
+                    holdings::MIN_CLAIM_IDLE / 3
+                ),
+            ));
+        }
         if binding.group.is_some() && binding.claim_idle <= binding.retry.max_backoff {
             // Live members keep what they hold whatever the backoff (the keepalive). A
             // member that dies while a message waits out its backoff stops that, and the

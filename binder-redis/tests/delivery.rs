@@ -961,6 +961,41 @@ async fn claim_idle_within_max_backoff_is_a_config_error() {
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
 }
 
+/// A `claim-idle` shorter than three keepalive rounds at their shortest (10 ms) is refused
+/// at load: a live member re-claims what it holds every third of `claim-idle`, but no more
+/// often than every 10 ms, so below 30 ms another member could take over entries a live
+/// member holds.
+#[tokio::test]
+async fn claim_idle_the_keepalive_cannot_cover_is_a_config_error() {
+    let load = |claim_idle: &str| {
+        Streams::builder()
+            .register(binder_redis::register)
+            .env(Vec::<(String, String)>::new())
+            .load_str(&format!(
+                r#"
+                default-binder = "redis"
+                [binders.redis]
+                type = "redis"
+                url = "redis://127.0.0.1:1"
+                [bindings.payments-in]
+                destination = "orders"
+                group = "payments"
+                claim-idle = "{claim_idle}"
+                retry = {{ initial-backoff = "1ms", max-backoff = "1ms" }}
+                "#
+            ))
+    };
+    for refused in ["5ms", "29ms"] {
+        let err = load(refused).expect_err("refused");
+        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+        assert!(
+            err.message().contains("bindings.payments-in") && err.message().contains("claim-idle"),
+            "{err}"
+        );
+    }
+    load("30ms").expect("three keepalive rounds fit");
+}
+
 /// Two subscriptions (prefetch 512, concurrency 4, a handler of about a millisecond) drain
 /// a backlog of 20,000 while each is shut down gracefully and replaced at once, three times,
 /// back to back as a rolling restart does: nothing is dead-lettered, nothing lost, nothing
