@@ -570,6 +570,51 @@ async fn released_deliveries_go_back_at_once_uncounted() {
     first.close().await.unwrap();
 }
 
+/// Core sends a failed `release` again (a temporary error, or a reply lost with its
+/// connection), though the first may have run, in part (a page of it) or whole: releasing
+/// the same deliveries twice takes one count off, not two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_sent_twice_takes_one_count_off() {
+    let _lock = broker_lock(false).await;
+    let Some(url) = common::redis_url() else {
+        return;
+    };
+    let (stream, group) = (common::unique("release-twice"), common::unique("g"));
+    let options = ConsumerOptions::new(&group).claim_idle(Duration::from_secs(3600));
+    let binder = common::binder(&url);
+    binder
+        .producer(&stream)
+        .await
+        .unwrap()
+        .send(Message::new("m"))
+        .await
+        .unwrap();
+    let first = binder.consumer(&stream, &options).await.unwrap();
+    let got = common::receive_until(&*first, PATIENCE, "the entry", |g| !g.is_empty()).await;
+    let tag = got[0].tag;
+    // Attempt 1 failed; attempt 2 is recorded, then handed back before it starts.
+    first.retrying(tag, 2).await.unwrap();
+    first.release(&[tag]).await.unwrap();
+    first.release(&[tag]).await.unwrap();
+    let mut raw = common::raw(&url).await;
+    let counts: Vec<usize> = pending_by_id(&mut raw, &stream, &group)
+        .await
+        .into_values()
+        .map(|(count, _)| count)
+        .collect();
+    assert_eq!(counts, vec![1], "the one attempt made stays counted");
+
+    let second = common::binder(&url)
+        .consumer(&stream, &options)
+        .await
+        .unwrap();
+    let back = common::receive_until(&*second, PATIENCE, "the entry", |g| !g.is_empty()).await;
+    assert_eq!(back.iter().map(|r| r.attempt).collect::<Vec<_>>(), vec![2]);
+    second.ack(&[back[0].tag]).await.unwrap();
+    second.close().await.unwrap();
+    first.close().await.unwrap();
+}
+
 /// With a trimming binder, ordinary streams are trimmed but dead letters are kept until
 /// someone handles them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
