@@ -496,3 +496,12 @@ pub(crate) fn command_error(what: &str, e: RedisError) -> Error {
     }
     error.with_source(e)
 }
+
+/// `duration` in whole milliseconds, as a Redis argument (`BLOCK`, a min-idle-time): at
+/// most `i64::MAX`, the most Redis reads there, so a huge setting means "never" instead of
+/// wrapping around to some other number.
+pub(crate) fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .min(i64::MAX as u64)
+}

@@ -1,5 +1,6 @@
 //! Consuming as a member of a consumer group: the loop behind `receive` (own pending list,
-//! `XAUTOCLAIM`, `XREADGROUP`), batched `XACK`, and leaving the group.
+//! `XAUTOCLAIM`, `XREADGROUP`), the `stream_core::Consumer` implementation, and leaving the
+//! group at close.
 //!
 //! Reads and acks use different connections. Redis runs the commands of one connection in
 //! order, so an `XACK` queued behind an `XREADGROUP ... BLOCK` would wait for the block to
@@ -10,25 +11,12 @@
 //! whose reply was lost that way may have left entries in this consumer's pending list that
 //! it never saw, and the claim sweep hands them out once they have been idle `claim-idle`.
 //!
-//! `ack` queues the ids and returns; a task of the consumer sends them (see [`AckQueue`]).
-//!
-//! # Holding entries, and counting attempts
-//!
-//! Redis keeps a delivery count per pending entry; this binder keeps it equal to core's
-//! attempts (see `stream_core::Consumer`): the deliveries of the message that reached a
-//! handler, or may have. A read of a new entry (`XREADGROUP ... >`) and a takeover from
-//! another member (`XAUTOCLAIM`) add one; [`Consumer::retrying`] sets it to the attempt
-//! about to start; [`Consumer::release`] takes one back. Everything else this consumer does
-//! to its own entries leaves the count alone: a task re-claims the entries it holds with
-//! `XCLAIM ... JUSTID` every third of `claim-idle` (10 s at most), so that no other member
-//! finds them idle however long their handlers take; the pass over its own pending list
-//! restores the counts that `XREADGROUP ... 0` raises; and when its own sweep claims an
-//! entry it holds (after a stall longer than `claim-idle`), it takes that count back. Each of these checks, in one
-//! script per batch, that the entry is still pending for this consumer, so none takes back
-//! an entry another member has since claimed.
+//! The loop's helpers have modules of their own: `ack` queues the ids and returns, and
+//! [`acks`](crate::acks) sends them; [`holdings`](crate::holdings) keeps what the consumer
+//! has handed out, in memory and in Redis (the keepalive, attempt counts, release); and
+//! [`cleanup`](crate::cleanup) removes what dead consumers left behind.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
@@ -38,11 +26,14 @@ use redis::{RedisError, RedisResult, Value};
 use stream_core::{
     Consumer, ConsumerOptions, DeliveryTag, Error, ErrorKind, Received, Result, StartFrom,
 };
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::connection::{command_error, Conn};
+use crate::acks::{send_acks, AckQueue, Carried, MAX_QUEUED_ACKS};
+use crate::cleanup::clean_up;
+use crate::connection::{command_error, millis, Conn};
 use crate::entry::{parse_autoclaim, parse_pending_count, parse_read, Entry, EntryId, Malformed};
+use crate::holdings::{keep_alive, keepalive_period, Hold, Holdings, Member};
 
 /// The start of a stream or pending list.
 const ZERO: EntryId = EntryId { ms: 0, seq: 0 };
@@ -52,15 +43,9 @@ const RELEASE_PAGE: usize = 500;
 const MAX_PENDING_PAGE: usize = 4096;
 /// The shortest pause between claim sweeps, whatever the configuration says.
 const MIN_CLAIM_INTERVAL: Duration = Duration::from_millis(10);
-/// How long a queued acknowledgement waits for a read to carry it before it is sent alone.
-/// Far below any sensible `claim-idle`, so no other member takes over an entry for lack of
-/// its `XACK`.
-const ACK_DELAY: Duration = Duration::from_millis(5);
-/// Acknowledgements queued and not yet confirmed beyond which `ack` waits for the queue.
-const MAX_QUEUED_ACKS: usize = 8192;
-/// Failed `XACK`s of one batch tried again, once the consumer is gone, before its entries
-/// are left to redelivery.
-const ACK_TRIES: u32 = 20;
+/// Further away than any sweep needs waiting for: a hundred years. Longer settings mean
+/// the same, and keep deadlines within what a clock can hold.
+const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
 /// Hands this consumer's pending entries back to the group at close: their delivery time is
 /// set to 1970 so that the next `XAUTOCLAIM` of any member takes them at once. When nothing
@@ -89,57 +74,6 @@ redis.call(unpack(args))
 return {#page, page[#page][1]}
 ";
 
-/// The shortest pause between keepalive rounds.
-const MIN_KEEPALIVE_PERIOD: Duration = Duration::from_millis(10);
-/// The longest pause between keepalive rounds, whatever `claim-idle` says.
-const MAX_KEEPALIVE_PERIOD: Duration = Duration::from_secs(10);
-/// Entries per call of [`HOLD_SCRIPT`].
-const HOLD_PAGE: usize = 512;
-
-/// Re-claims entries that are still pending for this consumer (`XPENDING` says who owns each
-/// one, in the same atomic step), changing their delivery count as the mode says; returns
-/// the ids that are not, because another member took them or they were acknowledged.
-///
-/// KEYS[1] stream; ARGV: group, consumer, mode, attempt (for `attempt`), ids...
-/// Modes: `keep` resets the idle time (and shows the consumer alive); `attempt` sets the count to ARGV[4]; `release` takes
-/// one off the count and makes the entry claimable at once (delivery time 1970);
-/// `unbump` takes one off; `handback` makes it claimable at once.
-const HOLD_SCRIPT: &str = r"
-local group, consumer, mode = ARGV[1], ARGV[2], ARGV[3]
-if mode == 'keep' then
-  -- Shows the consumer alive to the cleanup of other members (XINFO CONSUMERS idle): made
-  -- again if a cleanup removed it while it held nothing, and seen now. Its own pending list
-  -- after the highest id there can be holds nothing, so the read returns and counts nothing.
-  redis.call('XGROUP', 'CREATECONSUMER', KEYS[1], group, consumer)
-  redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', KEYS[1],
-    '18446744073709551615-18446744073709551614')
-end
-local gone = {}
-for i = 5, #ARGV do
-  local id = ARGV[i]
-  local row = redis.call('XPENDING', KEYS[1], group, id, id, 1)[1]
-  if row and row[2] == consumer then
-    local claim = {'XCLAIM', KEYS[1], group, consumer, 0, id}
-    if mode == 'attempt' then
-      claim[#claim + 1] = 'RETRYCOUNT'
-      claim[#claim + 1] = ARGV[4]
-    elseif mode == 'release' or mode == 'unbump' then
-      claim[#claim + 1] = 'RETRYCOUNT'
-      claim[#claim + 1] = math.max(row[4] - 1, 0)
-    end
-    if mode == 'release' or mode == 'handback' then
-      claim[#claim + 1] = 'TIME'
-      claim[#claim + 1] = 1
-    end
-    claim[#claim + 1] = 'JUSTID'
-    redis.call(unpack(claim))
-  else
-    gone[#gone + 1] = id
-  end
-end
-return gone
-";
-
 /// Reads the consumer's own pending entries after an id, as `XREADGROUP ... <id>` does,
 /// then sets their delivery counts back to what they were: that read adds one to each,
 /// though it is no new attempt (the entries were delivered to this consumer already, and
@@ -164,187 +98,8 @@ end
 return reply
 ";
 
-/// Removes from the consumer's own group the consumers that hold nothing and were not seen
-/// for the expiry, and destroys other anonymous groups of the stream (named by core with
-/// the prefix) that nobody reads any more: every consumer unseen for the expiry, or no
-/// consumer at all and entries waiting past where the group last read, with that position
-/// unchanged since the caller first saw it so (it passes those as candidates). Returns
-/// {consumers removed, groups destroyed, consumer-less anonymous groups with entries
-/// waiting as flat pairs of name and last-delivered-id}.
-///
-/// KEYS[1] stream; ARGV: own group, expiry ms, anonymous prefix, candidates as pairs.
-const CLEANUP_SCRIPT: &str = r"
-local group, expiry, prefix = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local function fields(flat)
-  local t = {}
-  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
-  return t
-end
-local removed = 0
-for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], group)) do
-  c = fields(c)
-  if c['pending'] == 0 and c['idle'] > expiry then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], group, c['name'])
-    removed = removed + 1
-  end
-end
-local candidates = {}
-for i = 4, #ARGV, 2 do candidates[ARGV[i]] = ARGV[i + 1] end
-local destroyed, quiet = {}, {}
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  g = fields(g)
-  local name, position = g['name'], g['last-delivered-id']
-  if name ~= group and string.sub(name, 1, #prefix) == prefix then
-    local consumers = redis.call('XINFO', 'CONSUMERS', KEYS[1], name)
-    local dead = #consumers > 0
-    for _, c in ipairs(consumers) do
-      if fields(c)['idle'] <= expiry then
-        dead = false
-        break
-      end
-    end
-    if #consumers == 0 and #redis.call('XRANGE', KEYS[1], '(' .. position, '+', 'COUNT', 1) > 0 then
-      if candidates[name] == position then
-        dead = true
-      else
-        quiet[#quiet + 1] = name
-        quiet[#quiet + 1] = position
-      end
-    end
-    if dead then
-      redis.call('XGROUP', 'DESTROY', KEYS[1], name)
-      destroyed[#destroyed + 1] = name
-    end
-  end
-end
-return {removed, destroyed, quiet}
-";
-
-/// The start of the group names core gives anonymous groups.
-const ANONYMOUS_PREFIX: &str = "anonymous.";
-
-static HOLD: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(HOLD_SCRIPT));
-static CLEANUP: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(CLEANUP_SCRIPT));
 static OWN_PENDING: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(OWN_PENDING_SCRIPT));
-
-/// What [`HOLD_SCRIPT`] does to the entries this consumer still holds.
-#[derive(Debug, Clone, Copy)]
-enum Hold {
-    /// Resets their idle time; the count stays.
-    Keep,
-    /// Records that this attempt of them is about to start.
-    Attempt(u32),
-    /// Takes back the count of a delivery no handler saw, and hands them to the group.
-    Release,
-    /// Takes back the one delivery this consumer's own claim counted.
-    Unbump,
-    /// Hands them to the group with their counts.
-    HandBack,
-}
-
-impl Hold {
-    fn mode(self) -> &'static str {
-        match self {
-            Hold::Keep => "keep",
-            Hold::Attempt(_) => "attempt",
-            Hold::Release => "release",
-            Hold::Unbump => "unbump",
-            Hold::HandBack => "handback",
-        }
-    }
-}
-
-/// Who a consumer is in Redis; shared with its background tasks.
-struct Member {
-    stream: String,
-    group: String,
-    name: String,
-}
-
-impl Member {
-    /// Runs [`HOLD_SCRIPT`] over `ids`, a page at a time; returns those no longer pending
-    /// for this consumer.
-    async fn hold(
-        &self,
-        conn: &mut Conn,
-        hold: Hold,
-        ids: &[EntryId],
-    ) -> RedisResult<Vec<EntryId>> {
-        let attempt = match hold {
-            Hold::Attempt(attempt) => attempt,
-            _ => 0,
-        };
-        let mut gone = Vec::new();
-        let mut pages: Vec<&[EntryId]> = ids.chunks(HOLD_PAGE).collect();
-        if pages.is_empty() && matches!(hold, Hold::Keep) {
-            // Nothing held, but the consumer still shows it is alive.
-            pages.push(&[]);
-        }
-        for page in pages {
-            let ids: Vec<String> = HOLD
-                .key(&self.stream)
-                .arg(&self.group)
-                .arg(&self.name)
-                .arg(hold.mode())
-                .arg(attempt)
-                .arg(page)
-                .invoke_async(conn)
-                .await?;
-            gone.extend(ids.iter().filter_map(|id| EntryId::parse(id)));
-        }
-        Ok(gone)
-    }
-}
-
-/// How often the keepalive re-claims held entries and shows the consumer alive: well
-/// inside `claim-idle`, so that no other member finds held entries idle between two rounds,
-/// and well inside `consumer-expiry`, so that no cleanup takes the consumer for dead.
-fn keepalive_period(claim_idle: Duration, consumer_expiry: Duration) -> Duration {
-    (claim_idle / 3)
-        .min(consumer_expiry / 10)
-        .clamp(MIN_KEEPALIVE_PERIOD, MAX_KEEPALIVE_PERIOD)
-}
-
-/// Re-claims the entries `holdings` holds every `period` until `stop` says so or the
-/// consumer is gone. Entries found in another member's pending list are marked lost.
-async fn keep_alive(
-    member: Arc<Member>,
-    holdings: Arc<Holdings>,
-    mut conn: Conn,
-    period: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut rounds = tokio::time::interval(period);
-    rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = rounds.tick() => {}
-            // Stopped, or the consumer was dropped with the sender.
-            _ = stop.wait_for(|stopped| *stopped) => return,
-        }
-        let ids = holdings.ids();
-        match member.hold(&mut conn, Hold::Keep, &ids).await {
-            Ok(gone) => {
-                if failing {
-                    tracing::info!(stream = %member.stream, group = %member.group, consumer = %member.name, "keeping held entries works again");
-                    failing = false;
-                }
-                let lost = holdings.lose(&gone);
-                if lost > 0 {
-                    tracing::warn!(stream = %member.stream, group = %member.group, consumer = %member.name, lost, "another member took over entries this consumer holds (Redis was out of reach, or this process stalled, for longer than claim-idle); those not started yet are dropped here, those started may be handled twice");
-                }
-            }
-            Err(e) => {
-                if !failing {
-                    tracing::warn!(stream = %member.stream, group = %member.group, consumer = %member.name, error = %e, "could not keep held entries; another member may take them over after claim-idle");
-                    failing = true;
-                }
-            }
-        }
-    }
-}
 
 /// Consumer settings that come from the binder's configuration.
 #[derive(Debug, Clone)]
@@ -382,397 +137,6 @@ pub(crate) struct RedisConsumer {
     /// The keepalive task, awaited at close: a round still running could otherwise make the
     /// consumer name again after close removed it.
     keepalive_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
-/// The deliveries a consumer holds, and those it lost to another member.
-#[derive(Default)]
-struct Holdings {
-    held: Mutex<Held>,
-    /// Whether `lost` may hold anything: [`Holdings::holds`] needs no lock while it is false.
-    any_lost: AtomicBool,
-}
-
-#[derive(Default)]
-struct Held {
-    /// Handed out and not confirmed acknowledged.
-    in_flight: InFlight,
-    /// Handed out, then found pending for another member: not to be handled here.
-    lost: InFlight,
-}
-
-impl Holdings {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn hand_out(&self, tags: impl Iterator<Item = DeliveryTag>) {
-        let mut held = self.lock();
-        if self.any_lost.load(Ordering::Acquire) {
-            // Taken back from the member that had them: ours again.
-            let held = &mut *held;
-            for tag in tags {
-                held.lost.remove(&tag);
-                held.in_flight.insert(tag);
-            }
-            self.any_lost
-                .store(!held.lost.is_empty(), Ordering::Release);
-        } else {
-            held.in_flight.extend(tags);
-        }
-    }
-
-    /// Forgets entries that are acknowledged or handed back.
-    fn forget(&self, ids: &[EntryId]) {
-        let mut held = self.lock();
-        for id in ids {
-            held.in_flight.remove(&id.tag());
-        }
-        if self.any_lost.load(Ordering::Acquire) {
-            for id in ids {
-                held.lost.remove(&id.tag());
-            }
-            self.any_lost
-                .store(!held.lost.is_empty(), Ordering::Release);
-        }
-    }
-
-    fn contains(&self, tag: DeliveryTag) -> bool {
-        self.lock().in_flight.contains(&tag)
-    }
-
-    fn len(&self) -> usize {
-        self.lock().in_flight.len()
-    }
-
-    fn ids(&self) -> Vec<EntryId> {
-        self.lock()
-            .in_flight
-            .iter()
-            .map(|tag| EntryId::from_tag(*tag))
-            .collect()
-    }
-
-    /// Marks entries another member now holds; returns how many this consumer still held.
-    fn lose(&self, ids: &[EntryId]) -> usize {
-        if ids.is_empty() {
-            return 0;
-        }
-        let mut held = self.lock();
-        let mut lost = 0;
-        for id in ids {
-            // Not held any more: acknowledged meanwhile, which the script cannot tell apart.
-            if held.in_flight.remove(&id.tag()) {
-                held.lost.insert(id.tag());
-                lost += 1;
-            }
-        }
-        if lost > 0 {
-            self.any_lost.store(true, Ordering::Release);
-        }
-        lost
-    }
-
-    /// False, once, for a delivery another member took over.
-    fn holds(&self, tag: DeliveryTag) -> bool {
-        if !self.any_lost.load(Ordering::Acquire) {
-            return true;
-        }
-        let mut held = self.lock();
-        let lost = held.lost.remove(&tag);
-        self.any_lost
-            .store(!held.lost.is_empty(), Ordering::Release);
-        !lost
-    }
-}
-
-/// Tags of deliveries this consumer handed out and Redis has not seen acknowledged.
-type InFlight = HashSet<DeliveryTag, TagHash>;
-
-/// Hashing for [`InFlight`]: every delivery is inserted and removed once, and SipHash over
-/// its two words was a measurable part of the consumer's time. Seeded per process, so ids
-/// chosen by a producer cannot be made to collide.
-#[derive(Clone)]
-struct TagHash(u64);
-
-impl Default for TagHash {
-    fn default() -> Self {
-        TagHash(std::collections::hash_map::RandomState::new().hash_one(0u64))
-    }
-}
-
-impl BuildHasher for TagHash {
-    type Hasher = TagHasher;
-
-    fn build_hasher(&self) -> TagHasher {
-        TagHasher(self.0)
-    }
-}
-
-struct TagHasher(u64);
-
-impl Hasher for TagHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.write_u64(u64::from(byte));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        // The 64-bit finaliser of MurmurHash3: every input bit reaches every output bit.
-        let mut h = self.0 ^ n;
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-        h ^= h >> 33;
-        self.0 = h;
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-/// Acknowledgements core has made and Redis has not confirmed yet.
-///
-/// Core counts a delivery against the prefetch window until `ack` returns. An `ack` that
-/// waited for `XACK` would keep that part of the window shut for a round trip per batch,
-/// so the next read could only ask for what earlier acks had already freed: small reads,
-/// each paying the full fixed cost of a round trip (and, with `appendfsync always`, of an
-/// fsync). So `ack` only queues the ids. The next `XREADGROUP` for new entries carries
-/// them: `XACK` and `XREADGROUP` go in one pipeline, which Redis runs in one event-loop
-/// turn with one fsync. Ids no read picked up within [`ACK_DELAY`] (the stream is idle and
-/// the read blocks, or the fetch loop waits) are sent on their own by [`send_acks`].
-///
-/// The handlers are done with these entries; what is in flight is the id. Until Redis
-/// confirms, the entries stay held (see [`Holdings`]): neither a pending pass nor a claim of
-/// this consumer hands them out again, the keepalive keeps other members off them, and
-/// `close` records the queue before it hands anything back.
-///
-/// An `XACK` that fails is sent again, with backoff, for as long as the consumer lives: the
-/// entry stays held meanwhile rather than being delivered a second time. When Redis refuses
-/// it for good (a `NOPERM` from an ACL, a key that is no stream any more), the refusal is
-/// kept: the next `receive` returns it, which ends the subscription with that error, and
-/// `close` leaves those entries pending (they are delivered again after `claim-idle`, once
-/// the consumer no longer keeps them) and returns it too. A process that dies with
-/// acknowledgements queued leaves those entries pending, to be delivered again like any
-/// other un-acknowledged entry.
-struct AckQueue {
-    state: Mutex<AckState>,
-    /// Wakes [`send_acks`].
-    wake: Notify,
-    progress: watch::Sender<AckProgress>,
-}
-
-/// What waiters on the queue look at.
-#[derive(Debug, Clone, Copy, Default)]
-struct AckProgress {
-    /// Queued or being sent, not yet settled (confirmed, or given up on).
-    outstanding: usize,
-    /// Redis refused an `XACK` for good: waiting for the queue to drain is pointless.
-    refused: bool,
-}
-
-#[derive(Default)]
-struct AckState {
-    queued: Vec<EntryId>,
-    /// When the oldest of `queued` arrived.
-    since: Option<Instant>,
-    /// Send at once: the consumer is closing or gone.
-    urgent: bool,
-    /// The consumer is gone: [`send_acks`] sends what is left and ends.
-    dropped: bool,
-    /// Taken by [`send_acks`] and not settled yet.
-    sending: Vec<EntryId>,
-    /// Why Redis refused an `XACK` for good, once it has.
-    refusal: Option<(ErrorKind, String)>,
-}
-
-impl AckQueue {
-    fn new() -> AckQueue {
-        AckQueue {
-            state: Mutex::default(),
-            wake: Notify::new(),
-            progress: watch::Sender::new(AckProgress::default()),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, AckState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn push(&self, ids: impl IntoIterator<Item = EntryId>) {
-        let mut state = self.lock();
-        let before = state.queued.len();
-        state.queued.extend(ids);
-        let added = state.queued.len() - before;
-        // Counted before anyone can take them, so the count never drops below zero.
-        self.progress.send_modify(|p| p.outstanding += added);
-        let first = state.since.is_none();
-        state.since.get_or_insert_with(Instant::now);
-        drop(state);
-        // Later ones are due no sooner than the first, which the sender already waits for.
-        if first {
-            self.wake.notify_one();
-        }
-    }
-
-    /// Takes everything queued, for a read to carry.
-    fn take(&self) -> Vec<EntryId> {
-        let mut state = self.lock();
-        state.since = None;
-        std::mem::take(&mut state.queued)
-    }
-
-    /// Puts back ids whose `XACK` may not have run; sending one twice is harmless.
-    fn put_back(&self, mut ids: Vec<EntryId>) {
-        let mut state = self.lock();
-        ids.append(&mut state.queued);
-        state.queued = ids;
-        state.since.get_or_insert_with(Instant::now);
-        drop(state);
-        self.wake.notify_one();
-    }
-
-    /// The ids [`send_acks`] is to send now, after giving reads [`ACK_DELAY`] to carry
-    /// them; `None` once the consumer is gone and nothing is left.
-    async fn due(&self) -> Option<Vec<EntryId>> {
-        loop {
-            let wait = {
-                let mut state = self.lock();
-                match state.since {
-                    None if state.dropped => return None,
-                    None => None,
-                    Some(since) => {
-                        let due = since + ACK_DELAY;
-                        if state.urgent || state.dropped || Instant::now() >= due {
-                            state.since = None;
-                            let ids = std::mem::take(&mut state.queued);
-                            state.sending.clone_from(&ids);
-                            return Some(ids);
-                        }
-                        Some(due)
-                    }
-                }
-            };
-            match wait {
-                // A wake-up sent between the look above and this wait is kept, not lost.
-                None => self.wake.notified().await,
-                Some(due) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(due) => {}
-                        _ = self.wake.notified() => {}
-                    }
-                }
-            }
-        }
-    }
-
-    /// What was queued meanwhile, to go along with a retry of [`send_acks`]'s batch.
-    fn take_more(&self) -> Vec<EntryId> {
-        let mut state = self.lock();
-        state.since = None;
-        let more = std::mem::take(&mut state.queued);
-        state.sending.extend_from_slice(&more);
-        more
-    }
-
-    fn settled(&self, n: usize) {
-        self.progress.send_modify(|p| p.outstanding -= n);
-    }
-
-    /// Settles [`send_acks`]'s batch.
-    fn sent(&self, n: usize) {
-        self.lock().sending.clear();
-        self.settled(n);
-    }
-
-    fn is_dropped(&self) -> bool {
-        self.lock().dropped
-    }
-
-    /// Keeps the first refusal, for `receive` and `close` to report.
-    fn refuse(&self, error: &Error) {
-        let mut state = self.lock();
-        if state.refusal.is_none() {
-            state.refusal = Some((error.kind(), error.message().to_owned()));
-            drop(state);
-            self.progress.send_modify(|p| p.refused = true);
-        }
-    }
-
-    fn refusal(&self) -> Option<(ErrorKind, String)> {
-        self.lock().refusal.clone()
-    }
-
-    /// Acknowledged ids Redis has not confirmed.
-    fn unconfirmed(&self) -> Vec<EntryId> {
-        let state = self.lock();
-        let mut ids = state.sending.clone();
-        ids.extend_from_slice(&state.queued);
-        ids
-    }
-
-    /// Sends what is queued without waiting for a read, and waits until it is settled or
-    /// Redis refused some of it for good.
-    async fn flush(&self) {
-        self.lock().urgent = true;
-        self.wake.notify_one();
-        self.drained_to(0).await;
-        self.lock().urgent = false;
-    }
-
-    /// Waits until at most `limit` acknowledgements are outstanding, or one was refused.
-    async fn drained_to(&self, limit: usize) {
-        let done = |p: &AckProgress| p.outstanding <= limit || p.refused;
-        if done(&self.progress.borrow()) {
-            return;
-        }
-        let mut progress = self.progress.subscribe();
-        let _ = progress.wait_for(done).await;
-    }
-}
-
-/// Ids a read carries; put back into the queue if the read is dropped before the reply
-/// says whether its `XACK` ran.
-struct Carried<'a> {
-    acks: &'a AckQueue,
-    ids: Vec<EntryId>,
-}
-
-impl Carried<'_> {
-    fn settle(mut self, holdings: &Holdings, outcome: RedisResult<Value>) {
-        let ids = std::mem::take(&mut self.ids);
-        match outcome {
-            Ok(_) => {
-                holdings.forget(&ids);
-                self.acks.settled(ids.len());
-            }
-            // The group is gone, and with it what there was to acknowledge.
-            Err(e) if e.code() == Some("NOGROUP") => {
-                holdings.forget(&ids);
-                self.acks.settled(ids.len());
-            }
-            Err(e) => {
-                let error = command_error(&format!("XACK of {} entries", ids.len()), e);
-                if !error.is_temporary() {
-                    // Carried by every read, a refused XACK would never reach the sender
-                    // that reports it.
-                    self.acks.refuse(&error);
-                }
-                // Sent again on their own, with the retries that path has.
-                self.acks.put_back(ids);
-            }
-        }
-    }
-}
-
-impl Drop for Carried<'_> {
-    fn drop(&mut self) {
-        if !self.ids.is_empty() {
-            self.acks.put_back(std::mem::take(&mut self.ids));
-        }
-    }
 }
 
 struct ReadState {
@@ -908,7 +272,7 @@ impl RedisConsumer {
 
     /// Creates the group if it does not exist, and this consumer in it: Redis makes a
     /// consumer only when it first gets an entry, and until then other members' cleanup
-    /// could not tell this one is alive (see [`CLEANUP_SCRIPT`]).
+    /// could not tell this one is alive (see [`CLEANUP_SCRIPT`](crate::cleanup)).
     async fn join_group(&self, conn: &mut Conn) -> Result<(), Fail> {
         let start = match self.start {
             StartFrom::Earliest => "0",
@@ -935,49 +299,6 @@ impl RedisConsumer {
             .await
             .map_err(|e| self.fail("XGROUP CREATECONSUMER", e))?;
         Ok(())
-    }
-
-    /// Removes what dead consumers left behind (see [`CLEANUP_SCRIPT`]). Housekeeping: a
-    /// failure is logged, and the next sweep tries again.
-    async fn clean_up(&self, conn: &mut Conn, state: &mut ReadState) {
-        let now = Instant::now();
-        let candidates: Vec<&str> = state
-            .quiet_groups
-            .iter()
-            .filter(|(_, (_, since))| now.duration_since(*since) >= self.consumer_expiry)
-            .flat_map(|(name, (position, _))| [name.as_str(), position.as_str()])
-            .collect();
-        let result: RedisResult<(usize, Vec<String>, Vec<String>)> = CLEANUP
-            .key(&self.member.stream)
-            .arg(&self.member.group)
-            .arg(self.consumer_expiry.as_millis() as u64)
-            .arg(ANONYMOUS_PREFIX)
-            .arg(&candidates)
-            .invoke_async(conn)
-            .await;
-        let (removed, destroyed, quiet) = match result {
-            Ok(outcome) => outcome,
-            Err(e) => {
-                tracing::warn!(stream = %self.member.stream, group = %self.member.group, error = %e, "could not clean up after dead consumers; trying again at a later sweep");
-                return;
-            }
-        };
-        if removed > 0 {
-            tracing::info!(stream = %self.member.stream, group = %self.member.group, removed, expiry = ?self.consumer_expiry, "removed consumers that held nothing and were not seen for the expiry");
-        }
-        if !destroyed.is_empty() {
-            tracing::info!(stream = %self.member.stream, groups = ?destroyed, expiry = ?self.consumer_expiry, "destroyed anonymous groups nobody reads any more");
-        }
-        let mut seen = HashMap::with_capacity(quiet.len() / 2);
-        for pair in quiet.chunks_exact(2) {
-            let (name, position) = (&pair[0], &pair[1]);
-            let since = match state.quiet_groups.get(name) {
-                Some((was, since)) if was == position => *since,
-                _ => now,
-            };
-            seen.insert(name.clone(), (position.clone(), since));
-        }
-        state.quiet_groups = seen;
     }
 
     fn fail(&self, command: &str, e: RedisError) -> Fail {
@@ -1028,14 +349,23 @@ impl RedisConsumer {
         if now >= state.next_claim {
             if state.claim_from == ZERO && now >= state.next_cleanup {
                 // Cheap, but no need to look more often than a fraction of the expiry.
-                state.next_cleanup = now + (self.consumer_expiry / 4).max(self.claim_interval);
-                self.clean_up(&mut conn, state).await;
+                state.next_cleanup = now
+                    + (self.consumer_expiry / 4)
+                        .max(self.claim_interval)
+                        .min(NEVER);
+                clean_up(
+                    &self.member,
+                    &mut conn,
+                    self.consumer_expiry,
+                    &mut state.quiet_groups,
+                )
+                .await;
             }
             let batch = self.claim(&mut conn, state, max).await?;
             if state.claim_from == ZERO {
                 // A sweep of the whole pending list is done; the next one waits. Until then
                 // every receive continues the sweep, so a large backlog is taken over fast.
-                state.next_claim = now + self.claim_interval;
+                state.next_claim = now + self.claim_interval.min(NEVER);
             }
             if !batch.is_empty() {
                 return Ok(batch);
@@ -1055,7 +385,7 @@ impl RedisConsumer {
             .arg("COUNT")
             .arg(max);
         if let Some(block) = block {
-            cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+            cmd.arg("BLOCK").arg(millis(block).max(1));
         }
         cmd.arg("STREAMS").arg(&self.member.stream).arg(from);
         cmd
@@ -1139,7 +469,7 @@ impl RedisConsumer {
         cmd.arg(&self.member.stream)
             .arg(&self.member.group)
             .arg(&self.member.name)
-            .arg(self.claim_idle.as_millis() as u64)
+            .arg(millis(self.claim_idle))
             .arg(state.claim_from)
             .arg("COUNT")
             .arg(max);
@@ -1150,13 +480,20 @@ impl RedisConsumer {
         let claimed = parse_autoclaim(reply)
             .map_err(|e| Fail::Reply(format!("XAUTOCLAIM on `{}`", self.member.stream), e))?;
         state.claim_from = claimed.cursor;
-        if !claimed.deleted.is_empty() {
-            // Redis 7 already dropped these from the pending list.
+        // Redis 7 already dropped these from the pending list. Those this consumer holds
+        // were read whole before they were trimmed, and are being handled.
+        let skipped: Vec<String> = claimed
+            .deleted
+            .iter()
+            .filter(|id| !self.holdings.contains(id.tag()))
+            .map(EntryId::to_string)
+            .collect();
+        if !skipped.is_empty() {
             tracing::warn!(
                 stream = %self.member.stream,
                 group = %self.member.group,
-                count = claimed.deleted.len(),
-                ids = ?claimed.deleted.iter().map(EntryId::to_string).collect::<Vec<_>>(),
+                count = skipped.len(),
+                ids = ?skipped,
                 "pending entries were deleted or trimmed from the stream before they were handled; they are skipped"
             );
         }
@@ -1205,7 +542,7 @@ impl RedisConsumer {
             for entry in entries {
                 if entry.message.is_none() {
                     deleted.push(entry.id);
-                } else if origin == Origin::New || !held.in_flight.contains(&entry.id.tag()) {
+                } else if origin == Origin::New || !held.in_flight.contains_key(&entry.id.tag()) {
                     keep.push(entry);
                 }
             }
@@ -1283,6 +620,39 @@ impl RedisConsumer {
             .await
             .map_err(|e| self.fail("XPENDING", e))?;
         Ok(replies.iter().map(parse_pending_count).collect())
+    }
+
+    /// Takes back, at close, the count of this consumer's pending entries that no `receive`
+    /// returned, and makes them claimable at once, as [`Consumer::release`] does for what
+    /// core never started. A `receive` dropped while its read is blocked in Redis (core
+    /// stops fetching that way) is still served: entries published meanwhile land in this
+    /// consumer's pending list, counted as delivered, and nobody sees them. Entries `release`
+    /// handed back already are left alone (see [`HOLD_SCRIPT`](crate::holdings)).
+    async fn release_unseen(&self) -> Result<(), RedisError> {
+        let mut conn = self.commands.clone();
+        let mut from = "-".to_owned();
+        loop {
+            // Rows of id, owner, idle ms, delivery count.
+            let page: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+                .arg(&self.member.stream)
+                .arg(&self.member.group)
+                .arg(&from)
+                .arg("+")
+                .arg(RELEASE_PAGE)
+                .arg(&self.member.name)
+                .query_async(&mut conn)
+                .await?;
+            let unseen: Vec<EntryId> = page
+                .iter()
+                .filter_map(|(id, ..)| EntryId::parse(id))
+                .filter(|id| !self.holdings.contains(id.tag()))
+                .collect();
+            self.member.hold(&mut conn, Hold::Release, &unseen).await?;
+            match page.last() {
+                Some((last, ..)) if page.len() == RELEASE_PAGE => from = format!("({last}"),
+                _ => return Ok(()),
+            }
+        }
     }
 
     /// Hands every pending entry of this consumer to the group at close, and removes the
@@ -1398,6 +768,7 @@ impl Consumer for RedisConsumer {
         if tags.is_empty() {
             return Ok(());
         }
+        self.holdings.acked(tags);
         self.acks.push(tags.iter().copied().map(EntryId::from_tag));
         // Bounds the queue when Redis cannot keep up (or is away): core's window then stays
         // shut, as it would with an ack that waited.
@@ -1486,6 +857,9 @@ impl Consumer for RedisConsumer {
             }
             return Ok(());
         }
+        if let Err(e) = self.release_unseen().await {
+            tracing::warn!(stream = %self.member.stream, group = %self.member.group, consumer = %self.member.name, error = %e, "could not take back the count of pending entries no handler saw; they are handed back counted as attempts");
+        }
         let handed_back = if unconfirmed.is_empty() {
             self.hand_back_all().await
         } else {
@@ -1530,82 +904,6 @@ impl Consumer for RedisConsumer {
 
 impl Drop for RedisConsumer {
     fn drop(&mut self) {
-        self.acks.lock().dropped = true;
-        self.acks.wake.notify_one();
+        self.acks.consumer_dropped();
     }
-}
-
-/// Sends queued acknowledgements, one `XACK` for whatever gathered while the previous one
-/// was on its way, until the consumer is dropped and the queue is empty. A failed `XACK`
-/// is sent again until it passes; only once the consumer is gone does it give up (see
-/// [`AckQueue`]).
-async fn send_acks(
-    acks: Arc<AckQueue>,
-    holdings: Arc<Holdings>,
-    mut conn: Conn,
-    stream: String,
-    group: String,
-) {
-    while let Some(mut ids) = acks.due().await {
-        if ids.is_empty() {
-            continue;
-        }
-        let mut tries = 0;
-        loop {
-            let result = redis::cmd("XACK")
-                .arg(&stream)
-                .arg(&group)
-                .arg(&ids)
-                .query_async::<i64>(&mut conn)
-                .await;
-            match result {
-                Ok(_) => {
-                    holdings.forget(&ids);
-                    break;
-                }
-                Err(e) if e.code() == Some("NOGROUP") => {
-                    tracing::warn!(%stream, %group, count = ids.len(), "consumer group is gone; nothing left to acknowledge");
-                    holdings.forget(&ids);
-                    break;
-                }
-                // The first command after a dropped connection fails while the connection is
-                // re-made; XACK is idempotent, so it is simply sent again.
-                Err(e) if e.is_connection_dropped() && tries == 0 => {}
-                Err(e) => {
-                    let error = command_error(
-                        &format!(
-                            "XACK of {} entries on stream `{stream}` group `{group}`",
-                            ids.len()
-                        ),
-                        e,
-                    );
-                    if acks.is_dropped() && tries >= ACK_TRIES {
-                        // Nobody is left to report to; the entries stay pending.
-                        tracing::error!(%stream, %group, count = ids.len(), %error, "XACK failed; these entries will be delivered again");
-                        break;
-                    }
-                    let wait = ack_backoff(tries);
-                    if error.is_temporary() {
-                        tracing::warn!(%stream, %group, %error, retry_in = ?wait, "XACK failed; retrying");
-                    } else {
-                        if acks.refusal().is_none() {
-                            tracing::error!(%stream, %group, count = ids.len(), %error, "redis refuses XACK; the consumer stops, and these entries stay pending");
-                        }
-                        acks.refuse(&error);
-                    }
-                    tokio::time::sleep(wait).await;
-                }
-            }
-            tries += 1;
-            // Whatever was acknowledged meanwhile goes along with the retry.
-            ids.append(&mut acks.take_more());
-        }
-        acks.sent(ids.len());
-    }
-}
-
-/// 50 ms doubling to 5 s, as core waits between failed acks.
-fn ack_backoff(tries: u32) -> Duration {
-    let ms = 50u64.saturating_mul(1 << tries.min(7));
-    Duration::from_millis(ms.min(5_000))
 }

@@ -129,10 +129,12 @@
 //!   any un-acknowledged entry is.
 //! * On close, a durable consumer first records its queued acknowledgements, then hands
 //!   what it did not acknowledge back to the group (immediately claimable by other members,
-//!   counts kept) and, if nothing was pending, deletes its consumer name. Entries whose
-//!   `XACK` Redis did not confirm are not handed back (they would be handled again at
-//!   once): they stay pending under the closed consumer, and `close` returns an error
-//!   saying how many. An anonymous group is destroyed.
+//!   counts kept) and, if nothing was pending, deletes its consumer name. Entries Redis
+//!   handed to a `receive` that was dropped before returning them (core stops fetching
+//!   that way, and a blocked read is still served) go back uncounted, as released ones do.
+//!   Entries whose `XACK` Redis did not confirm are not handed back (they would be handled
+//!   again at once): they stay pending under the closed consumer, and `close` returns an
+//!   error saying how many. An anonymous group is destroyed.
 //! * Live members clean up after dead ones. At most every quarter of `consumer-expiry`
 //!   (default 5 min), a sweep removes the group's consumers that hold nothing and were not
 //!   seen for `consumer-expiry`, and destroys the stream's anonymous groups (`anonymous.*`,
@@ -140,7 +142,8 @@
 //!   consumer and left entries unread without moving for that long. Every live consumer
 //!   shows itself at least every `min(claim-idle / 3, consumer-expiry / 10, 10s)`.
 //! * A pending entry that was deleted or trimmed from the stream is acknowledged and
-//!   reported with a warning, never delivered as an empty message. An entry that is not a
+//!   reported with a warning, never delivered as an empty message; one trimmed while a
+//!   consumer holds it was read whole and is still handled. An entry that is not a
 //!   faithful message (a field name, value or key that is not UTF-8, no payload field) is
 //!   delivered with a defect, which core dead-letters as undecodable.
 //! * Dead letters are never trimmed: the binder's `trim` rule applies to every stream but
@@ -149,17 +152,20 @@
 //!   (which core retries) until the connection is back; the consumer then re-creates its
 //!   group if Redis lost it and re-reads its own pending entries before new ones.
 //!
-//! A binding with a `group` must have a `claim-idle` longer than its `retry.max-backoff`
-//! (checked at load): a member that dies while a message waits out its backoff stops
-//! keeping it, and another member must not take it over and retry it sooner than the
-//! backoff promised.
+//! A binding with a `group` must have a `claim-idle` of at least 30 ms (three keepalive
+//! rounds at their shortest) and longer than its `retry.max-backoff` (both checked at
+//! load): a member that dies while a message waits out its backoff stops keeping it, and
+//! another member must not take it over and retry it sooner than the backoff promised.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod acks;
+mod cleanup;
 mod config;
 mod connection;
 mod consumer;
 mod entry;
+mod holdings;
 mod producer;
 
 use std::fmt;
@@ -295,6 +301,19 @@ impl Binder for RedisBinder {
     }
 
     fn check_binding(&self, name: &str, binding: &BindingConfig) -> Result<()> {
+        if binding.group.is_some() && binding.claim_idle < holdings::MIN_CLAIM_IDLE {
+            // Below that, the keepalive cannot re-claim held entries often enough: another
+            // member would take over entries a live member holds.
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "bindings.{name}: `claim-idle` ({:?}) must be at least {:?} on a redis                      binder: a live member re-claims what it holds every third of                      `claim-idle`, and no more often than every {:?}",
+                    binding.claim_idle,
+                    holdings::MIN_CLAIM_IDLE,
+                    holdings::MIN_CLAIM_IDLE / 3
+                ),
+            ));
+        }
         if binding.group.is_some() && binding.claim_idle <= binding.retry.max_backoff {
             // Live members keep what they hold whatever the backoff (the keepalive). A
             // member that dies while a message waits out its backoff stops that, and the
@@ -324,7 +343,7 @@ impl Binder for RedisBinder {
         let read = self
             .inner
             .endpoint
-            .connect(config.block + config.command_timeout)
+            .connect(config.block.saturating_add(config.command_timeout))
             .await?;
         let settings = ReadSettings {
             block: config.block,

@@ -447,6 +447,82 @@ async fn close_and_reopen_with_a_large_prefetch_dead_letters_nothing() {
     );
 }
 
+/// Clients of the server blocked in a command (`INFO clients`).
+async fn blocked_clients(raw: &mut redis::aio::MultiplexedConnection) -> usize {
+    let info: String = redis::cmd("INFO")
+        .arg("clients")
+        .query_async(raw)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("blocked_clients:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("INFO clients has blocked_clients")
+}
+
+/// Core stops fetching by dropping a `receive` whose read is blocked in Redis. The read is
+/// still served: an entry published meanwhile lands in the consumer's pending list, counted
+/// as delivered, and nothing ever sees it. No handler saw it, so `close` hands it back
+/// uncounted, as it hands back what core released: the next member gets it as attempt 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_a_dropped_receive_never_returned_are_handed_back_uncounted() {
+    // Counts the server's blocked clients: nothing else may run meanwhile.
+    let _lock = broker_lock(true).await;
+    let Some(url) = common::redis_url() else {
+        return;
+    };
+    let (stream, group) = (common::unique("dropped-read"), common::unique("g"));
+    // An hour: anything the other member gets was handed back, not claimed as idle.
+    let options = ConsumerOptions::new(&group).claim_idle(Duration::from_secs(3600));
+    let binder = common::binder_with(RedisConfig {
+        block: Duration::from_secs(10),
+        ..RedisConfig::with_url(&url)
+    });
+    let first = binder.consumer(&stream, &options).await.unwrap();
+    let mut raw = common::raw(&url).await;
+    let mut watch = common::raw(&url).await;
+    let blocked = async {
+        while blocked_clients(&mut watch).await == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    tokio::select! {
+        got = first.receive(16) => panic!("nothing was published yet: {got:?}"),
+        () = blocked => {}
+        () = tokio::time::sleep(PATIENCE) => panic!("the read never blocked"),
+    }
+    // The receive is dropped; its read is not.
+    binder
+        .producer(&stream)
+        .await
+        .unwrap()
+        .send(Message::new("late"))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while common::pending(&mut raw, &stream, &group).await == 0 {
+        assert!(Instant::now() < deadline, "the blocked read never got it");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    first.close().await.unwrap();
+
+    let second = common::binder(&url)
+        .consumer(&stream, &options)
+        .await
+        .unwrap();
+    let back = common::receive_until(&*second, PATIENCE, "the entry", |g| !g.is_empty()).await;
+    assert_eq!(
+        back.iter().map(|r| r.attempt).collect::<Vec<_>>(),
+        vec![1],
+        "a delivery no handler saw was counted as an attempt"
+    );
+    second
+        .ack(&back.iter().map(|r| r.tag).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    second.close().await.unwrap();
+}
+
 /// `release` hands deliveries back at once (another member takes them without waiting for
 /// `claim-idle`) and uncounted: the next delivery is attempt 1 again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -490,6 +566,51 @@ async fn released_deliveries_go_back_at_once_uncounted() {
         .ack(&back.iter().map(|r| r.tag).collect::<Vec<_>>())
         .await
         .unwrap();
+    second.close().await.unwrap();
+    first.close().await.unwrap();
+}
+
+/// Core sends a failed `release` again (a temporary error, or a reply lost with its
+/// connection), though the first may have run, in part (a page of it) or whole: releasing
+/// the same deliveries twice takes one count off, not two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_sent_twice_takes_one_count_off() {
+    let _lock = broker_lock(false).await;
+    let Some(url) = common::redis_url() else {
+        return;
+    };
+    let (stream, group) = (common::unique("release-twice"), common::unique("g"));
+    let options = ConsumerOptions::new(&group).claim_idle(Duration::from_secs(3600));
+    let binder = common::binder(&url);
+    binder
+        .producer(&stream)
+        .await
+        .unwrap()
+        .send(Message::new("m"))
+        .await
+        .unwrap();
+    let first = binder.consumer(&stream, &options).await.unwrap();
+    let got = common::receive_until(&*first, PATIENCE, "the entry", |g| !g.is_empty()).await;
+    let tag = got[0].tag;
+    // Attempt 1 failed; attempt 2 is recorded, then handed back before it starts.
+    first.retrying(tag, 2).await.unwrap();
+    first.release(&[tag]).await.unwrap();
+    first.release(&[tag]).await.unwrap();
+    let mut raw = common::raw(&url).await;
+    let counts: Vec<usize> = pending_by_id(&mut raw, &stream, &group)
+        .await
+        .into_values()
+        .map(|(count, _)| count)
+        .collect();
+    assert_eq!(counts, vec![1], "the one attempt made stays counted");
+
+    let second = common::binder(&url)
+        .consumer(&stream, &options)
+        .await
+        .unwrap();
+    let back = common::receive_until(&*second, PATIENCE, "the entry", |g| !g.is_empty()).await;
+    assert_eq!(back.iter().map(|r| r.attempt).collect::<Vec<_>>(), vec![2]);
+    second.ack(&[back[0].tag]).await.unwrap();
     second.close().await.unwrap();
     first.close().await.unwrap();
 }
@@ -792,6 +913,50 @@ async fn malformed_entries_are_dead_lettered_without_stopping_the_consumer() {
     }
 }
 
+/// Durations far past any deadline a clock can hold (`claim-idle`, `claim-interval` and
+/// `consumer-expiry` as `Duration::MAX`: "never") are "not in this process's lifetime",
+/// not a panic in `receive` or a garbage argument to Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_durations_mean_never() {
+    let _lock = broker_lock(false).await;
+    let Some(url) = common::redis_url() else {
+        return;
+    };
+    let (stream, group) = (common::unique("never"), common::unique("g"));
+    let binder = common::binder_with(RedisConfig {
+        block: Duration::from_millis(50),
+        claim_interval: Some(Duration::MAX),
+        consumer_expiry: Duration::MAX,
+        ..RedisConfig::with_url(&url)
+    });
+    let consumer = binder
+        .consumer(
+            &stream,
+            &ConsumerOptions::new(&group).claim_idle(Duration::MAX),
+        )
+        .await
+        .unwrap();
+    let first = tokio::spawn(async move {
+        let got = consumer.receive(16).await;
+        (consumer, got)
+    });
+    let (consumer, got) = first.await.expect("receive does not panic");
+    assert!(got.unwrap().is_empty());
+    binder
+        .producer(&stream)
+        .await
+        .unwrap()
+        .send(Message::new("m"))
+        .await
+        .unwrap();
+    let got = common::receive_until(&*consumer, PATIENCE, "the entry", |g| !g.is_empty()).await;
+    consumer
+        .ack(&got.iter().map(|r| r.tag).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    consumer.close().await.unwrap();
+}
+
 /// A `claim-idle` that does not exceed `retry.max-backoff` is refused at load, naming the
 /// binding: a member that dies while a message waits out its backoff would otherwise have
 /// it taken over and retried sooner than the backoff promises.
@@ -839,6 +1004,41 @@ async fn claim_idle_within_max_backoff_is_a_config_error() {
         .await
         .expect_err("refused");
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+}
+
+/// A `claim-idle` shorter than three keepalive rounds at their shortest (10 ms) is refused
+/// at load: a live member re-claims what it holds every third of `claim-idle`, but no more
+/// often than every 10 ms, so below 30 ms another member could take over entries a live
+/// member holds.
+#[tokio::test]
+async fn claim_idle_the_keepalive_cannot_cover_is_a_config_error() {
+    let load = |claim_idle: &str| {
+        Streams::builder()
+            .register(binder_redis::register)
+            .env(Vec::<(String, String)>::new())
+            .load_str(&format!(
+                r#"
+                default-binder = "redis"
+                [binders.redis]
+                type = "redis"
+                url = "redis://127.0.0.1:1"
+                [bindings.payments-in]
+                destination = "orders"
+                group = "payments"
+                claim-idle = "{claim_idle}"
+                retry = {{ initial-backoff = "1ms", max-backoff = "1ms" }}
+                "#
+            ))
+    };
+    for refused in ["5ms", "29ms"] {
+        let err = load(refused).expect_err("refused");
+        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+        assert!(
+            err.message().contains("bindings.payments-in") && err.message().contains("claim-idle"),
+            "{err}"
+        );
+    }
+    load("30ms").expect("three keepalive rounds fit");
 }
 
 /// Two subscriptions (prefetch 512, concurrency 4, a handler of about a millisecond) drain

@@ -98,6 +98,106 @@ async fn entries_trimmed_while_pending_are_cleared_not_delivered() {
     survivor.close().await.unwrap();
 }
 
+/// Idle time of pending entry `id` of `group`, in milliseconds.
+async fn idle_ms(
+    raw: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    id: &str,
+) -> usize {
+    common::pending_entries(raw, stream, group)
+        .await
+        .into_iter()
+        .find(|p| p.id == id)
+        .map(|p| p.last_delivered_ms)
+        .expect("the entry is pending")
+}
+
+/// Returns once the keepalive has re-claimed the held entry `id` since this call began: its
+/// idle time drops between two looks.
+async fn keepalive_round(
+    raw: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    id: &str,
+) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut last = idle_ms(raw, stream, group, id).await;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the keepalive never re-claimed {id}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let now = idle_ms(raw, stream, group, id).await;
+        if now < last {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// Entries trimmed from the stream while the consumer holds them (in a handler, waiting in
+/// the prefetch window, between retries) were delivered already and are handled from
+/// memory. The keepalive and `retrying` must not `XCLAIM` them (Redis drops a deleted entry
+/// from the pending list when it is claimed), nor take them for entries another member took
+/// over (core would then drop them unhandled); their `XACK` clears them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_trimmed_while_held_stay_held_until_acked() {
+    let _lock = broker_lock(false).await;
+    let Some(url) = common::redis_url() else {
+        return;
+    };
+    let (stream, group) = (common::unique("trimmed-held"), common::unique("g"));
+    // The keepalive goes round every 100 ms.
+    let options = ConsumerOptions::new(&group).claim_idle(Duration::from_millis(300));
+    let binder = common::binder(&url);
+    let consumer = binder.consumer(&stream, &options).await.unwrap();
+    binder
+        .producer(&stream)
+        .await
+        .unwrap()
+        .send_batch((0..3).map(|n| Message::new(n.to_string())).collect())
+        .await
+        .unwrap();
+    let held = common::receive_until(&*consumer, PATIENCE, "three entries", |g| g.len() >= 3).await;
+    let ids: Vec<&str> = held.iter().map(|r| r.message.id()).collect();
+    let mut raw = common::raw(&url).await;
+    // The first two are trimmed away while held; the third shows the keepalive going round.
+    let _: usize = redis::cmd("XDEL")
+        .arg(&stream)
+        .arg(&ids[..2])
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    consumer.retrying(held[1].tag, 2).await.unwrap();
+    keepalive_round(&mut raw, &stream, &group, ids[2]).await;
+
+    let pending: HashSet<String> = common::pending_entries(&mut raw, &stream, &group)
+        .await
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(
+        pending,
+        set(&ids),
+        "entries trimmed while held left the pending list before their handler was done"
+    );
+    assert!(
+        held.iter().all(|r| consumer.holds(r.tag)),
+        "entries trimmed while held taken for lost: core would drop them unhandled"
+    );
+    consumer
+        .ack(&held.iter().map(|r| r.tag).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert_eq!(
+        common::pending_settles(&mut raw, &stream, &group, 0).await,
+        0
+    );
+    consumer.close().await.unwrap();
+}
+
 /// Entries in a consumer's own pending list that were `XDEL`eted come back from
 /// `XREADGROUP ... 0` without fields: after a dropped connection the consumer re-reads its
 /// pending list, delivers the entries that still exist and acknowledges the deleted ones.
