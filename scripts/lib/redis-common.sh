@@ -34,6 +34,14 @@ redis_pid() {
   echo "$pid"
 }
 
+# Whether the redis-server with PID answers on PORT with its data loaded.
+# redis_ready PORT PID
+redis_ready() {
+  local info
+  info=$(redis-cli -h 127.0.0.1 -p "$1" info 2>/dev/null | tr -d '\r') || return 1
+  grep -qx "process_id:$2" <<<"$info" && grep -qx "loading:0" <<<"$info"
+}
+
 # Starts redis-server DIR/redis.conf in its own session (so the caller's Ctrl-C or
 # process-group kill does not hit it, and a caller capturing our stdout does not wait for
 # it), output appended to DIR/redis.log, and waits until it answers on PORT.
@@ -52,10 +60,11 @@ redis_launch() {
       tail -n 30 "$dir/redis.log" >&2
       die "redis-server exited during startup (log above: $dir/redis.log)"
     fi
-    # Ready once the server on the port answers and is ours, not some other redis that
-    # holds the port (our own then fails to bind and exits, caught above).
-    if [ -n "$pid" ] && redis-cli -h 127.0.0.1 -p "$port" info server 2>/dev/null |
-      tr -d '\r' | grep -qx "process_id:$pid"; then
+    # Ready once the server on the port answers, is ours (not some other redis that holds
+    # the port; our own then fails to bind and exits, caught above), and has loaded its
+    # data: INFO answers while the AOF is still loading, when every other command gets
+    # LOADING.
+    if [ -n "$pid" ] && redis_ready "$port" "$pid"; then
       return
     fi
     sleep 0.1

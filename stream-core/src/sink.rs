@@ -214,19 +214,38 @@ struct Worker<T> {
     stopping: watch::Receiver<bool>,
 }
 
+/// How the worker finished with a delivery.
+enum Outcome {
+    /// Handled or dead-lettered: acknowledge it.
+    Ack(DeliveryTag),
+    /// The binder gave it to another member during a retry backoff; that member handles it.
+    Drop(DeliveryTag),
+    /// Shutdown interrupted it; the broker delivers it again.
+    Interrupted,
+}
+
+impl Outcome {
+    fn acked_if(done: bool, tag: DeliveryTag) -> Outcome {
+        if done {
+            Outcome::Ack(tag)
+        } else {
+            Outcome::Interrupted
+        }
+    }
+}
+
 impl<T: Send + 'static> Worker<T> {
-    /// Handles one delivery to the end: success, or retries and dead letter. Returns the tag
-    /// to acknowledge, or `None` when shutdown interrupted it and the broker must redeliver.
-    async fn process(&self, received: Received) -> Option<DeliveryTag> {
+    /// Handles one delivery to the end: success, or retries and dead letter.
+    async fn process(&self, received: Received) -> Outcome {
         let tag = received.tag;
         let message = Arc::new(received.message);
         let mut attempt = received.attempt.max(1);
         let mut first_failure = None;
         if let Some(defect) = received.defect {
-            return self
+            let done = self
                 .dead_letter(&message, attempt, Cause::Decode, &defect, SystemTime::now())
-                .await
-                .then_some(tag);
+                .await;
+            return Outcome::acked_if(done, tag);
         }
         if attempt > self.retry.max_attempts {
             // Earlier consumers stopped or died during every attempt they made; calling the
@@ -235,20 +254,20 @@ impl<T: Send + 'static> Worker<T> {
             let error = format!(
                 "{made} earlier attempts ended without an outcome (the consumer crashed or stopped during each)"
             );
-            return self
+            let done = self
                 .dead_letter(&message, made, Cause::Handler, &error, SystemTime::now())
-                .await
-                .then_some(tag);
+                .await;
+            return Outcome::acked_if(done, tag);
         }
         loop {
             let payload = match decode(&*self.codec, &message) {
                 Ok(payload) => payload,
                 Err(e) => {
                     let first = first_failure.unwrap_or_else(SystemTime::now);
-                    return self
+                    let done = self
                         .dead_letter(&message, attempt, Cause::Decode, &e, first)
-                        .await
-                        .then_some(tag);
+                        .await;
+                    return Outcome::acked_if(done, tag);
                 }
             };
             let envelope = Envelope {
@@ -264,16 +283,16 @@ impl<T: Send + 'static> Worker<T> {
                 Err(panic) => Err(panic),
             };
             let error = match outcome {
-                Ok(Ok(())) => return Some(tag),
+                Ok(Ok(())) => return Outcome::Ack(tag),
                 Ok(Err(e)) => e,
                 Err(panic) => format!("handler panicked: {}", panic_text(&*panic)),
             };
             let first = *first_failure.get_or_insert_with(SystemTime::now);
             if attempt >= self.retry.max_attempts {
-                return self
+                let done = self
                     .dead_letter(&message, attempt, Cause::Handler, &error, first)
-                    .await
-                    .then_some(tag);
+                    .await;
+                return Outcome::acked_if(done, tag);
             }
             let wait = self.retry.backoff(attempt);
             tracing::debug!(id = %message.id(), attempt, retry_in = ?wait, error = %error, "handler failed; retrying");
@@ -281,7 +300,13 @@ impl<T: Send + 'static> Worker<T> {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 // The message stays un-acknowledged in the broker, which redelivers it.
-                _ = stopping.wait_for(|s| *s) => return None,
+                _ = stopping.wait_for(|s| *s) => return Outcome::Interrupted,
+            }
+            if !self.members.holds(tag) {
+                // Moved to another member during the backoff (a Kafka rebalance that could
+                // not wait for it): that member tries it next; trying here too would run it
+                // twice at once and break its key's order.
+                return Outcome::Drop(tag);
             }
             attempt += 1;
             self.members.retrying(tag, attempt).await;
@@ -490,6 +515,15 @@ impl AckBuffer {
         }
     }
 
+    /// Settles what the worker did with a delivery.
+    fn settle(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Ack(tag) => self.push(tag),
+            Outcome::Drop(tag) => self.settle_now(Settlement::Drop(tag)),
+            Outcome::Interrupted => {}
+        }
+    }
+
     /// Settles a delivery that was not handled: released, or dropped.
     fn settle_now(&self, settlement: Settlement) {
         // The ack loop outlives every dispatcher; a send fails only at teardown.
@@ -570,8 +604,8 @@ async fn dispatch<T: Send + 'static>(
                 continue;
             }
             let mut handling = std::pin::pin!(worker.process(received));
-            let ack = match futures::poll!(handling.as_mut()) {
-                std::task::Poll::Ready(ack) => ack,
+            let outcome = match futures::poll!(handling.as_mut()) {
+                std::task::Poll::Ready(outcome) => outcome,
                 std::task::Poll::Pending => {
                     acks.flush();
                     handling.await
@@ -580,9 +614,7 @@ async fn dispatch<T: Send + 'static>(
             let ended = Instant::now();
             backlog.handled(ended.saturating_duration_since(started), 1);
             previous_end = Some(ended);
-            if let Some(tag) = ack {
-                acks.push(tag);
-            }
+            acks.settle(outcome);
         }
         acks.flush();
         release_rest(&mut deliveries, &backlog, &acks).await;
@@ -608,8 +640,8 @@ async fn dispatch<T: Send + 'static>(
             let worker = worker.clone();
             running.push(async move {
                 let started = Instant::now();
-                let ack = worker.process(received).await;
-                (slot, ack, started.elapsed())
+                let outcome = worker.process(received).await;
+                (slot, outcome, started.elapsed())
             });
         }
         if !open && running.is_empty() && !fed {
@@ -620,14 +652,12 @@ async fn dispatch<T: Send + 'static>(
             acks.flush();
         }
         tokio::select! {
-            Some((slot, ack, took)) = running.next(), if !running.is_empty() => {
+            Some((slot, outcome, took)) = running.next(), if !running.is_empty() => {
                 backlog.handled(took, concurrency);
                 if queue.done(slot) {
                     backlog.add(1);
                 }
-                if let Some(tag) = ack {
-                    acks.push(tag);
-                }
+                acks.settle(outcome);
             }
             received = deliveries.recv(), if fed => match received {
                 Some(received) if open => {
