@@ -90,7 +90,9 @@ pub struct BindingConfig {
     pub concurrency: usize,
     /// The most un-acknowledged deliveries a consumer holds in memory. Default: 512, so one
     /// read can carry about 500 messages, the batch a hand-written consumer would ask for
-    /// (on Redis with `appendfsync always`, each round trip costs an fsync).
+    /// (on Redis with `appendfsync always`, each round trip costs an fsync). A binder may
+    /// read ahead a bounded amount below this (Kafka: at most another `prefetch` messages and
+    /// `fetch-queue-kbytes`), never in proportion to the backlog.
     #[serde(default = "defaults::prefetch")]
     pub prefetch: usize,
     /// Redelivery policy for handler errors. Default: see [`RetryConfig`].
