@@ -23,7 +23,11 @@
 //!   committed offset starts at the oldest retained message.
 //! * Kafka keeps no delivery count: [`Received::attempt`] is always 1, and attempts are not
 //!   kept across a crash or a rebalance.
-//! * A record whose key or headers are not UTF-8 is dead-lettered as undecodable.
+//! * Keys and header values that are not UTF-8 are converted lossily (U+FFFD for each invalid
+//!   sequence; equal bytes still give equal keys). A record with a header name that is not
+//!   UTF-8 is dead-lettered as undecodable: rdkafka panics reading such a name, and the
+//!   binder catches the panic, which a program built with `panic = "abort"` cannot (see the
+//!   README's known limits).
 //! * Topics are created on first use with `partitions`, `replication-factor` (unset: the
 //!   brokers' `default.replication.factor`) and a `max.message.bytes` that carries core's
 //!   default 1 MiB payload and its dead-letter copy, unless `create-topics = false`, in which
@@ -86,7 +90,7 @@
 //! # Ok(())
 //! # }
 //! ```
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod admin;

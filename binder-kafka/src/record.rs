@@ -1,13 +1,17 @@
 //! Turning a fetched Kafka record into a core [`Message`], whatever bytes the broker holds.
 //!
-//! Core's keys, header names and header values are text. A record whose key or headers are
-//! not UTF-8 cannot be given to a handler as it is; it is delivered with a defect instead, so
-//! core dead-letters it as undecodable (with lossy copies of what was not text) and nothing
-//! panics or stops on it.
+//! Core's keys, header names and header values are text. A key or a header value that is not
+//! UTF-8 (a Java producer's serialized long, Avro) is converted lossily, invalid sequences
+//! becoming U+FFFD: equal bytes still give equal strings, so per-key order holds (two keys
+//! that differ only in invalid bytes are merely ordered together). A header name that is not
+//! UTF-8 cannot be read at all through rdkafka (see [`read_headers`]): such a record is
+//! delivered with a defect, so core dead-letters it as undecodable with its other headers,
+//! and the consumer goes on with the next record.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use rdkafka::message::{BorrowedMessage, Message as _};
+use rdkafka::message::{BorrowedMessage, Headers as NativeHeaders, Message as _};
 use stream_core::{DeliveryTag, Headers, Message, Received};
 
 /// `message` as a delivery with `tag`, and roughly the memory it takes (payload, key and
@@ -16,28 +20,10 @@ pub(crate) fn received(message: &BorrowedMessage<'_>, tag: DeliveryTag) -> (Rece
     let (partition, offset) = (message.partition(), message.offset());
     let payload = message.payload().unwrap_or_default();
     let mut size = payload.len();
-    let mut defect: Option<String> = None;
-    let mut headers = Headers::new();
-    native::for_each_header(message, |name, value| {
-        let value = value.unwrap_or_default();
-        size += name.len() + value.len();
-        let name = match std::str::from_utf8(name) {
-            Ok(name) => name.to_owned(),
-            Err(_) => {
-                let lossy = String::from_utf8_lossy(name).into_owned();
-                defect.get_or_insert_with(|| format!("header name {lossy:?} is not UTF-8"));
-                lossy
-            }
-        };
-        let value = match std::str::from_utf8(value) {
-            Ok(value) => value.to_owned(),
-            Err(_) => {
-                defect.get_or_insert_with(|| format!("the value of header {name:?} is not UTF-8"));
-                String::from_utf8_lossy(value).into_owned()
-            }
-        };
-        headers.append(name, value);
-    });
+    let (headers, defect) = match message.headers() {
+        Some(native) => read_headers(native, &mut size),
+        None => (Headers::new(), None),
+    };
     let mut out = Message::new(payload.to_vec())
         .with_headers(headers)
         .with_id(delivery_id(partition, offset))
@@ -45,13 +31,7 @@ pub(crate) fn received(message: &BorrowedMessage<'_>, tag: DeliveryTag) -> (Rece
         .with_partition(partition as u32);
     if let Some(key) = message.key() {
         size += key.len();
-        out = out.with_key(match std::str::from_utf8(key) {
-            Ok(key) => key.to_owned(),
-            Err(_) => {
-                defect.get_or_insert_with(|| "the key is not UTF-8".to_owned());
-                String::from_utf8_lossy(key).into_owned()
-            }
-        });
+        out = out.with_key(String::from_utf8_lossy(key));
     }
     // Kafka keeps no count of deliveries per message (see the crate docs on attempts).
     let received = Received::new(out, tag, 1);
@@ -62,6 +42,52 @@ pub(crate) fn received(message: &BorrowedMessage<'_>, tag: DeliveryTag) -> (Rece
         None => received,
     };
     (received, size)
+}
+
+/// The headers of a record as text, adding their bytes to `size`, and a defect when a header
+/// name is not UTF-8. Header values that are not UTF-8 are converted lossily; a null value is
+/// an empty string.
+///
+/// rdkafka 0.38 turns each header name into `&str` with `CStr::to_str().unwrap()`
+/// (`Headers::get`, `try_get` and the iterator alike), so a name that is not UTF-8, which
+/// any producer may write and the broker stores as it is, panics inside rdkafka. Its safe API
+/// has no other way to a header, and reading librdkafka's bytes directly takes unsafe code,
+/// which this crate forbids. So each header is read on its own inside `catch_unwind`: the
+/// panic of a bad name becomes a defect, and the headers before and after it are kept (the
+/// dead letter carries them). This is not a general panic guard: it is there for that one
+/// known panic of rdkafka on what the broker sends. Nothing is left half-done by it
+/// (`AssertUnwindSafe`): `try_get` only reads.
+///
+/// The panic still goes through the process's panic hook (the default one prints it to
+/// stderr). Built with `panic = "abort"`, nothing can be caught: such a record aborts the
+/// process (see the README).
+fn read_headers(native: &impl NativeHeaders, size: &mut usize) -> (Headers, Option<String>) {
+    let count = native.count();
+    let mut headers = Headers::new();
+    let mut unreadable = Vec::new();
+    for index in 0..count {
+        match catch_unwind(AssertUnwindSafe(|| native.try_get(index))) {
+            Ok(Some(header)) => {
+                let value = header.value.unwrap_or_default();
+                *size += header.key.len() + value.len();
+                headers.append(header.key, String::from_utf8_lossy(value));
+            }
+            // Out of range: the list cannot change under a borrowed message, so never.
+            Ok(None) => break,
+            Err(_) => unreadable.push(index.to_string()),
+        }
+    }
+    let defect = match unreadable.as_slice() {
+        [] => None,
+        [index] => Some(format!(
+            "a header name is not UTF-8 (the header at index {index} of {count})"
+        )),
+        indexes => Some(format!(
+            "a header name is not UTF-8 (the headers at indexes {} of {count})",
+            indexes.join(", ")
+        )),
+    };
+    (headers, defect)
 }
 
 /// `partition@offset`, written without `format!`: this runs once per received message, and
@@ -97,58 +123,40 @@ pub(crate) fn delivery_id(partition: i32, offset: i64) -> Arc<str> {
     Arc::from(std::str::from_utf8(&out[..len]).unwrap_or_default())
 }
 
-/// Header access through librdkafka's C API. rdkafka's own (`Headers::get`, `try_get`, the
-/// iterator) turns each name into `&str` with an `unwrap`, which panics on a name that is
-/// not UTF-8, so a single such record from any producer would stop a consumer for good.
-#[allow(unsafe_code)]
-mod native {
-    use std::ffi::{c_char, c_void, CStr};
-
-    use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
-    use rdkafka_sys as rdsys;
-
-    /// Calls `visit` with each header's name and value bytes, in order.
-    pub(super) fn for_each_header(
-        message: &BorrowedMessage<'_>,
-        mut visit: impl FnMut(&[u8], Option<&[u8]>),
-    ) {
-        let Some(headers) = message.headers() else {
-            return;
-        };
-        // rdkafka's `BorrowedHeaders` is a view of librdkafka's `rd_kafka_headers_t` at the
-        // same address.
-        let native = std::ptr::from_ref(headers).cast::<rdsys::rd_kafka_headers_t>();
-        for index in 0..headers.count() {
-            let mut name: *const c_char = std::ptr::null();
-            let mut value: *const c_void = std::ptr::null();
-            let mut size: usize = 0;
-            // SAFETY: `native` is the live header list of `message`, borrowed for this whole
-            // function; the call only writes the three out-pointers, and fails for an index
-            // out of range.
-            let error = unsafe {
-                rdsys::rd_kafka_header_get_all(native, index, &mut name, &mut value, &mut size)
-            };
-            if error != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
-                return;
-            }
-            // SAFETY: librdkafka stores each header name NUL-terminated and each value as
-            // `size` bytes (or a null pointer for a null value), owned by the header list,
-            // which outlives these borrows.
-            let (name, value) = unsafe {
-                (
-                    CStr::from_ptr(name).to_bytes(),
-                    (!value.is_null())
-                        .then(|| std::slice::from_raw_parts(value.cast::<u8>(), size)),
-                )
-            };
-            visit(name, value);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_values_that_are_not_utf8_are_converted_lossily() {
+        use rdkafka::message::{Header, OwnedHeaders};
+        let native = OwnedHeaders::new()
+            .insert(Header {
+                key: "trace",
+                value: Some(&[0x80, b'-', 0xff][..]),
+            })
+            .insert(Header {
+                key: "null",
+                value: None::<&[u8]>,
+            })
+            .insert(Header {
+                key: "trace",
+                value: Some("second"),
+            });
+        let mut size = 0;
+        let (headers, defect) = read_headers(&native, &mut size);
+        assert_eq!(defect, None);
+        let got: Vec<(&str, &str)> = headers.iter().collect();
+        assert_eq!(
+            got,
+            [
+                ("trace", "\u{fffd}-\u{fffd}"),
+                ("null", ""),
+                ("trace", "second")
+            ]
+        );
+        assert_eq!(size, 5 + 3 + 4 + 5 + 6);
+    }
 
     #[test]
     fn delivery_ids_are_partition_at_offset() {

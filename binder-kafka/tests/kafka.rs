@@ -7,10 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use binder_kafka::{KafkaBinder, KafkaConfig};
+use common::wire::{self, RawRecord};
 use common::{account, binder, brokers, config, eventually, unique};
 use stream_core::{
-    Binder, BindingConfig, Channel, Consumer, ConsumerOptions, DeliveryTag, ErrorKind, Message,
-    Received, StartFrom, Subscription,
+    Binder, BindingConfig, Channel, Consumer, ConsumerOptions, DeliveryTag, Envelope, ErrorKind,
+    Message, Received, StartFrom, Subscription,
 };
 
 /// Receives until `count` deliveries arrived or `limit` passed.
@@ -557,77 +558,13 @@ async fn topic_with_too_few_partitions_is_a_config_error() {
     assert!(binder.prepare_partitions(&topic, 2).await.unwrap());
 }
 
-/// One record written through librdkafka's C API, so that its key and header bytes can be
-/// anything a broker accepts (rdkafka's safe API only writes UTF-8 header names).
-struct RawRecord<'a> {
-    key: Option<&'a [u8]>,
-    header: Option<(&'a [u8], &'a [u8])>,
-    payload: &'a [u8],
-}
-
-/// Publishes `record` to `topic` and waits until the broker has it.
-#[allow(unsafe_code)]
-fn produce_raw(brokers: &str, topic: &str, record: &RawRecord<'_>) {
-    use rdkafka::producer::{BaseProducer, Producer as _};
-    use rdkafka_sys as rdsys;
-    use std::ffi::{c_void, CString};
-
-    let producer: BaseProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .expect("a producer");
-    let topic = CString::new(topic).unwrap();
-    let header_name = record.header.map(|(name, _)| CString::new(name).unwrap());
-    let vu = |vtype, u| rdsys::rd_kafka_vu_t { vtype, u };
-    let mem = |bytes: &[u8]| rdsys::rd_kafka_vu_s__bindgen_ty_1 {
-        mem: rdsys::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
-            ptr: bytes.as_ptr() as *mut c_void,
-            size: bytes.len(),
-        },
-    };
-    let mut vus = vec![
-        vu(
-            rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_TOPIC,
-            rdsys::rd_kafka_vu_s__bindgen_ty_1 {
-                cstr: topic.as_ptr(),
-            },
-        ),
-        vu(
-            rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_MSGFLAGS,
-            rdsys::rd_kafka_vu_s__bindgen_ty_1 {
-                i: rdsys::RD_KAFKA_MSG_F_COPY,
-            },
-        ),
-        vu(
-            rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_VALUE,
-            mem(record.payload),
-        ),
-    ];
-    if let Some(key) = record.key {
-        vus.push(vu(rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_KEY, mem(key)));
-    }
-    if let (Some(name), Some((_, value))) = (&header_name, record.header) {
-        vus.push(vu(
-            rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_HEADER,
-            rdsys::rd_kafka_vu_s__bindgen_ty_1 {
-                header: rdsys::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_2 {
-                    name: name.as_ptr(),
-                    val: value.as_ptr() as *const c_void,
-                    size: value.len() as isize,
-                },
-            },
-        ));
-    }
-    // SAFETY: every pointer in `vus` points into `topic`, `header_name` or `record`, which
-    // outlive the call; with RD_KAFKA_MSG_F_COPY librdkafka copies the payload, and it copies
-    // key and header before returning.
-    let error = unsafe {
-        rdsys::rd_kafka_produceva(producer.client().native_ptr(), vus.as_ptr(), vus.len())
-    };
-    assert!(error.is_null(), "librdkafka refused the raw record");
-    producer
-        .flush(Duration::from_secs(30))
-        .expect("the raw record was delivered");
+/// Writes `record` to partition 0 of `topic` with the tests' own Kafka protocol client, off
+/// the runtime: rdkafka only writes header names that are UTF-8.
+async fn produce_raw(brokers: &str, topic: &str, record: RawRecord<'static>) {
+    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || wire::produce(&brokers, &topic, 0, &record))
+        .await
+        .unwrap();
 }
 
 /// Reads the dead letters of `destination` with a consumer of its own, until `count` arrived.
@@ -644,45 +581,47 @@ async fn dead_letters(binder: &KafkaBinder, destination: &str, count: usize) -> 
     got
 }
 
-/// Records whose key or headers cannot be given to a handler as they are: each goes to the
-/// dead-letter topic as undecodable with a reason, the handler never sees it, and the
-/// subscription goes on with the next message.
-async fn check_raw_records_are_dead_lettered(test: &str, bad: &[RawRecord<'_>]) {
-    let Some(brokers) = brokers(test) else {
+/// A binder whose topics have one partition, so that records are handled in the order they
+/// were written.
+fn one_partition_binder(brokers: &str) -> Arc<KafkaBinder> {
+    let mut settings = config(brokers);
+    settings.partitions = 1;
+    Arc::new(KafkaBinder::new(settings).unwrap())
+}
+
+/// rdkafka panics reading a header name that is not UTF-8; the binder catches that, so the
+/// record is dead-lettered as undecodable with its other headers, the handler never sees it,
+/// and the consumer goes on: records after it, bad or good, are handled as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_name_that_is_not_utf8_is_dead_lettered_and_the_consumer_goes_on() {
+    let Some(brokers) =
+        brokers("header_name_that_is_not_utf8_is_dead_lettered_and_the_consumer_goes_on")
+    else {
         return;
     };
-    // One partition: the good message is handled only after every bad one before it.
-    let mut settings = config(&brokers);
-    settings.partitions = 1;
-    let kafka = Arc::new(KafkaBinder::new(settings).unwrap());
-    let topic = unique("not-utf8");
+    let kafka = one_partition_binder(&brokers);
+    let topic = unique("bad-header-name");
     let channel = Channel::new(
-        "not-utf8",
+        "bad-header-name",
         kafka.clone() as Arc<dyn Binder>,
         BindingConfig::new(&topic).group(unique("g")),
     );
+    // Creates the topic.
     let source = channel.source::<u64>().await.unwrap();
-    for record in bad {
-        let (brokers, topic) = (brokers.clone(), topic.clone());
-        // Owned copies: the record crosses into a blocking task.
-        let key = record.key.map(<[u8]>::to_vec);
-        let header = record.header.map(|(n, v)| (n.to_vec(), v.to_vec()));
-        let payload = record.payload.to_vec();
-        tokio::task::spawn_blocking(move || {
-            produce_raw(
-                &brokers,
-                &topic,
-                &RawRecord {
-                    key: key.as_deref(),
-                    header: header.as_ref().map(|(n, v)| (n.as_slice(), v.as_slice())),
-                    payload: &payload,
-                },
-            )
-        })
-        .await
-        .unwrap();
-    }
+    let bad = |payload: &'static [u8]| RawRecord {
+        key: None,
+        headers: &[
+            (b"before", b"kept"),
+            (&[0xff, 0xfe, b'n'], b"value"),
+            (b"after", b"kept too"),
+        ],
+        value: payload,
+    };
+    produce_raw(&brokers, &topic, bad(b"7")).await;
     source.send(&1_000).await.unwrap();
+    produce_raw(&brokers, &topic, bad(b"8")).await;
+    source.send(&1_001).await.unwrap();
+
     let handled = Arc::new(Mutex::new(Vec::<u64>::new()));
     let mut subscription = {
         let handled = handled.clone();
@@ -697,38 +636,39 @@ async fn check_raw_records_are_dead_lettered(test: &str, bad: &[RawRecord<'_>]) 
     };
     assert!(
         eventually(Duration::from_secs(30), || async {
-            handled.lock().unwrap().contains(&1_000)
+            handled.lock().unwrap().contains(&1_001)
         })
         .await,
-        "the good message after the bad ones was never handled"
+        "the good messages after the bad records were not all handled: {:?}",
+        handled.lock().unwrap()
     );
-    let letters = dead_letters(&kafka, &topic, bad.len()).await;
+    let letters = dead_letters(&kafka, &topic, 2).await;
+    let payloads: Vec<&[u8]> = letters.iter().map(|l| &l.message.payload()[..]).collect();
     assert_eq!(
-        letters.len(),
-        bad.len(),
-        "every bad record was dead-lettered"
+        payloads,
+        [&b"7"[..], b"8"],
+        "both bad records were dead-lettered"
     );
     for letter in &letters {
+        let headers = letter.message.headers();
         assert_eq!(
-            letter
-                .message
-                .headers()
-                .get(stream_core::header::ERROR_KIND),
+            headers.get(stream_core::header::ERROR_KIND),
             Some("decode"),
             "{letter:?}"
         );
         assert!(
-            letter
-                .message
-                .headers()
+            headers
                 .get(stream_core::header::ERROR)
-                .is_some_and(|reason| !reason.is_empty()),
+                .is_some_and(|reason| reason.contains("header name is not UTF-8")),
             "{letter:?}"
         );
+        // Each header was read on its own: the bad name lost none of the others.
+        assert_eq!(headers.get("before"), Some("kept"), "{letter:?}");
+        assert_eq!(headers.get("after"), Some("kept too"), "{letter:?}");
     }
     assert_eq!(
         *handled.lock().unwrap(),
-        vec![1_000],
+        vec![1_000, 1_001],
         "no bad record reached the handler"
     );
     assert!(
@@ -739,37 +679,95 @@ async fn check_raw_records_are_dead_lettered(test: &str, bad: &[RawRecord<'_>]) 
     subscription.shutdown().await.unwrap();
 }
 
+/// Keys and header values that are not UTF-8 (binary keys of Java producers, Avro) are
+/// handed to handlers converted lossily, not dead-lettered; equal bytes give equal keys, so
+/// core still handles each key's records one at a time and in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn header_name_that_is_not_utf8_is_dead_lettered_as_undecodable() {
-    check_raw_records_are_dead_lettered(
-        "header_name_that_is_not_utf8_is_dead_lettered_as_undecodable",
-        &[RawRecord {
-            key: None,
-            header: Some((&[0xff, 0xfe, b'n'], b"value")),
-            payload: b"7",
-        }],
-    )
-    .await;
-}
+async fn key_or_header_value_that_is_not_utf8_is_handled_lossily_in_key_order() {
+    let Some(brokers) =
+        brokers("key_or_header_value_that_is_not_utf8_is_handled_lossily_in_key_order")
+    else {
+        return;
+    };
+    let kafka = one_partition_binder(&brokers);
+    let topic = unique("binary-keys");
+    let channel = Channel::new(
+        "binary-keys",
+        kafka.clone() as Arc<dyn Binder>,
+        BindingConfig::new(&topic).group(unique("g")).concurrency(4),
+    );
+    // Creates the topic.
+    let _source = channel.source::<u64>().await.unwrap();
+    // A big-endian long 1 as a Java producer serializes it is UTF-8 (NULs and a 0x01), so
+    // the keys start with bytes that are not: 0xff, and a 0xc3 not followed by a
+    // continuation byte.
+    const KEYS: [&[u8]; 2] = [&[0xff, 0, 0, 0, 0, 0, 0, 1], &[0xc3, 0x28]];
+    const VALUES: [&[u8]; 8] = [b"0", b"1", b"2", b"3", b"4", b"5", b"6", b"7"];
+    for (n, value) in VALUES.into_iter().enumerate() {
+        let record = RawRecord {
+            key: Some(KEYS[n % 2]),
+            headers: &[(b"trace", &[0x80, b'-', 0x81])],
+            value,
+        };
+        produce_raw(&brokers, &topic, record).await;
+    }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn key_or_header_value_that_is_not_utf8_is_dead_lettered_as_undecodable() {
-    check_raw_records_are_dead_lettered(
-        "key_or_header_value_that_is_not_utf8_is_dead_lettered_as_undecodable",
-        &[
-            RawRecord {
-                key: Some(&[0xc3, 0x28]),
-                header: None,
-                payload: b"8",
-            },
-            RawRecord {
-                key: None,
-                header: Some((b"trace", &[0x80, 0x81])),
-                payload: b"9",
-            },
-        ],
-    )
-    .await;
+    // (key, trace header, payload) in the order handlers finished; earlier records sleep
+    // longer, so records of one key would finish out of order if they ran concurrently.
+    let finished = Arc::new(Mutex::new(Vec::<(String, String, u64)>::new()));
+    let subscription = {
+        let finished = finished.clone();
+        channel
+            .sink::<u64>()
+            .subscribe_envelope(move |envelope: Envelope<u64>| {
+                let finished = finished.clone();
+                async move {
+                    let n = *envelope.payload();
+                    tokio::time::sleep(Duration::from_millis(20 * (8 - n))).await;
+                    let message = envelope.message();
+                    finished.lock().unwrap().push((
+                        message.key().unwrap_or_default().to_owned(),
+                        message
+                            .headers()
+                            .get("trace")
+                            .unwrap_or_default()
+                            .to_owned(),
+                        n,
+                    ));
+                    Ok::<(), String>(())
+                }
+            })
+            .await
+            .unwrap()
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            finished.lock().unwrap().len() >= VALUES.len()
+        })
+        .await,
+        "not every record was handled: {:?}",
+        finished.lock().unwrap()
+    );
+    subscription.shutdown().await.unwrap();
+    let finished = finished.lock().unwrap().clone();
+    assert_eq!(finished.len(), VALUES.len(), "each record handled once");
+    for (key, trace, n) in &finished {
+        let sent_key = KEYS[*n as usize % 2];
+        assert_eq!(key, &String::from_utf8_lossy(sent_key), "record {n}");
+        assert_eq!(trace, "\u{fffd}-\u{fffd}", "record {n}");
+    }
+    for sent_key in KEYS {
+        let key = String::from_utf8_lossy(sent_key);
+        let order: Vec<u64> = finished
+            .iter()
+            .filter(|(k, _, _)| *k == key)
+            .map(|(_, _, n)| *n)
+            .collect();
+        assert!(
+            order.windows(2).all(|w| w[0] < w[1]),
+            "key {key:?} handled out of order: {order:?}"
+        );
+    }
 }
 
 /// `start-from = "latest"` decides only where a new group starts: a partition added to the

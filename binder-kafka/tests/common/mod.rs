@@ -1,5 +1,8 @@
-//! Shared by the Kafka test binaries: finding the broker, test-sized settings, accounting.
+//! Shared by the Kafka test binaries: finding the broker, test-sized settings, accounting,
+//! and writing records whose bytes rdkafka cannot write ([`wire`]).
 #![allow(dead_code)]
+
+pub mod wire;
 
 use std::collections::BTreeMap;
 use std::future::Future;
