@@ -33,15 +33,15 @@
 //!   default 1 MiB payload and its dead-letter copy, unless `create-topics = false`, in which
 //!   case a missing topic is an [`ErrorKind::DestinationNotFound`] error. A partitioned
 //!   binding needs a topic with exactly its `partitions`.
+//! * A broker that dies is survived as long as the remaining in-sync replicas satisfy the
+//!   topic's `min.insync.replicas`: librdkafka follows leaders and the group coordinator to
+//!   the brokers that take over, and the connection errors it reports meanwhile are logged,
+//!   not returned, so consumers keep reading the partitions whose leaders are up.
 //!
 //! The crate's README describes polling, revocation, attempts and payload limits in full.
 //!
 //! [`Consumer::holds`]: stream_core::Consumer::holds
 //! [`Received::attempt`]: stream_core::Received::attempt
-//! * A broker that dies is survived as long as the remaining in-sync replicas satisfy the
-//!   topic's `min.insync.replicas`: librdkafka follows leaders and the group coordinator to
-//!   the brokers that take over, and the connection errors it reports meanwhile are logged,
-//!   not returned, so consumers keep reading the partitions whose leaders are up.
 //!
 //! ```no_run
 //! # #[tokio::main(flavor = "current_thread")]
