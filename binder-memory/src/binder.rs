@@ -315,6 +315,10 @@ impl Consumer for MemoryConsumer {
         Ok(())
     }
 
+    async fn lag(&self) -> Result<Option<u64>> {
+        Ok(Some(self.log.lock().unfinished(&self.group)))
+    }
+
     async fn retrying(&self, tag: DeliveryTag, attempt: u32) -> Result<()> {
         self.log
             .lock()

@@ -188,6 +188,14 @@ impl LogState {
         }
     }
 
+    /// Messages `group` has not acknowledged: never delivered, or delivered and pending.
+    pub(crate) fn unfinished(&self, group: &str) -> u64 {
+        let end = self.end();
+        self.groups.get(group).map_or(0, |g| {
+            end.saturating_sub(g.next.max(self.base)) + (g.pending.len() + g.released.len()) as u64
+        })
+    }
+
     /// Un-acknowledged deliveries of `group`.
     pub(crate) fn pending(&self, group: &str) -> usize {
         self.groups

@@ -60,6 +60,13 @@ pub trait Binder: Send + Sync + 'static {
         Ok(false)
     }
 
+    /// Checks that the broker answers (Redis `PING`, a Kafka metadata request), for health
+    /// checks: cheap, bounded in time, and without side effects. The default answers at once:
+    /// a binder without a remote broker is always reachable.
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Releases connections. Afterwards [`producer`](Binder::producer),
     /// [`dead_letter_producer`](Binder::dead_letter_producer) and
     /// [`consumer`](Binder::consumer) fail with [`ErrorKind::Closed`](crate::ErrorKind::Closed);
@@ -92,6 +99,9 @@ impl<B: Binder + ?Sized> Binder for Arc<B> {
     }
     async fn prepare_partitions(&self, destination: &str, partitions: u32) -> Result<bool> {
         (**self).prepare_partitions(destination, partitions).await
+    }
+    async fn ping(&self) -> Result<()> {
+        (**self).ping().await
     }
     async fn close(&self) -> Result<()> {
         (**self).close().await
@@ -192,6 +202,15 @@ pub trait Consumer: Send + Sync + 'static {
     async fn retrying(&self, tag: DeliveryTag, attempt: u32) -> Result<()> {
         let _ = (tag, attempt);
         Ok(())
+    }
+
+    /// How many messages of the destination this member's group has not been given yet
+    /// (Redis: the group's `lag`; Kafka: high watermark minus committed offset over the
+    /// member's partitions), or `None` when the binder cannot tell. Core samples it every
+    /// binding's `lag-interval` for the `stream_consumer_lag` gauge, from its own task, so it
+    /// may take a round trip but should be cheap. Default: `None`.
+    async fn lag(&self) -> Result<Option<u64>> {
+        Ok(None)
     }
 
     /// Leaves the group, after recording every acknowledgement made so far. Un-acknowledged

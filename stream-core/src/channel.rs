@@ -8,6 +8,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::binder::{Binder, Producer};
 use crate::codec::{Codec, Json};
 use crate::config::BindingConfig;
+use crate::health::Subscriptions;
 use crate::partition::Partitioned;
 use crate::sink::Sink;
 use crate::source::Source;
@@ -19,6 +20,9 @@ pub struct Channel {
     pub(crate) name: Arc<str>,
     pub(crate) binder: Arc<dyn Binder>,
     pub(crate) config: Arc<BindingConfig>,
+    /// Where subscriptions register for [`Streams::health`](crate::Streams::health); none for
+    /// a channel built in code.
+    pub(crate) subscriptions: Option<Arc<Subscriptions>>,
 }
 
 impl Channel {
@@ -28,6 +32,7 @@ impl Channel {
             name: name.into(),
             binder,
             config: Arc::new(config),
+            subscriptions: None,
         }
     }
 
@@ -68,6 +73,7 @@ impl Channel {
         Ok(Source::new(
             producer,
             Arc::new(codec),
+            &self.name,
             &self.config.destination,
             self.config.max_payload_bytes,
         ))

@@ -114,6 +114,10 @@ pub struct BindingConfig {
     /// over, on binders that recover by idle time (Redis). Default: 30 s.
     #[serde(default = "defaults::claim_idle", with = "duration")]
     pub claim_idle: Duration,
+    /// How often a consumer samples its lag for the `stream_consumer_lag` gauge
+    /// ([`Consumer::lag`](crate::Consumer::lag)); `"0s"` never does. Default: 10 s.
+    #[serde(default = "defaults::lag_interval", with = "duration")]
+    pub lag_interval: Duration,
     /// How long a graceful shutdown waits for in-flight handlers before giving up on them;
     /// what they did not finish stays un-acknowledged and is delivered again. Default: 30 s.
     #[serde(default = "defaults::shutdown_timeout", with = "duration")]
@@ -152,6 +156,7 @@ impl BindingConfig {
             start_from: StartFrom::default(),
             max_payload_bytes: defaults::max_payload_bytes(),
             claim_idle: defaults::claim_idle(),
+            lag_interval: defaults::lag_interval(),
             shutdown_timeout: defaults::shutdown_timeout(),
             partitions: None,
             instance_index: 0,
@@ -204,6 +209,12 @@ impl BindingConfig {
     /// Sets the idle time before takeover.
     pub fn claim_idle(mut self, idle: Duration) -> Self {
         self.claim_idle = idle;
+        self
+    }
+
+    /// Sets how often the consumer samples its lag (zero: never).
+    pub fn lag_interval(mut self, interval: Duration) -> Self {
+        self.lag_interval = interval;
         self
     }
 
@@ -367,6 +378,9 @@ pub(crate) mod defaults {
     }
     pub fn shutdown_timeout() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn lag_interval() -> Duration {
+        Duration::from_secs(10)
     }
     pub fn max_attempts() -> u32 {
         3

@@ -18,6 +18,16 @@ pub(crate) enum Cause {
     Handler,
 }
 
+impl Cause {
+    pub(crate) fn reason(self) -> crate::telemetry::measure::DeadLetterReason {
+        use crate::telemetry::measure::DeadLetterReason;
+        match self {
+            Cause::Decode => DeadLetterReason::Decode,
+            Cause::Handler => DeadLetterReason::Handler,
+        }
+    }
+}
+
 /// Publishes dead letters for one binding.
 pub(crate) struct DeadLetter {
     destination: String,

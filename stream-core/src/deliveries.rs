@@ -15,8 +15,10 @@ use crate::binder::{DeliveryTag, Received};
 use crate::codec::Codec;
 use crate::config::RetryConfig;
 use crate::dead_letter::{Cause, DeadLetter};
-use crate::inbound::{Backlog, Closer, Fault, Inbound, Members, Settlement};
+use crate::inbound::{Backlog, Closer, Fault, Inbound, Members, Names, Settlement};
 use crate::sink::{dead_letter_refused, decode};
+use crate::telemetry::measure::ConsumeMetrics;
+use crate::telemetry::trace::{self, AttemptOutcome};
 use crate::{Error, ErrorKind, Message, Result};
 
 /// A stream of [`Delivery`] values from [`Sink::stream`](crate::Sink::stream).
@@ -47,6 +49,9 @@ pub struct Delivery<T> {
     payload: T,
     pending: Option<Pending>,
     settle: Arc<Settle>,
+    /// The `stream.handle` span of this attempt.
+    span: tracing::Span,
+    yielded: std::time::Instant,
 }
 
 /// Acknowledges, schedules retries and dead-letters; independent of the payload type.
@@ -57,6 +62,8 @@ struct Settle {
     members: Arc<Members>,
     fault: Arc<Fault>,
     retry_tx: mpsc::UnboundedSender<Pending>,
+    metrics: Arc<ConsumeMetrics>,
+    names: Arc<Names>,
 }
 
 /// A delivery on its way through attempts.
@@ -77,6 +84,8 @@ impl<T: Send + 'static> Deliveries<T> {
             members: inbound.members,
             fault: inbound.fault,
             retry_tx,
+            metrics: inbound.metrics,
+            names: inbound.names,
         });
         Deliveries {
             deliveries: inbound.deliveries,
@@ -182,6 +191,7 @@ impl<T: Send + 'static> Stream for Deliveries<T> {
                             first_failure: None,
                         };
                         if let Some(defect) = received.defect {
+                            this.settle.metrics.undecodable.increment(1);
                             let settle = this.settle.clone();
                             tokio::spawn(async move {
                                 let attempts = pending.attempt;
@@ -235,13 +245,30 @@ impl<T: Send + 'static> Stream for Deliveries<T> {
             }
             match decode(&*this.codec, &pending.message) {
                 Ok(payload) => {
+                    let settle = &this.settle;
+                    let span = trace::handle_span(
+                        &settle.names.binding,
+                        &settle.names.destination,
+                        &settle.names.group,
+                        pending.message.id(),
+                        pending.message.key(),
+                        pending.attempt,
+                    );
+                    trace::adopt_parent(&span, pending.message.headers());
+                    if pending.attempt > 1 {
+                        settle.metrics.retries.increment(1);
+                    }
+                    settle.metrics.in_flight.increment(1.0);
                     return Poll::Ready(Some(Ok(Delivery {
                         payload,
                         pending: Some(pending),
                         settle: this.settle.clone(),
-                    })))
+                        span,
+                        yielded: std::time::Instant::now(),
+                    })));
                 }
                 Err(e) => {
+                    this.settle.metrics.undecodable.increment(1);
                     let settle = this.settle.clone();
                     tokio::spawn(async move {
                         let attempts = pending.attempt;
@@ -274,9 +301,19 @@ impl<T> Delivery<T> {
         self.pending.as_ref().expect("pending until ack or nack")
     }
 
+    /// The `stream.handle` span of this attempt (see [`crate::telemetry`]): enter it, or
+    /// instrument the work with it, so that what you do with the message joins its trace.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+
     /// Marks the message handled; it is never delivered to this group again.
     pub fn ack(mut self) {
         if let Some(pending) = self.pending.take() {
+            self.finished();
+            self.settle.metrics.handled.increment(1);
+            self.settle.metrics.arrived(&pending.message);
+            AttemptOutcome::Ok.record(&self.span);
             let _ = self.settle.settlements.send(Settlement::Ack(pending.tag));
         }
     }
@@ -285,17 +322,36 @@ impl<T> Delivery<T> {
     /// the dead-letter destination with `error` once the binding's attempts are used up.
     pub fn nack(mut self, error: impl Display) {
         if let Some(pending) = self.pending.take() {
-            self.settle.clone().nack(pending, error.to_string());
+            self.failed(pending, error.to_string());
         }
+    }
+
+    fn finished(&self) {
+        let metrics = &self.settle.metrics;
+        metrics.in_flight.decrement(1.0);
+        metrics
+            .handler_duration
+            .record(self.yielded.elapsed().as_secs_f64());
+    }
+
+    fn failed(&self, pending: Pending, error: String) {
+        self.finished();
+        self.settle.metrics.handler_errors.increment(1);
+        self.span.record("error", error.as_str());
+        let outcome = if pending.attempt >= self.settle.retry.max_attempts {
+            AttemptOutcome::DeadLetter
+        } else {
+            AttemptOutcome::Retry
+        };
+        outcome.record(&self.span);
+        self.settle.clone().nack(pending, error);
     }
 }
 
 impl<T> Drop for Delivery<T> {
     fn drop(&mut self) {
         if let Some(pending) = self.pending.take() {
-            self.settle
-                .clone()
-                .nack(pending, "delivery dropped without ack or nack".to_owned());
+            self.failed(pending, "delivery dropped without ack or nack".to_owned());
         }
     }
 }
@@ -356,6 +412,7 @@ impl Settle {
                 .await
             {
                 Ok(()) => {
+                    self.metrics.dead_lettered(cause.reason());
                     let _ = self.settlements.send(Settlement::Ack(pending.tag));
                     return;
                 }

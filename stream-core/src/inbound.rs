@@ -12,7 +12,9 @@ use tokio::task::JoinHandle;
 use crate::binder::{Consumer, ConsumerOptions, DeliveryTag, Received, StartFrom};
 use crate::channel::Channel;
 use crate::dead_letter::DeadLetter;
+use crate::health::Status;
 use crate::partition::partition_destination;
+use crate::telemetry::measure::ConsumeMetrics;
 use crate::{Error, Result};
 
 /// Largest batch asked of a binder in one `receive`, whatever the prefetch.
@@ -33,10 +35,24 @@ pub(crate) struct Inbound {
     pub(crate) settle: mpsc::UnboundedSender<Settlement>,
     pub(crate) members: Arc<Members>,
     pub(crate) stop: watch::Sender<bool>,
+    /// True while the subscription is paused: nothing is fetched or started.
+    pub(crate) paused: watch::Sender<bool>,
     pub(crate) fault: Arc<Fault>,
     pub(crate) dead_letter: Arc<DeadLetter>,
     pub(crate) fetcher: JoinHandle<Result<()>>,
     pub(crate) closer: Closer,
+    pub(crate) status: Arc<Status>,
+    pub(crate) metrics: Arc<ConsumeMetrics>,
+    /// What the telemetry calls the consumer: binding, destination, group.
+    pub(crate) names: Arc<Names>,
+}
+
+/// The names a consumer's spans carry.
+#[derive(Debug)]
+pub(crate) struct Names {
+    pub(crate) binding: String,
+    pub(crate) destination: String,
+    pub(crate) group: String,
 }
 
 /// How a delivery left core. Each one holds a permit of the prefetch window until its
@@ -262,6 +278,18 @@ impl Members {
         }
     }
 
+    /// The lag of the group over every member's destination, if every member can tell.
+    async fn lag(&self) -> Result<Option<u64>> {
+        let mut total = 0u64;
+        for consumer in &self.consumers {
+            match consumer.lag().await? {
+                Some(lag) => total = total.saturating_add(lag),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(total))
+    }
+
     /// Forgets core's tags of deliveries dropped without a word to the broker.
     fn forget(&self, tags: &[DeliveryTag]) {
         if self.routed() {
@@ -380,6 +408,21 @@ impl Inbound {
         let (deliveries_tx, deliveries) = mpsc::unbounded_channel();
         let (settle, settle_rx) = mpsc::unbounded_channel();
         let (stop, stop_rx) = watch::channel(false);
+        let (paused, paused_rx) = watch::channel(false);
+        let status = Arc::new(Status::new(&channel.name, &options.group));
+        if let Some(registry) = &channel.subscriptions {
+            registry.add(&status);
+        }
+        let metrics = Arc::new(ConsumeMetrics::new(
+            &channel.name,
+            &config.destination,
+            &options.group,
+        ));
+        let names = Arc::new(Names {
+            binding: channel.name.to_string(),
+            destination: config.destination.clone(),
+            group: options.group.clone(),
+        });
         let fault = Arc::new(Fault {
             error: Mutex::new(None),
             stop: stop.clone(),
@@ -403,20 +446,49 @@ impl Inbound {
                 },
                 Window::new(permits.clone(), share, backlog.clone()),
                 deliveries_tx.clone(),
-                stop_rx.clone(),
+                Signals {
+                    stop: stop_rx.clone(),
+                    paused: paused_rx.clone(),
+                },
+                Observed {
+                    status: status.clone(),
+                    metrics: metrics.clone(),
+                    prefetch: config.prefetch,
+                },
             )
         });
         // One failing loop ends them all: the sink reports the error and closes.
         let loops = futures::future::try_join_all(loops);
         drop(deliveries_tx);
         let fetcher = tokio::spawn(async move { loops.await.map(drop) });
-        let acker = tokio::spawn(ack_loop(members.clone(), permits, settle_rx));
+        if !config.lag_interval.is_zero() {
+            tokio::spawn(sample_lag(
+                members.clone(),
+                metrics.clone(),
+                config.lag_interval,
+                stop_rx.clone(),
+            ));
+        }
+        let acker = tokio::spawn(ack_loop(
+            members.clone(),
+            permits,
+            settle_rx,
+            Observed {
+                status: status.clone(),
+                metrics: metrics.clone(),
+                prefetch: config.prefetch,
+            },
+        ));
         Ok(Inbound {
             deliveries,
             backlog,
             settle,
             members: members.clone(),
             stop,
+            paused,
+            status,
+            metrics,
+            names,
             fault,
             dead_letter: dead_letter.clone(),
             fetcher,
@@ -536,16 +608,48 @@ struct Fetcher {
     partition: Option<u32>,
 }
 
+/// What tells a fetch loop to stop or wait.
+struct Signals {
+    stop: watch::Receiver<bool>,
+    paused: watch::Receiver<bool>,
+}
+
+/// Where a consumer's loops report what they see.
+struct Observed {
+    status: Arc<Status>,
+    metrics: Arc<ConsumeMetrics>,
+    prefetch: usize,
+}
+
+impl Observed {
+    fn window(&self, permits: &Semaphore) {
+        let used = self.prefetch.saturating_sub(permits.available_permits());
+        self.metrics.window_used.set(used as f64);
+    }
+}
+
 async fn fetch_loop(
     fetcher: Fetcher,
     window: Window,
     deliveries: mpsc::UnboundedSender<Received>,
-    mut stop: watch::Receiver<bool>,
+    signals: Signals,
+    observed: Observed,
 ) -> Result<()> {
+    let Signals {
+        mut stop,
+        mut paused,
+    } = signals;
     let permits = window.permits.clone();
     let mut pace = Pace::default();
     let mut failures = 0u32;
     loop {
+        if *paused.borrow() {
+            // Held work stays held (the binder keeps it claimed); nothing new is fetched.
+            tokio::select! {
+                _ = paused.wait_for(|paused| !*paused) => {}
+                _ = stop.wait_for(|stopped| *stopped) => return Ok(()),
+            }
+        }
         pace.update(&window.backlog);
         let target = if pace.whole_window() {
             window.size
@@ -567,7 +671,11 @@ async fn fetch_loop(
         };
         match received {
             Ok(mut batch) => {
+                if failures > 0 {
+                    observed.status.reconnected();
+                }
                 failures = 0;
+                observed.metrics.received.increment(batch.len() as u64);
                 pace.fetched(started.elapsed(), taken, batch.len());
                 fetcher.members.admit(fetcher.index, &mut batch);
                 if let Some(partition) = fetcher.partition {
@@ -577,6 +685,7 @@ async fn fetch_loop(
                     }
                 }
                 permits.add_permits(taken.saturating_sub(batch.len()));
+                observed.window(&permits);
                 window.backlog.add(batch.len());
                 for delivery in batch {
                     if deliveries.send(delivery).is_err() {
@@ -586,6 +695,7 @@ async fn fetch_loop(
             }
             Err(e) if e.is_temporary() => {
                 permits.add_permits(taken);
+                observed.status.reconnecting(&e);
                 failures += 1;
                 let wait = reconnect_backoff(failures);
                 tracing::warn!(error = %e, retry_in = ?wait, "receive failed; retrying");
@@ -603,10 +713,33 @@ async fn fetch_loop(
     }
 }
 
+/// Samples the group's lag every `interval` until the consumer stops.
+async fn sample_lag(
+    members: Arc<Members>,
+    metrics: Arc<ConsumeMetrics>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        }
+        match members.lag().await {
+            Ok(Some(lag)) => metrics.lag.set(lag as f64),
+            Ok(None) => return,
+            Err(e) => tracing::debug!(error = %e, "could not sample the consumer's lag"),
+        }
+    }
+}
+
 async fn ack_loop(
     members: Arc<Members>,
     permits: Arc<Semaphore>,
     mut settlements: mpsc::UnboundedReceiver<Settlement>,
+    observed: Observed,
 ) {
     let mut batch = Vec::with_capacity(MAX_ACK_BATCH);
     let (mut acks, mut releases, mut dropped) = (Vec::new(), Vec::new(), Vec::new());
@@ -628,6 +761,7 @@ async fn ack_loop(
         }
         members.forget(&dropped);
         permits.add_permits(settled);
+        observed.window(&permits);
         acks.clear();
         releases.clear();
         dropped.clear();

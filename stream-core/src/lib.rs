@@ -54,6 +54,7 @@ mod dead_letter;
 mod deliveries;
 mod dispatch;
 mod error;
+mod health;
 mod inbound;
 mod message;
 mod partition;
@@ -61,6 +62,7 @@ mod registry;
 mod sink;
 mod source;
 mod streams;
+pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -73,12 +75,13 @@ pub use codec::{Codec, Json, Raw};
 pub use config::{BindingConfig, Config, RetryConfig};
 pub use deliveries::{Deliveries, Delivery};
 pub use error::{BoxError, Error, ErrorKind, Result};
+pub use health::{BinderHealth, Health, SubscriptionHealth, SubscriptionState};
 pub use message::{header, Headers, Message};
 pub use partition::{partition_destination, partition_for};
 pub use registry::{BinderSettings, Registry};
 pub use sink::{Envelope, Sink, Subscription};
 pub use source::Source;
-pub use streams::{Streams, StreamsBuilder, ENV_PREFIX};
+pub use streams::{Streams, StreamsBuilder, ENV_PREFIX, PING_TIMEOUT};
 
 /// A string unique to this process run, for anonymous groups and consumer names.
 pub fn unique_suffix() -> String {

@@ -22,6 +22,9 @@ pub mod header {
     pub const ERROR_KIND: &str = "x-error-kind";
     /// Dead-letter header: when the first attempt failed, RFC 3339 in UTC.
     pub const FIRST_FAILURE: &str = "x-first-failure";
+    /// When the message was sent, in milliseconds since the Unix epoch, set by every
+    /// [`Source`](crate::Source) send; consumers measure end-to-end latency from it.
+    pub const SENT_AT: &str = "x-sent-at";
 }
 
 /// Ordered message headers. Names may repeat; lookups return the first match.

@@ -12,6 +12,7 @@ use futures::FutureExt;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::binder::{DeliveryTag, Received};
 use crate::channel::Channel;
@@ -20,7 +21,10 @@ use crate::config::RetryConfig;
 use crate::dead_letter::{Cause, DeadLetter};
 use crate::deliveries::Deliveries;
 use crate::dispatch::KeyedQueue;
-use crate::inbound::{Backlog, Fault, Inbound, Members, Settlement};
+use crate::health::{Status, SubscriptionState};
+use crate::inbound::{Backlog, Fault, Inbound, Members, Names, Settlement};
+use crate::telemetry::measure::ConsumeMetrics;
+use crate::telemetry::trace::{self, AttemptOutcome};
 use crate::{Error, ErrorKind, Message, Result};
 
 /// Consumes values of `T` from one binding.
@@ -108,6 +112,7 @@ impl<T: Send + 'static> Sink<T> {
         });
         let inbound = Inbound::open(&self.channel).await?;
         let (stopping_tx, stopping) = (inbound.stop.clone(), inbound.stop.subscribe());
+        let (paused, status) = (inbound.paused.clone(), inbound.status.clone());
         let worker = Arc::new(Worker {
             codec: self.codec.clone(),
             handler,
@@ -116,6 +121,8 @@ impl<T: Send + 'static> Sink<T> {
             members: inbound.members.clone(),
             fault: inbound.fault.clone(),
             stopping,
+            metrics: inbound.metrics.clone(),
+            names: inbound.names.clone(),
         });
         let supervisor = tokio::spawn(supervise(
             inbound,
@@ -125,6 +132,8 @@ impl<T: Send + 'static> Sink<T> {
         ));
         Ok(Subscription {
             stop: stopping_tx,
+            paused,
+            status,
             supervisor: Some(supervisor),
         })
     }
@@ -148,12 +157,15 @@ impl<T: Send + 'static> Sink<T> {
 /// subscription.
 pub struct Subscription {
     stop: watch::Sender<bool>,
+    paused: watch::Sender<bool>,
+    status: Arc<Status>,
     supervisor: Option<JoinHandle<Result<()>>>,
 }
 
 impl fmt::Debug for Subscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Subscription")
+            .field("state", &self.status.get())
             .field("stopping", &*self.stop.borrow())
             .finish()
     }
@@ -196,6 +208,30 @@ impl Subscription {
     pub fn is_finished(&self) -> bool {
         self.supervisor.as_ref().is_none_or(JoinHandle::is_finished)
     }
+
+    /// Stops fetching and starting deliveries, without leaving the group: handlers already
+    /// running finish and are acknowledged; what was fetched and not started stays held (on
+    /// Redis its entries stay claimed by this member; on Kafka the member keeps polling, its
+    /// partitions' fetch paused, so no rebalance follows). Nothing is lost or handed to
+    /// another member. Pausing a paused subscription does nothing.
+    pub fn pause(&self) {
+        if !self.paused.send_replace(true) {
+            self.status.set(SubscriptionState::Paused);
+        }
+    }
+
+    /// Continues after [`pause`](Subscription::pause): what was held starts first, then
+    /// fetching resumes.
+    pub fn resume(&self) {
+        if self.paused.send_replace(false) {
+            self.status.set(SubscriptionState::Running);
+        }
+    }
+
+    /// What the subscription is doing now.
+    pub fn state(&self) -> SubscriptionState {
+        self.status.get()
+    }
 }
 
 impl Drop for Subscription {
@@ -212,6 +248,8 @@ struct Worker<T> {
     members: Arc<Members>,
     fault: Arc<Fault>,
     stopping: watch::Receiver<bool>,
+    metrics: Arc<ConsumeMetrics>,
+    names: Arc<Names>,
 }
 
 /// How the worker finished with a delivery.
@@ -242,6 +280,7 @@ impl<T: Send + 'static> Worker<T> {
         let mut attempt = received.attempt.max(1);
         let mut first_failure = None;
         if let Some(defect) = received.defect {
+            self.metrics.undecodable.increment(1);
             let done = self
                 .dead_letter(&message, attempt, Cause::Decode, &defect, SystemTime::now())
                 .await;
@@ -263,6 +302,7 @@ impl<T: Send + 'static> Worker<T> {
             let payload = match decode(&*self.codec, &message) {
                 Ok(payload) => payload,
                 Err(e) => {
+                    self.metrics.undecodable.increment(1);
                     let first = first_failure.unwrap_or_else(SystemTime::now);
                     let done = self
                         .dead_letter(&message, attempt, Cause::Decode, &e, first)
@@ -270,38 +310,76 @@ impl<T: Send + 'static> Worker<T> {
                     return Outcome::acked_if(done, tag);
                 }
             };
+            let span = trace::handle_span(
+                &self.names.binding,
+                &self.names.destination,
+                &self.names.group,
+                message.id(),
+                message.key(),
+                attempt,
+            );
+            trace::adopt_parent(&span, message.headers());
+            if attempt > 1 {
+                self.metrics.retries.increment(1);
+            }
             let envelope = Envelope {
                 payload,
                 message: message.clone(),
                 attempt,
             };
+            self.metrics.in_flight.increment(1.0);
+            let started = Instant::now();
             // Both halves can panic: the closure before it returns its future, and the
             // future. Either is a failed attempt.
-            let called = std::panic::catch_unwind(AssertUnwindSafe(|| (self.handler)(envelope)));
+            let called = span.in_scope(|| {
+                std::panic::catch_unwind(AssertUnwindSafe(|| (self.handler)(envelope)))
+            });
             let outcome = match called {
-                Ok(handling) => AssertUnwindSafe(handling).catch_unwind().await,
+                Ok(handling) => {
+                    AssertUnwindSafe(handling.instrument(span.clone()))
+                        .catch_unwind()
+                        .await
+                }
                 Err(panic) => Err(panic),
             };
+            self.metrics.in_flight.decrement(1.0);
+            self.metrics
+                .handler_duration
+                .record(started.elapsed().as_secs_f64());
             let error = match outcome {
-                Ok(Ok(())) => return Outcome::Ack(tag),
+                Ok(Ok(())) => {
+                    self.metrics.handled.increment(1);
+                    self.metrics.arrived(&message);
+                    AttemptOutcome::Ok.record(&span);
+                    return Outcome::Ack(tag);
+                }
                 Ok(Err(e)) => e,
                 Err(panic) => format!("handler panicked: {}", panic_text(&*panic)),
             };
+            self.metrics.handler_errors.increment(1);
+            span.record("error", error.as_str());
             let first = *first_failure.get_or_insert_with(SystemTime::now);
             if attempt >= self.retry.max_attempts {
+                AttemptOutcome::DeadLetter.record(&span);
                 let done = self
                     .dead_letter(&message, attempt, Cause::Handler, &error, first)
+                    .instrument(span)
                     .await;
                 return Outcome::acked_if(done, tag);
             }
             let wait = self.retry.backoff(attempt);
-            tracing::debug!(id = %message.id(), attempt, retry_in = ?wait, error = %error, "handler failed; retrying");
+            tracing::debug!(parent: &span, id = %message.id(), attempt, retry_in = ?wait, error = %error, "handler failed; retrying");
             let mut stopping = self.stopping.clone();
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 // The message stays un-acknowledged in the broker, which redelivers it.
-                _ = stopping.wait_for(|s| *s) => return Outcome::Interrupted,
+                _ = stopping.wait_for(|s| *s) => {
+                    AttemptOutcome::Interrupted.record(&span);
+                    return Outcome::Interrupted;
+                }
             }
+            AttemptOutcome::Retry.record(&span);
+            drop(span);
             if !self.members.holds(tag) {
                 // Moved to another member during the backoff (a Kafka rebalance that could
                 // not wait for it): that member tries it next; trying here too would run it
@@ -332,7 +410,10 @@ impl<T: Send + 'static> Worker<T> {
                 .publish(message, attempts, cause, error, first_failure)
                 .await
             {
-                Ok(()) => return true,
+                Ok(()) => {
+                    self.metrics.dead_lettered(cause.reason());
+                    return true;
+                }
                 Err(e) if !e.is_temporary() => {
                     self.fault
                         .fail(dead_letter_refused(&self.dead_letter, message, e));
@@ -399,9 +480,11 @@ async fn supervise<T: Send + 'static>(
         settle,
         members,
         stop,
+        paused,
         fault,
         fetcher,
         closer,
+        status,
         ..
     } = inbound;
     let mut dispatcher = tokio::spawn(dispatch(
@@ -411,7 +494,10 @@ async fn supervise<T: Send + 'static>(
         members,
         AckBuffer::new(settle, prefetch),
         concurrency,
-        stop.subscribe(),
+        Gates {
+            stopping: stop.subscribe(),
+            paused: paused.subscribe(),
+        },
     ));
     let mut fetcher = fetcher;
     // The dispatcher ends before the fetcher only when it died: it runs until stopped and
@@ -471,7 +557,7 @@ async fn supervise<T: Send + 'static>(
         failures.push(e);
     }
     let mut failures = failures.into_iter();
-    match failures.next() {
+    let result = match failures.next() {
         None => Ok(()),
         Some(first) => {
             for other in failures {
@@ -479,7 +565,15 @@ async fn supervise<T: Send + 'static>(
             }
             Err(first)
         }
-    }
+    };
+    status.ended(&result);
+    result
+}
+
+/// What makes the dispatcher stop starting deliveries: stopping for good, or a pause.
+struct Gates {
+    stopping: watch::Receiver<bool>,
+    paused: watch::Receiver<bool>,
 }
 
 /// Acknowledgements on their way from the handlers to the ack loop, sent in bursts.
@@ -557,8 +651,12 @@ async fn dispatch<T: Send + 'static>(
     members: Arc<Members>,
     mut acks: AckBuffer,
     concurrency: usize,
-    mut stopping: watch::Receiver<bool>,
+    gates: Gates,
 ) {
+    let Gates {
+        mut stopping,
+        mut paused,
+    } = gates;
     if concurrency == 1 {
         // One at a time is per-key order already; no scheduling needed. This loop runs once
         // per message, so it avoids what it can: while deliveries are waiting it takes them
@@ -598,6 +696,19 @@ async fn dispatch<T: Send + 'static>(
                     (received, Instant::now())
                 }
             };
+            if *paused.borrow() {
+                acks.flush();
+                let resumed = tokio::select! {
+                    biased;
+                    _ = stopping.wait_for(|s| *s) => false,
+                    _ = paused.wait_for(|p| !*p) => true,
+                };
+                if !resumed {
+                    backlog.take();
+                    acks.settle_now(Settlement::Release(received.tag));
+                    break;
+                }
+            }
             backlog.take();
             if !members.holds(received.tag) {
                 acks.settle_now(Settlement::Drop(received.tag));
@@ -625,7 +736,7 @@ async fn dispatch<T: Send + 'static>(
     let mut open = true;
     let mut fed = true;
     loop {
-        while open && running.len() < concurrency {
+        while open && !*paused.borrow() && running.len() < concurrency {
             let Some((slot, received)) = queue.pop() else {
                 break;
             };
@@ -684,6 +795,8 @@ async fn dispatch<T: Send + 'static>(
                 open = false;
                 release_queued(&mut queue, &backlog, &acks);
             }
+            // A pause or resume: the loop above looks at it again.
+            Ok(()) = paused.changed(), if open => {}
         }
     }
 }

@@ -3,9 +3,13 @@
 use std::fmt;
 use std::sync::Arc;
 
+use tracing::Instrument;
+
 use crate::binder::Producer;
 use crate::codec::Codec;
 use crate::message::{header, Headers, Message};
+use crate::telemetry::measure::{now_millis, SourceMetrics};
+use crate::telemetry::trace;
 use crate::{Error, ErrorKind, Result};
 
 /// Publishes values of `T` to one destination. Cheap to clone; clones share the producer.
@@ -15,7 +19,9 @@ use crate::{Error, ErrorKind, Result};
 pub struct Source<T> {
     producer: Arc<dyn Producer>,
     codec: Arc<dyn Codec<T>>,
+    binding: Arc<str>,
     destination: Arc<str>,
+    metrics: SourceMetrics,
     max_payload_bytes: usize,
     /// The content-type header, built once and shared by every message.
     headers: Headers,
@@ -30,7 +36,9 @@ impl<T> Clone for Source<T> {
         Source {
             producer: self.producer.clone(),
             codec: self.codec.clone(),
+            binding: self.binding.clone(),
             destination: self.destination.clone(),
+            metrics: self.metrics.clone(),
             max_payload_bytes: self.max_payload_bytes,
             headers: self.headers.clone(),
             key_of: self.key_of.clone(),
@@ -51,6 +59,7 @@ impl<T: 'static> Source<T> {
     pub(crate) fn new(
         producer: Arc<dyn Producer>,
         codec: Arc<dyn Codec<T>>,
+        binding: &str,
         destination: &str,
         max_payload_bytes: usize,
     ) -> Self {
@@ -58,7 +67,9 @@ impl<T: 'static> Source<T> {
         Source {
             producer,
             codec,
+            binding: binding.into(),
             destination: destination.into(),
+            metrics: SourceMetrics::new(binding, destination),
             max_payload_bytes,
             headers,
             key_of: None,
@@ -108,10 +119,22 @@ impl<T: 'static> Source<T> {
         self.send_message(self.encode(value)?.with_key(key)).await
     }
 
-    /// Publishes a prepared message.
-    pub async fn send_message(&self, message: Message) -> Result<String> {
-        self.check_size(&message)?;
-        self.producer.send(message).await
+    /// Publishes a prepared message. It gets the `x-sent-at` header (and, with the
+    /// `opentelemetry` feature, the trace context of its `stream.send` span).
+    pub async fn send_message(&self, mut message: Message) -> Result<String> {
+        let span = trace::send_span(&self.binding, &self.destination, message.key());
+        if let Err(e) = self.check_size(&message) {
+            return Err(self.failed(&span, 1, e));
+        }
+        self.stamp(&span, &mut message);
+        match self.producer.send(message).instrument(span.clone()).await {
+            Ok(id) => {
+                span.record("message.id", id.as_str());
+                self.metrics.published(1);
+                Ok(id)
+            }
+            Err(e) => Err(self.failed(&span, 1, e)),
+        }
     }
 
     /// Publishes several values in order, in as few round trips as the binder allows.
@@ -127,12 +150,42 @@ impl<T: 'static> Source<T> {
         self.send_messages(messages).await
     }
 
-    /// Publishes several prepared messages in order.
-    pub async fn send_messages(&self, messages: Vec<Message>) -> Result<Vec<String>> {
+    /// Publishes several prepared messages in order, under one `stream.send` span.
+    pub async fn send_messages(&self, mut messages: Vec<Message>) -> Result<Vec<String>> {
+        let span = trace::send_span(&self.binding, &self.destination, None);
         for message in &messages {
-            self.check_size(message)?;
+            if let Err(e) = self.check_size(message) {
+                return Err(self.failed(&span, messages.len(), e));
+            }
         }
-        self.producer.send_batch(messages).await
+        for message in &mut messages {
+            self.stamp(&span, message);
+        }
+        let count = messages.len();
+        match self
+            .producer
+            .send_batch(messages)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(ids) => {
+                self.metrics.published(count);
+                Ok(ids)
+            }
+            Err(e) => Err(self.failed(&span, count, e)),
+        }
+    }
+
+    fn stamp(&self, span: &tracing::Span, message: &mut Message) {
+        let headers = message.headers_mut();
+        headers.insert(header::SENT_AT, now_millis());
+        trace::inject(span, headers);
+    }
+
+    fn failed(&self, span: &tracing::Span, count: usize, error: Error) -> Error {
+        span.record("error", tracing::field::display(&error));
+        self.metrics.failed(count, error.kind());
+        error
     }
 
     /// Waits until everything sent is accepted by the broker.

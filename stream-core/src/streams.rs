@@ -10,6 +10,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::binder::Binder;
 use crate::channel::Channel;
 use crate::config::{nearest, Config};
+use crate::health::{BinderHealth, Health, Subscriptions};
 use crate::registry::{BinderSettings, Registry};
 use crate::sink::Sink;
 use crate::source::Source;
@@ -17,6 +18,9 @@ use crate::{Error, ErrorKind, Result};
 
 /// The prefix of environment overrides (`STREAM_DEFAULT_BINDER=kafka`).
 pub const ENV_PREFIX: &str = "STREAM";
+
+/// The longest [`Streams::health`] waits for one broker to answer.
+pub const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The binders and bindings of a configuration file, ready to hand out sources and sinks.
 ///
@@ -44,6 +48,7 @@ struct Inner {
     config: Config,
     binders: BTreeMap<String, Arc<dyn Binder>>,
     closed: std::sync::atomic::AtomicBool,
+    subscriptions: Arc<Subscriptions>,
 }
 
 impl Streams {
@@ -86,7 +91,33 @@ impl Streams {
                     format!("bindings.{binding} in {} names no binder", inner.origin),
                 )
             })?;
-        Ok(Channel::new(binding, binder, config.clone()))
+        let mut channel = Channel::new(binding, binder, config.clone());
+        channel.subscriptions = Some(inner.subscriptions.clone());
+        Ok(channel)
+    }
+
+    /// Whether each binder's broker answers (checked now, at most [`PING_TIMEOUT`] each, all
+    /// at once) and what each live subscription made through these streams is doing. Cheap
+    /// enough for a readiness probe: one round trip per binder.
+    pub async fn health(&self) -> Health {
+        let checks = self.inner.binders.iter().map(|(name, binder)| async move {
+            let started = std::time::Instant::now();
+            let error = match tokio::time::timeout(PING_TIMEOUT, binder.ping()).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!("no answer within {PING_TIMEOUT:?}")),
+            };
+            BinderHealth {
+                name: name.clone(),
+                kind: binder.kind(),
+                latency: started.elapsed(),
+                error,
+            }
+        });
+        Health {
+            binders: futures::future::join_all(checks).await,
+            subscriptions: self.inner.subscriptions.health(),
+        }
     }
 
     /// A JSON source for the named binding.
@@ -276,6 +307,7 @@ impl StreamsBuilder {
                 config,
                 binders,
                 closed: Default::default(),
+                subscriptions: Arc::default(),
             }),
         })
     }

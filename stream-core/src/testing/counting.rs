@@ -103,6 +103,10 @@ impl Binder for CountingBinder {
         self.inner.prepare_partitions(destination, partitions).await
     }
 
+    async fn ping(&self) -> Result<()> {
+        self.inner.ping().await
+    }
+
     async fn close(&self) -> Result<()> {
         self.inner.close().await
     }
@@ -146,6 +150,10 @@ impl Consumer for CountingConsumer {
 
     async fn retrying(&self, tag: DeliveryTag, attempt: u32) -> Result<()> {
         self.inner.retrying(tag, attempt).await
+    }
+
+    async fn lag(&self) -> Result<Option<u64>> {
+        self.inner.lag().await
     }
 
     async fn close(&self) -> Result<()> {

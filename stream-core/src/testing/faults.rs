@@ -61,6 +61,10 @@ impl Binder for ShortReceives {
         self.inner.prepare_partitions(destination, partitions).await
     }
 
+    async fn ping(&self) -> Result<()> {
+        self.inner.ping().await
+    }
+
     async fn close(&self) -> Result<()> {
         self.inner.close().await
     }
@@ -91,6 +95,10 @@ impl Consumer for ShortConsumer {
 
     async fn retrying(&self, tag: DeliveryTag, attempt: u32) -> Result<()> {
         self.inner.retrying(tag, attempt).await
+    }
+
+    async fn lag(&self) -> Result<Option<u64>> {
+        self.inner.lag().await
     }
 
     async fn close(&self) -> Result<()> {
@@ -159,6 +167,10 @@ impl Binder for RefusingDeadLetters {
 
     async fn prepare_partitions(&self, destination: &str, partitions: u32) -> Result<bool> {
         self.inner.prepare_partitions(destination, partitions).await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.inner.ping().await
     }
 
     async fn close(&self) -> Result<()> {

@@ -1,0 +1,117 @@
+//! The spans of sends and handler attempts, and W3C Trace Context in message headers.
+
+use tracing::field::Empty;
+use tracing::Span;
+
+use crate::message::Headers;
+
+/// The span of one send (or one batch, then without a key).
+pub(crate) fn send_span(binding: &str, destination: &str, key: Option<&str>) -> Span {
+    tracing::debug_span!(
+        "stream.send",
+        binding,
+        destination,
+        message.key = key,
+        message.id = Empty,
+        error = Empty,
+    )
+}
+
+/// The span of one attempt of a handler.
+pub(crate) fn handle_span(
+    binding: &str,
+    destination: &str,
+    group: &str,
+    id: &str,
+    key: Option<&str>,
+    attempt: u32,
+) -> Span {
+    tracing::debug_span!(
+        "stream.handle",
+        binding,
+        destination,
+        group,
+        message.id = id,
+        message.key = key,
+        attempt,
+        outcome = Empty,
+        error = Empty,
+    )
+}
+
+/// What became of an attempt, as the `outcome` field says it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum AttemptOutcome {
+    Ok,
+    Retry,
+    DeadLetter,
+    Interrupted,
+}
+
+impl AttemptOutcome {
+    pub(crate) fn record(self, span: &Span) {
+        span.record(
+            "outcome",
+            match self {
+                AttemptOutcome::Ok => "ok",
+                AttemptOutcome::Retry => "retry",
+                AttemptOutcome::DeadLetter => "dead_letter",
+                AttemptOutcome::Interrupted => "interrupted",
+            },
+        );
+    }
+}
+
+/// Writes the trace context of `span` into `headers` (a no-op without the `opentelemetry`
+/// feature).
+#[cfg(feature = "opentelemetry")]
+pub(crate) fn inject(span: &Span, headers: &mut Headers) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    struct Injector<'a>(&'a mut Headers);
+    impl opentelemetry::propagation::Injector for Injector<'_> {
+        fn set(&mut self, key: &str, value: String) {
+            self.0.insert(key, value);
+        }
+    }
+
+    let context = span.context();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut Injector(headers));
+    });
+}
+
+#[cfg(not(feature = "opentelemetry"))]
+pub(crate) fn inject(_span: &Span, _headers: &mut Headers) {}
+
+/// Makes the trace context carried in `headers` the parent of `span` (a no-op without the
+/// `opentelemetry` feature, or when the headers carry none).
+#[cfg(feature = "opentelemetry")]
+pub(crate) fn adopt_parent(span: &Span, headers: &Headers) {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    struct Extractor<'a>(&'a Headers);
+    impl opentelemetry::propagation::Extractor for Extractor<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            self.0.get(key)
+        }
+        fn keys(&self) -> Vec<&str> {
+            self.0.iter().map(|(name, _)| name).collect()
+        }
+    }
+
+    if span.is_disabled() {
+        return;
+    }
+    let context = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&Extractor(headers))
+    });
+    if context.span().span_context().is_valid() {
+        // Fails only when no OpenTelemetry layer is installed, when there is nothing to link.
+        let _ = span.set_parent(context);
+    }
+}
+
+#[cfg(not(feature = "opentelemetry"))]
+pub(crate) fn adopt_parent(_span: &Span, _headers: &Headers) {}
