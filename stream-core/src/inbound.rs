@@ -434,6 +434,11 @@ impl Inbound {
                 .map(|(_, consumer)| consumer.clone())
                 .collect(),
         ));
+        let observed = Observed {
+            status: status.clone(),
+            metrics: metrics.clone(),
+            held: Arc::default(),
+        };
         // Each partition's loop asks for its share of the window, so an idle partition
         // blocked in a read does not hold the window the busy ones need.
         let share = config.prefetch.div_ceil(opened.len()).max(1);
@@ -450,11 +455,7 @@ impl Inbound {
                     stop: stop_rx.clone(),
                     paused: paused_rx.clone(),
                 },
-                Observed {
-                    status: status.clone(),
-                    metrics: metrics.clone(),
-                    prefetch: config.prefetch,
-                },
+                observed.clone(),
             )
         });
         // One failing loop ends them all: the sink reports the error and closes.
@@ -469,16 +470,7 @@ impl Inbound {
                 stop_rx.clone(),
             ));
         }
-        let acker = tokio::spawn(ack_loop(
-            members.clone(),
-            permits,
-            settle_rx,
-            Observed {
-                status: status.clone(),
-                metrics: metrics.clone(),
-                prefetch: config.prefetch,
-            },
-        ));
+        let acker = tokio::spawn(ack_loop(members.clone(), permits, settle_rx, observed));
         Ok(Inbound {
             deliveries,
             backlog,
@@ -615,16 +607,24 @@ struct Signals {
 }
 
 /// Where a consumer's loops report what they see.
+#[derive(Clone)]
 struct Observed {
     status: Arc<Status>,
     metrics: Arc<ConsumeMetrics>,
-    prefetch: usize,
+    /// Deliveries fetched and not yet settled (the permits a pending receive holds are not
+    /// deliveries).
+    held: Arc<AtomicUsize>,
 }
 
 impl Observed {
-    fn window(&self, permits: &Semaphore) {
-        let used = self.prefetch.saturating_sub(permits.available_permits());
-        self.metrics.window_used.set(used as f64);
+    fn fetched(&self, count: usize) {
+        let held = self.held.fetch_add(count, Ordering::Relaxed) + count;
+        self.metrics.window_used.set(held as f64);
+    }
+
+    fn settled(&self, count: usize) {
+        let held = self.held.fetch_sub(count, Ordering::Relaxed) - count;
+        self.metrics.window_used.set(held as f64);
     }
 }
 
@@ -685,7 +685,7 @@ async fn fetch_loop(
                     }
                 }
                 permits.add_permits(taken.saturating_sub(batch.len()));
-                observed.window(&permits);
+                observed.fetched(batch.len());
                 window.backlog.add(batch.len());
                 for delivery in batch {
                     if deliveries.send(delivery).is_err() {
@@ -760,8 +760,8 @@ async fn ack_loop(
             settle_all(&members, &releases, Op::Release).await;
         }
         members.forget(&dropped);
+        observed.settled(settled);
         permits.add_permits(settled);
-        observed.window(&permits);
         acks.clear();
         releases.clear();
         dropped.clear();

@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use super::{
-    ack_all, channel, raw_consumer, raw_producer, receive_at_least, skip, test_binding, unique,
-    wait_until, CountingBinder, Harness, Refusal, RefusingDeadLetters, ShortReceives, Tally,
+    ack_all, channel, observe, raw_consumer, raw_producer, receive_at_least, skip, test_binding,
+    unique, wait_until, CountingBinder, Harness, Refusal, RefusingDeadLetters, ShortReceives,
+    Tally,
 };
 use crate::{header, Binder, ErrorKind, Message, RetryConfig, StartFrom};
 
@@ -1499,5 +1500,322 @@ pub async fn slow_handlers_keep_their_deliveries(h: &dyn Harness) {
                 assert!(previous < *n, "{key}: {n} handled after {previous}");
             }
         }
+    }
+}
+
+/// The metrics count what a case did: published, received, handled, failed attempts,
+/// retries, dead letters by reason, undecodable payloads, handler durations, end-to-end
+/// latencies, publish failures by kind; in-flight is back to 0 at the end, and the lag
+/// gauge follows the backlog down to 0.
+pub async fn metrics_count_what_happened(h: &dyn Harness) {
+    use crate::telemetry::names;
+    let recorded = observe::recorded();
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("metrics");
+    let config = test_binding(&dest, &caps)
+        .group(unique("g"))
+        .concurrency(2)
+        .lag_interval(Duration::from_millis(50));
+    let labels = [("destination", dest.as_str())];
+    let source = channel(&binder, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap();
+    // A backlog first, so the lag gauge has something to report.
+    for n in 0..10 {
+        source.send_keyed(format!("k{n}"), &ev(n)).await.unwrap();
+    }
+    raw_producer(&binder, &dest)
+        .await
+        .send(Message::new(&b"not json"[..]).with_header(header::CONTENT_TYPE, "application/json"))
+        .await
+        .unwrap();
+    let oversized = source.encode(&ev(99)).unwrap().with_key("big");
+    let oversized = Message::new(vec![b' '; config.max_payload_bytes + 1])
+        .with_headers(oversized.headers().clone());
+    let err = source.send_message(oversized).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PayloadTooLarge);
+
+    let gate = Arc::new(Semaphore::new(0));
+    let tally = Tally::new();
+    let (t, g) = (tally.clone(), gate.clone());
+    let sub = channel(&binder, config.clone())
+        .sink::<Event>()
+        .subscribe(move |e: Event| {
+            let (t, g) = (t.clone(), g.clone());
+            async move {
+                g.acquire().await.unwrap().forget();
+                t.record(e.n);
+                if e.n == 0 {
+                    Err("always fails")
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await
+        .unwrap();
+    wait_until(
+        caps.patience,
+        "the lag gauge reports the backlog (11 messages, none acknowledged)",
+        || recorded.gauge(names::LAG, &labels) == Some(11.0),
+    )
+    .await;
+    gate.add_permits(1_000);
+    let dead = read_dead_letters(h, &binder, &config.dead_letter_destination(), 2).await;
+    wait_until(caps.patience, "the nine good messages are handled", || {
+        tally.has_all(1..10)
+    })
+    .await;
+    wait_until(
+        caps.patience + caps.claim_idle * 4,
+        "the lag gauge falls to 0 once everything is acknowledged",
+        || recorded.gauge(names::LAG, &labels) == Some(0.0),
+    )
+    .await;
+    sub.shutdown().await.unwrap();
+    assert_eq!(dead.len(), 2);
+
+    let counter = |name: &str| recorded.counter(name, &labels);
+    assert_eq!(counter(names::PUBLISHED), 10, "published");
+    assert_eq!(
+        recorded.counter(
+            names::PUBLISH_FAILURES,
+            &[
+                ("destination", dest.as_str()),
+                ("kind", "payload_too_large")
+            ]
+        ),
+        1,
+        "publish failures by kind"
+    );
+    assert_eq!(counter(names::RECEIVED), 11, "received");
+    assert_eq!(counter(names::HANDLED), 9, "handled");
+    assert_eq!(
+        counter(names::HANDLER_ERRORS),
+        3,
+        "failed attempts of message 0"
+    );
+    assert_eq!(counter(names::RETRIES), 2, "attempts 2 and 3 of message 0");
+    for (reason, count) in [("handler", 1), ("decode", 1)] {
+        assert_eq!(
+            recorded.counter(
+                names::DEAD_LETTERED,
+                &[("destination", dest.as_str()), ("reason", reason)]
+            ),
+            count,
+            "dead-lettered for {reason}"
+        );
+    }
+    assert_eq!(counter(names::UNDECODABLE), 1, "undecodable");
+    let durations = recorded.histogram(names::HANDLER_DURATION, &labels);
+    assert_eq!(durations.len(), 12, "one handler duration per attempt");
+    assert!(durations.iter().all(|d| *d >= 0.0));
+    let latencies = recorded.histogram(names::END_TO_END_LATENCY, &labels);
+    assert_eq!(latencies.len(), 9, "one latency per handled message");
+    assert!(
+        latencies.iter().all(|l| *l >= 0.0 && *l < 600.0),
+        "{latencies:?}"
+    );
+    assert_eq!(recorded.gauge(names::IN_FLIGHT, &labels), Some(0.0));
+    assert_eq!(recorded.gauge(names::WINDOW_USED, &labels), Some(0.0));
+}
+
+/// A paused subscription starts nothing new, keeps what it holds (no other member takes it
+/// over, however long the pause) and, once resumed, handles everything exactly once.
+pub async fn pause_holds_deliveries_until_resume(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("pause");
+    let config = test_binding(&dest, &caps).group(unique("g")).concurrency(2);
+    let tally = Tally::new();
+    let t = tally.clone();
+    let sub = channel(&binder, config.clone())
+        .sink::<Event>()
+        .subscribe(move |e: Event| {
+            t.record(e.n);
+            async { Ok::<(), String>(()) }
+        })
+        .await
+        .unwrap();
+    let source = channel(&binder, config).source::<Event>().await.unwrap();
+    for n in 0..5 {
+        source.send_keyed(format!("k{n}"), &ev(n)).await.unwrap();
+    }
+    wait_until(caps.patience, "the first five are handled", || {
+        tally.has_all(0..5)
+    })
+    .await;
+    sub.pause();
+    assert_eq!(sub.state(), crate::SubscriptionState::Paused);
+    for n in 5..25 {
+        source.send_keyed(format!("k{n}"), &ev(n)).await.unwrap();
+    }
+    // Absence cannot be awaited: watch for longer than a takeover would take.
+    let watch = (caps.claim_idle * 2).max(Duration::from_secs(1));
+    tokio::time::sleep(watch).await;
+    assert_eq!(
+        tally.distinct(),
+        5,
+        "nothing was handled while the subscription was paused"
+    );
+    sub.resume();
+    assert_eq!(sub.state(), crate::SubscriptionState::Running);
+    wait_until(caps.patience, "all 25 are handled after resume", || {
+        tally.has_all(0..25)
+    })
+    .await;
+    sub.shutdown().await.unwrap();
+    let duplicates = tally.assert_complete("pause_holds_deliveries_until_resume", 0..25);
+    assert_eq!(
+        duplicates, 0,
+        "held deliveries were taken over during the pause"
+    );
+}
+
+/// `Streams::health` says whether the binder's broker answers and what each subscription
+/// made through the streams is doing: running, paused, and gone once shut down.
+pub async fn health_reports_brokers_and_subscriptions(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("health");
+    let group = unique("g");
+    let streams = crate::Streams::builder()
+        .binder("main", binder.clone())
+        .env(Vec::<(String, String)>::new())
+        .load_str(&format!(
+            "default-binder = \"main\"\n[bindings.in]\ndestination = \"{dest}\"\ngroup = \"{group}\"\n\
+             claim-idle = \"{}ms\"\nretry = {{ max-backoff = \"100ms\" }}\n",
+            caps.claim_idle.as_millis()
+        ))
+        .expect("configuration loads");
+    let health = streams.health().await;
+    assert_eq!(health.binders.len(), 1);
+    assert_eq!(health.binders[0].name, "main");
+    assert_eq!(health.binders[0].error, None, "the broker answers");
+    assert!(health.subscriptions.is_empty());
+    assert!(health.is_healthy());
+    let sub = streams
+        .sink::<Event>("in")
+        .unwrap()
+        .subscribe(|_: Event| async { Ok::<(), String>(()) })
+        .await
+        .unwrap();
+    let states = |health: &crate::Health| -> Vec<crate::SubscriptionState> {
+        health
+            .subscriptions
+            .iter()
+            .map(|s| {
+                assert_eq!(
+                    (s.binding.as_str(), s.group.as_str()),
+                    ("in", group.as_str())
+                );
+                s.state.clone()
+            })
+            .collect()
+    };
+    assert_eq!(
+        states(&streams.health().await),
+        vec![crate::SubscriptionState::Running]
+    );
+    sub.pause();
+    assert_eq!(
+        states(&streams.health().await),
+        vec![crate::SubscriptionState::Paused]
+    );
+    sub.resume();
+    sub.shutdown().await.unwrap();
+    assert!(
+        streams.health().await.subscriptions.is_empty(),
+        "a subscription that was shut down is no longer listed"
+    );
+}
+
+/// With the `opentelemetry` feature: the trace of the code that sends is the trace of the
+/// consuming spans, on any binder: each attempt's `stream.handle` span is a child of the
+/// `stream.send` span, and the dead-lettered copy still carries the trace context.
+pub async fn trace_context_crosses_the_broker(h: &dyn Harness) {
+    #[cfg(not(feature = "opentelemetry"))]
+    {
+        let _ = h;
+        skip("trace_context_crosses_the_broker: stream-core was built without the `opentelemetry` feature");
+    }
+    #[cfg(feature = "opentelemetry")]
+    {
+        use opentelemetry::trace::TraceContextExt;
+        use tracing::Instrument;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+        let exporter = observe::finished_spans();
+        let caps = h.capabilities();
+        let binder = h.binder().await;
+        let dest = unique("trace");
+        let config = test_binding(&dest, &caps).group(unique("g"));
+        let root = tracing::info_span!("conformance.root");
+        let trace_id = root.context().span().span_context().trace_id();
+        let root_id = root.context().span().span_context().span_id();
+        let source = channel(&binder, config.clone())
+            .source::<Event>()
+            .await
+            .unwrap();
+        async {
+            source.send_keyed("poison", &ev(0)).await.unwrap();
+            source.send_keyed("good", &ev(1)).await.unwrap();
+        }
+        .instrument(root.clone())
+        .await;
+        drop(root);
+        let tally = Tally::new();
+        let t = tally.clone();
+        let sub = channel(&binder, config.clone())
+            .sink::<Event>()
+            .subscribe(move |e: Event| {
+                t.record(e.n);
+                async move {
+                    if e.n == 0 {
+                        Err("always fails")
+                    } else {
+                        Ok(())
+                    }
+                }
+            })
+            .await
+            .unwrap();
+        let dead = read_dead_letters(h, &binder, &config.dead_letter_destination(), 1).await;
+        wait_until(caps.patience, "the good message is handled", || {
+            tally.has_all([1])
+        })
+        .await;
+        sub.shutdown().await.unwrap();
+
+        let spans: Vec<_> = exporter
+            .get_finished_spans()
+            .expect("finished spans")
+            .into_iter()
+            .filter(|span| span.span_context.trace_id() == trace_id)
+            .collect();
+        let sends: Vec<_> = spans.iter().filter(|s| s.name == "stream.send").collect();
+        assert_eq!(sends.len(), 2, "two send spans in the sender's trace");
+        assert!(sends.iter().all(|s| s.parent_span_id == root_id));
+        let send_ids: Vec<_> = sends.iter().map(|s| s.span_context.span_id()).collect();
+        let handles: Vec<_> = spans.iter().filter(|s| s.name == "stream.handle").collect();
+        assert_eq!(
+            handles.len(),
+            4,
+            "three attempts of the poison message and one of the good one, all in the sender's trace"
+        );
+        assert!(
+            handles.iter().all(|s| send_ids.contains(&s.parent_span_id)),
+            "each attempt is a child of its message's send span"
+        );
+        let traceparent = dead[0]
+            .headers()
+            .get("traceparent")
+            .expect("the dead letter carries the trace context");
+        assert!(
+            traceparent.contains(&trace_id.to_string()),
+            "{traceparent} names trace {trace_id}"
+        );
     }
 }

@@ -40,6 +40,7 @@ use crate::{
 pub mod cases;
 mod counting;
 mod faults;
+pub mod observe;
 
 pub use counting::CountingBinder;
 pub use faults::{Refusal, RefusingDeadLetters, ShortReceives, REFUSAL};
@@ -192,6 +193,10 @@ macro_rules! conformance_suite {
                 subscription_wait_is_cancel_safe,
                 closed_binder_refuses_new_clients,
                 slow_handlers_keep_their_deliveries,
+                metrics_count_what_happened,
+                pause_holds_deliveries_until_resume,
+                health_reports_brokers_and_subscriptions,
+                trace_context_crosses_the_broker,
             );
         }
     };
