@@ -215,7 +215,7 @@ impl Subscription {
     /// partitions' fetch paused, so no rebalance follows). Nothing is lost or handed to
     /// another member. Pausing a paused subscription does nothing.
     pub fn pause(&self) {
-        if !self.paused.send_replace(true) {
+        if !self.paused.send_replace(true) && !self.is_finished() {
             self.status.set(SubscriptionState::Paused);
         }
     }
@@ -223,7 +223,7 @@ impl Subscription {
     /// Continues after [`pause`](Subscription::pause): what was held starts first, then
     /// fetching resumes.
     pub fn resume(&self) {
-        if self.paused.send_replace(false) {
+        if self.paused.send_replace(false) && !self.is_finished() {
             self.status.set(SubscriptionState::Running);
         }
     }
