@@ -11,7 +11,7 @@ use futures::StreamExt;
 use stream_core::testing::CountingBinder;
 use stream_core::{
     Binder, BindingConfig, Channel, Consumer, ConsumerOptions, DeliveryTag, Error, ErrorKind,
-    Producer, Received, Streams,
+    Producer, Received, Streams, SubscriptionState,
 };
 
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -149,4 +149,123 @@ async fn a_dropped_stream_close_still_closes_the_consumer() {
     .await
     .expect("the consumer was closed although the close future was dropped");
     assert_eq!(counting.acked(), 1);
+}
+
+/// A consumer whose receives fail with a temporary error while `failing` is set.
+struct Flaky {
+    inner: MemoryBinder,
+    failing: Arc<AtomicBool>,
+}
+
+struct FlakyConsumer {
+    inner: Box<dyn Consumer>,
+    failing: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl Binder for Flaky {
+    fn kind(&self) -> &'static str {
+        "flaky"
+    }
+
+    async fn producer(&self, destination: &str) -> stream_core::Result<Box<dyn Producer>> {
+        self.inner.producer(destination).await
+    }
+
+    async fn consumer(
+        &self,
+        destination: &str,
+        options: &ConsumerOptions,
+    ) -> stream_core::Result<Box<dyn Consumer>> {
+        Ok(Box::new(FlakyConsumer {
+            inner: self.inner.consumer(destination, options).await?,
+            failing: self.failing.clone(),
+        }))
+    }
+}
+
+#[async_trait]
+impl Consumer for FlakyConsumer {
+    async fn receive(&self, max: usize) -> stream_core::Result<Vec<Received>> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(Error::new(ErrorKind::Connection, "the broker went away"));
+        }
+        self.inner.receive(max).await
+    }
+
+    async fn ack(&self, tags: &[DeliveryTag]) -> stream_core::Result<()> {
+        self.inner.ack(tags).await
+    }
+
+    async fn close(&self) -> stream_core::Result<()> {
+        self.inner.close().await
+    }
+}
+
+async fn state_becomes(
+    sub: &stream_core::Subscription,
+    what: &str,
+    wanted: impl Fn(&SubscriptionState) -> bool,
+) -> SubscriptionState {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let state = sub.state();
+            if wanted(&state) {
+                return state;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the subscription never became {what}: {:?}", sub.state()))
+}
+
+/// A subscription whose broker fails temporarily says it is reconnecting, since when and
+/// why, and goes back to running when the broker answers again; one whose consumer fails for
+/// good says it failed, with the error.
+#[tokio::test]
+async fn subscription_state_follows_the_broker() {
+    let failing = Arc::new(AtomicBool::new(false));
+    let binder: Arc<dyn Binder> = Arc::new(Flaky {
+        inner: MemoryBinder::new(),
+        failing: failing.clone(),
+    });
+    let channel = Channel::new("flaky", binder, BindingConfig::new("d").group("g"));
+    let sub = channel
+        .sink::<u32>()
+        .subscribe(|_: u32| async { Ok::<(), String>(()) })
+        .await
+        .unwrap();
+    assert_eq!(sub.state(), SubscriptionState::Running);
+    failing.store(true, Ordering::SeqCst);
+    // A receive already waiting is not interrupted: a message ends it, the next one fails.
+    channel.source::<u32>().await.unwrap().send(&1).await.unwrap();
+    let state = state_becomes(&sub, "reconnecting", |s| {
+        matches!(s, SubscriptionState::Reconnecting { .. })
+    })
+    .await;
+    let SubscriptionState::Reconnecting { reason, .. } = state else {
+        unreachable!()
+    };
+    assert!(reason.contains("the broker went away"), "{reason}");
+    failing.store(false, Ordering::SeqCst);
+    state_becomes(&sub, "running again", |s| *s == SubscriptionState::Running).await;
+    sub.shutdown().await.unwrap();
+
+    let broken: Arc<dyn Binder> = Arc::new(Broken {
+        inner: MemoryBinder::new(),
+    });
+    let mut sub = Channel::new("broken", broken, BindingConfig::new("d").group("g"))
+        .sink::<u32>()
+        .subscribe(|_: u32| async { Ok::<(), String>(()) })
+        .await
+        .unwrap();
+    let _ = tokio::time::timeout(PATIENCE, sub.wait()).await.unwrap();
+    match sub.state() {
+        SubscriptionState::Failed { kind, error } => {
+            assert_eq!(kind, ErrorKind::Broker);
+            assert!(error.contains("the group was deleted"), "{error}");
+        }
+        other => panic!("a failed subscription says so: {other:?}"),
+    }
 }
