@@ -239,7 +239,13 @@ async fn subscription_state_follows_the_broker() {
     assert_eq!(sub.state(), SubscriptionState::Running);
     failing.store(true, Ordering::SeqCst);
     // A receive already waiting is not interrupted: a message ends it, the next one fails.
-    channel.source::<u32>().await.unwrap().send(&1).await.unwrap();
+    channel
+        .source::<u32>()
+        .await
+        .unwrap()
+        .send(&1)
+        .await
+        .unwrap();
     let state = state_becomes(&sub, "reconnecting", |s| {
         matches!(s, SubscriptionState::Reconnecting { .. })
     })

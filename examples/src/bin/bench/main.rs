@@ -5,7 +5,9 @@
 //!        [--prefetch N]`
 //!
 //! `--metrics`, `--sizes` and `--side ours|raw` narrow a run down, for profiling one path;
-//! `--prefetch` sets the consume rows' prefetch (default: the binding default).
+//! `--prefetch` sets the consume rows' prefetch (default: the binding default);
+//! `--telemetry` installs a Prometheus recorder and a `tracing` subscriber that enables the
+//! library's DEBUG spans, as an instrumented service would (see [`telemetry`]).
 //!
 //! The Redis and Kafka rows need `STREAM_TEST_REDIS_URL` and `STREAM_TEST_KAFKA_BROKERS`;
 //! `scripts/bench.sh` starts both services, sets them, runs this and stops them.
@@ -14,6 +16,7 @@ mod kafka;
 mod memory;
 mod redis;
 mod report;
+mod telemetry;
 
 use report::{Report, Settings};
 
@@ -36,6 +39,9 @@ async fn main() {
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");
+    if args.iter().any(|a| a == "--telemetry") {
+        telemetry::install();
+    }
     let only: Option<Vec<String>> =
         value_of("--only").map(|list| list.split(',').map(str::to_owned).collect());
     let wants = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
