@@ -29,11 +29,12 @@ pub mod header {
 
 /// Ordered message headers. Names may repeat; lookups return the first match.
 ///
-/// Cloning is cheap: clones share storage until one of them is changed.
+/// Cloning is cheap: clones share storage until one of them is changed, and names and values
+/// are shared strings, so changing a clone copies pointers, not text.
 #[derive(Debug, Clone, Default)]
 // `None` until the first header: most received messages carry few headers or none, and an
 // empty set should not cost an allocation per message.
-pub struct Headers(Option<Arc<Vec<(String, String)>>>);
+pub struct Headers(Option<Arc<Vec<(Arc<str>, Arc<str>)>>>);
 
 impl Headers {
     /// No headers.
@@ -41,11 +42,19 @@ impl Headers {
         Headers::default()
     }
 
-    fn entries(&mut self) -> &mut Vec<(String, String)> {
-        Arc::make_mut(self.0.get_or_insert_with(Default::default))
+    /// The entries, for changing, with room for `extra` more: a shared set is copied into a
+    /// vector of that size at once, rather than copied and then grown.
+    fn entries(&mut self, extra: usize) -> &mut Vec<(Arc<str>, Arc<str>)> {
+        let shared = self.0.get_or_insert_with(Default::default);
+        if Arc::get_mut(shared).is_none() {
+            let mut copy = Vec::with_capacity(shared.len() + extra);
+            copy.extend(shared.iter().cloned());
+            *shared = Arc::new(copy);
+        }
+        Arc::get_mut(shared).expect("just made unique")
     }
 
-    fn as_slice(&self) -> &[(String, String)] {
+    fn as_slice(&self) -> &[(Arc<str>, Arc<str>)] {
         self.0.as_deref().map_or(&[], Vec::as_slice)
     }
 
@@ -53,19 +62,19 @@ impl Headers {
     pub fn get(&self, name: &str) -> Option<&str> {
         self.as_slice()
             .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+            .find(|(n, _)| &**n == name)
+            .map(|(_, v)| &**v)
     }
 
     /// Appends a header, keeping any earlier one with the same name.
-    pub fn append(&mut self, name: impl Into<String>, value: impl Into<String>) {
-        self.entries().push((name.into(), value.into()));
+    pub fn append(&mut self, name: impl Into<Arc<str>>, value: impl Into<Arc<str>>) {
+        self.entries(1).push((name.into(), value.into()));
     }
 
     /// Sets `name` to `value`, replacing every earlier value under that name.
-    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<String>) {
+    pub fn insert(&mut self, name: impl Into<Arc<str>>, value: impl Into<Arc<str>>) {
         let name = name.into();
-        let entries = self.entries();
+        let entries = self.entries(1);
         entries.retain(|(n, _)| *n != name);
         entries.push((name, value.into()));
     }
@@ -73,15 +82,13 @@ impl Headers {
     /// Removes every value under `name`.
     pub fn remove(&mut self, name: &str) {
         if self.get(name).is_some() {
-            self.entries().retain(|(n, _)| n != name);
+            self.entries(0).retain(|(n, _)| &**n != name);
         }
     }
 
     /// Iterates in insertion order.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &str)> {
-        self.as_slice()
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_str()))
+        self.as_slice().iter().map(|(n, v)| (&**n, &**v))
     }
 
     /// Number of headers.
@@ -103,9 +110,9 @@ impl PartialEq for Headers {
 
 impl Eq for Headers {}
 
-impl<N: Into<String>, V: Into<String>> FromIterator<(N, V)> for Headers {
+impl<N: Into<Arc<str>>, V: Into<Arc<str>>> FromIterator<(N, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (N, V)>>(iter: I) -> Self {
-        let entries: Vec<(String, String)> = iter
+        let entries: Vec<(Arc<str>, Arc<str>)> = iter
             .into_iter()
             .map(|(n, v)| (n.into(), v.into()))
             .collect();
@@ -152,7 +159,7 @@ impl Message {
     }
 
     /// Appends a header.
-    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+    pub fn with_header(mut self, name: impl Into<Arc<str>>, value: impl Into<Arc<str>>) -> Self {
         self.headers.append(name, value);
         self
     }
