@@ -34,7 +34,10 @@ pub mod header {
 #[derive(Debug, Clone, Default)]
 // `None` until the first header: most received messages carry few headers or none, and an
 // empty set should not cost an allocation per message.
-pub struct Headers(Option<Arc<Vec<(Arc<str>, Arc<str>)>>>);
+pub struct Headers(Option<Arc<Vec<Entry>>>);
+
+/// One header: a name and its value.
+type Entry = (Arc<str>, Arc<str>);
 
 impl Headers {
     /// No headers.
@@ -44,7 +47,7 @@ impl Headers {
 
     /// The entries, for changing, with room for `extra` more: a shared set is copied into a
     /// vector of that size at once, rather than copied and then grown.
-    fn entries(&mut self, extra: usize) -> &mut Vec<(Arc<str>, Arc<str>)> {
+    fn entries(&mut self, extra: usize) -> &mut Vec<Entry> {
         let shared = self.0.get_or_insert_with(Default::default);
         if Arc::get_mut(shared).is_none() {
             let mut copy = Vec::with_capacity(shared.len() + extra);
@@ -54,7 +57,7 @@ impl Headers {
         Arc::get_mut(shared).expect("just made unique")
     }
 
-    fn as_slice(&self) -> &[(Arc<str>, Arc<str>)] {
+    fn as_slice(&self) -> &[Entry] {
         self.0.as_deref().map_or(&[], Vec::as_slice)
     }
 
@@ -112,7 +115,7 @@ impl Eq for Headers {}
 
 impl<N: Into<Arc<str>>, V: Into<Arc<str>>> FromIterator<(N, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (N, V)>>(iter: I) -> Self {
-        let entries: Vec<(Arc<str>, Arc<str>)> = iter
+        let entries: Vec<Entry> = iter
             .into_iter()
             .map(|(n, v)| (n.into(), v.into()))
             .collect();
