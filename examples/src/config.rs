@@ -1,5 +1,6 @@
 //! Which configuration file the services load: `--config FILE`, else `STREAM_CONFIG`, else
-//! the built-in in-memory one.
+//! the built-in in-memory one; and where they serve `/metrics` and `/healthz`: `--http ADDR`,
+//! else `SERVICE_HTTP_ADDR`, else nowhere.
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +11,9 @@ pub const BUILT_IN: &str = include_str!("../config/memory.toml");
 
 /// Environment variable naming the configuration file.
 pub const CONFIG_ENV: &str = "STREAM_CONFIG";
+
+/// Environment variable naming the address of the `/metrics` and `/healthz` endpoints.
+pub const HTTP_ADDR_ENV: &str = "SERVICE_HTTP_ADDR";
 
 /// Registers every binder type the examples can run on.
 pub fn builder() -> stream_core::StreamsBuilder {
@@ -69,5 +73,17 @@ impl Args {
     /// The configuration file named by `--config`.
     pub fn config(&self) -> Option<PathBuf> {
         self.get("config").map(PathBuf::from)
+    }
+
+    /// Where to serve `/metrics` and `/healthz`: `--http ADDR`, else [`HTTP_ADDR_ENV`];
+    /// `None` (no endpoints) when neither is set or the value is empty. Port 0 picks a free
+    /// port, which the service prints.
+    pub fn http_addr(&self) -> Option<String> {
+        let addr = match self.get("http") {
+            Some(addr) => addr.to_owned(),
+            None => std::env::var(HTTP_ADDR_ENV).ok()?,
+        };
+        let addr = addr.trim();
+        (!addr.is_empty()).then(|| addr.to_owned())
     }
 }

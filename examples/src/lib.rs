@@ -5,6 +5,11 @@
 //! it and publishes `PaymentCompleted` or `PaymentFailed` to `payment-events`; the order
 //! service marks the order paid or cancels it. Both handlers are idempotent.
 //!
+//! What an operator sees of them is set up in [`telemetry`] (logs through
+//! `tracing-subscriber`, metrics through `metrics-exporter-prometheus`, and with the
+//! `opentelemetry` feature one trace per order across both services) and served by [`http`]
+//! (`GET /metrics`, `GET /healthz`).
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> stream_core::Result<()> {
@@ -28,5 +33,7 @@
 
 pub mod config;
 pub mod events;
+pub mod http;
 pub mod orders;
 pub mod payments;
+pub mod telemetry;

@@ -73,6 +73,10 @@ impl OrderService {
     }
 
     /// Records a pending order and publishes `OrderCreated`, keyed by the order id.
+    ///
+    /// Runs in a `place_order` span: with trace export on, the trace it starts continues
+    /// through the send, the payment service and back here to [`on_payment`](Self::on_payment).
+    #[tracing::instrument(skip_all, fields(order_id = order_id, amount_cents = amount_cents))]
     pub async fn place_order(
         &self,
         order_id: &str,
@@ -90,11 +94,13 @@ impl OrderService {
             amount_cents,
         };
         self.order_events.send_keyed(order_id, &event).await?;
+        tracing::debug!("order placed");
         Ok(())
     }
 
     /// Applies a payment event. Idempotent: only a pending order changes, so a redelivered
     /// or duplicate event changes nothing.
+    #[tracing::instrument(skip_all, fields(order_id = event.order_id()))]
     pub fn on_payment(&self, event: PaymentEvent) {
         self.payment_events_seen.fetch_add(1, Ordering::SeqCst);
         let mut orders = self.orders.lock().unwrap();
@@ -113,6 +119,7 @@ impl OrderService {
             PaymentEvent::PaymentCompleted { .. } => OrderStatus::Paid,
             PaymentEvent::PaymentFailed { .. } => OrderStatus::Cancelled,
         };
+        tracing::debug!(status = ?*status, "order settled");
         drop(orders);
         self.publish_summary();
     }

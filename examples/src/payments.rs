@@ -52,6 +52,7 @@ impl PaymentService {
     /// again: the recorded outcome is published again instead, which the order service
     /// ignores if it already has it, and which covers a crash between deciding and
     /// publishing.
+    #[tracing::instrument(skip_all, fields(order_id = %order.order_id))]
     pub async fn on_order(&self, order: OrderCreated) -> Result<()> {
         self.orders_seen.fetch_add(1, Ordering::SeqCst);
         let outcome = self
@@ -65,6 +66,7 @@ impl PaymentService {
             .send_keyed(order.order_id.as_str(), &outcome)
             .await?;
         self.published.fetch_add(1, Ordering::SeqCst);
+        tracing::debug!(?outcome, "payment decided");
         Ok(())
     }
 

@@ -1,54 +1,15 @@
 //! The saga on real brokers: both services in one process, and in two processes.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::{config_file, isolated_env};
 use stream_core::testing::service_env;
 use stream_examples::orders::OrderService;
 use stream_examples::payments::PaymentService;
-
-/// Environment overrides that point one test at its own broker address and destinations, so
-/// that tests sharing a broker do not consume each other's events.
-fn isolated_env(binder: &str, address_key: &str, address: &str) -> Vec<(String, String)> {
-    let run = stream_core::unique_suffix();
-    let mut env = vec![(
-        format!("STREAM_BINDERS__{}__{address_key}", binder.to_uppercase()),
-        address.to_owned(),
-    )];
-    for (binding, destination) in [
-        ("ORDER_EVENTS_OUT", "order-events"),
-        ("ORDER_EVENTS_IN", "order-events"),
-        ("PAYMENT_EVENTS_OUT", "payment-events"),
-        ("PAYMENT_EVENTS_IN", "payment-events"),
-        ("ORDER_EVENTS_DLQ", "order-events.dlq"),
-        ("PAYMENT_EVENTS_DLQ", "payment-events.dlq"),
-    ] {
-        env.push((
-            format!("STREAM_BINDINGS__{binding}__DESTINATION"),
-            format!("{destination}-{run}"),
-        ));
-    }
-    for binding in ["ORDER_EVENTS_IN", "PAYMENT_EVENTS_IN"] {
-        let dead_letter = if binding.starts_with("ORDER") {
-            "order-events"
-        } else {
-            "payment-events"
-        };
-        env.push((
-            format!("STREAM_BINDINGS__{binding}__DEAD_LETTER"),
-            format!("{dead_letter}.dlq-{run}"),
-        ));
-    }
-    env
-}
-
-fn config_file(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("config")
-        .join(name)
-}
 
 async fn saga_in_one_process(file: &str, env: Vec<(String, String)>) {
     let streams = stream_examples::config::builder()

@@ -14,7 +14,12 @@ use stream_examples::payments::PaymentService;
 #[tokio::main]
 async fn main() {
     let args = Args::parse("demo [--config FILE] [--orders N] [--limit CENTS]");
-    if let Err(e) = run(&args).await {
+    // Logs only: spans of every order of both services in one process would bury the
+    // summary; the two service binaries export them.
+    let telemetry = stream_examples::telemetry::init("demo", false);
+    let result = run(&args).await;
+    telemetry.shutdown();
+    if let Err(e) = result {
         eprintln!("demo failed: {e}");
         std::process::exit(1);
     }
