@@ -383,6 +383,37 @@ impl Endpoint {
     }
 }
 
+impl Endpoint {
+    /// A `PING` that failed: whatever Redis (or the way to it) said, it did not answer as a
+    /// healthy server does.
+    pub(crate) fn ping_failed(&self, error: RedisError) -> Error {
+        Error::new(
+            ErrorKind::Connection,
+            format!(
+                "{} at {} did not answer PING: {}",
+                self.noun(),
+                self.address,
+                self.redactor.scrub(&error.to_string())
+            ),
+        )
+        .temporary(true)
+        .with_source(error)
+    }
+
+    /// A `PING` that got no answer within `waited`, connecting included.
+    pub(crate) fn ping_unanswered(&self, waited: Duration) -> Error {
+        Error::new(
+            ErrorKind::Connection,
+            format!(
+                "{} at {} did not answer PING within {waited:?}",
+                self.noun(),
+                self.address
+            ),
+        )
+        .temporary(true)
+    }
+}
+
 /// Certificates from the `tls-*-file` settings; `None` keeps redis-rs's defaults (the
 /// system trust store, no client certificate).
 fn tls_certificates(config: &RedisConfig) -> Result<Option<TlsCertificates>> {

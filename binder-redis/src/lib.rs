@@ -171,6 +171,7 @@ mod producer;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use stream_core::{
@@ -186,6 +187,11 @@ use producer::{RedisProducer, TrimRule};
 
 /// The binder `type` this crate registers.
 pub const KIND: &str = "redis";
+
+/// The longest [`Binder::ping`] waits, connecting included (less if `command-timeout` is
+/// shorter): below the 2 s `Streams::health` allows a binder, so that a silent Redis is
+/// reported by this binder's error, which names the address, rather than by a bare timeout.
+pub const MAX_PING_WAIT: Duration = Duration::from_millis(1500);
 
 /// Registers the `redis` binder type:
 /// `Streams::builder().register(binder_redis::register)`.
@@ -354,6 +360,29 @@ impl Binder for RedisBinder {
         };
         let consumer = RedisConsumer::open(commands, read, destination, options, &settings).await?;
         Ok(Box::new(consumer))
+    }
+
+    /// `PING` on the binder's command connection, the one producers, acks and group
+    /// administration share (made now if nothing has made it yet). On a Redis Cluster the
+    /// `PING` goes to every master of the slot map, and fails unless all of them answer: a
+    /// master that is down leaves its slots' streams unserved. Waits at most
+    /// [`MAX_PING_WAIT`] (or `command-timeout`, if shorter). Redis not answering, or not as
+    /// a healthy server does (`LOADING` after a restart, say), is an
+    /// [`ErrorKind::Connection`] error naming the address, its password hidden; after
+    /// [`close`](Binder::close) it is [`ErrorKind::Closed`].
+    async fn ping(&self) -> Result<()> {
+        let endpoint = &self.inner.endpoint;
+        let bound = self.inner.config.command_timeout.min(MAX_PING_WAIT);
+        let ping = async {
+            let mut conn = self.commands().await?;
+            redis::cmd("PING")
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| endpoint.ping_failed(e))
+        };
+        tokio::time::timeout(bound, ping)
+            .await
+            .unwrap_or_else(|_| Err(endpoint.ping_unanswered(bound)))
     }
 
     async fn close(&self) -> Result<()> {
