@@ -166,6 +166,7 @@ mod connection;
 mod consumer;
 mod entry;
 mod holdings;
+mod lag;
 mod producer;
 
 use std::fmt;
