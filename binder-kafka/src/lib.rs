@@ -106,6 +106,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use rdkafka::producer::FutureProducer;
@@ -119,6 +120,11 @@ pub use crate::config::{KafkaConfig, Property};
 
 /// The binder `type` this crate registers.
 pub const KIND: &str = "kafka";
+
+/// The longest [`Binder::ping`] waits (less if `connect-timeout` is shorter): below the 2 s
+/// `Streams::health` allows a binder, so that a silent cluster is reported by this binder's
+/// error, which names the brokers, rather than by a bare timeout.
+pub const MAX_PING_WAIT: Duration = Duration::from_millis(1500);
 
 /// Adds the Kafka binder to `registry` under `type = "kafka"`.
 pub fn register(registry: &mut Registry) {
@@ -269,6 +275,18 @@ impl Binder for KafkaBinder {
             .ensure_partitioned_topic(destination, exactly)
             .await?;
         Ok(true)
+    }
+
+    /// One metadata request through the binder's admin client (made now if nothing has made
+    /// it yet), on a blocking thread, answered by any broker of the cluster: about one topic
+    /// the binder uses, or before it uses any, about all topics. Waits at most
+    /// [`MAX_PING_WAIT`] (or `connect-timeout`, if shorter); no answer in that time is an
+    /// [`ErrorKind::Connection`] error naming the brokers. After [`close`](Binder::close) it
+    /// is [`ErrorKind::Closed`].
+    async fn ping(&self) -> Result<()> {
+        self.check_open()?;
+        let bound = self.config.connect_timeout.min(MAX_PING_WAIT);
+        self.admin().await?.ping(bound).await
     }
 
     /// Flushes the shared producer. Afterwards no new producer or consumer is made (they
