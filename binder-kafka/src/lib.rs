@@ -97,6 +97,7 @@ mod admin;
 mod config;
 mod consumer;
 mod error;
+mod lag;
 mod offsets;
 mod poller;
 mod producer;
