@@ -251,19 +251,30 @@ impl RedisBinder {
     }
 
     async fn commands(&self) -> Result<Conn> {
+        self.command_connection(self.inner.config.connect_attempts)
+            .await
+    }
+
+    /// The shared command connection, made now with `attempts` at first contact if nothing
+    /// has made it yet.
+    async fn command_connection(&self, attempts: u32) -> Result<Conn> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(Error::new(
                 ErrorKind::Closed,
                 format!("redis binder for {} is closed", self.inner.endpoint.address),
             ));
         }
+        let endpoint = &self.inner.endpoint;
+        let timeout = self.inner.config.command_timeout;
         let conn = self
             .inner
             .commands
-            .get_or_try_init(|| {
-                self.inner
-                    .endpoint
-                    .connect(self.inner.config.command_timeout)
+            .get_or_try_init(|| async move {
+                if attempts <= 1 {
+                    endpoint.connect_once(timeout).await
+                } else {
+                    endpoint.connect(timeout).await
+                }
             })
             .await?;
         Ok(conn.clone())
@@ -364,7 +375,7 @@ impl Binder for RedisBinder {
     }
 
     /// `PING` on the binder's command connection, the one producers, acks and group
-    /// administration share (made now if nothing has made it yet). On a Redis Cluster the
+    /// administration share (made now, with one attempt, if nothing has made it yet). On a Redis Cluster the
     /// `PING` goes to every master of the slot map, and fails unless all of them answer: a
     /// master that is down leaves its slots' streams unserved. Waits at most
     /// [`MAX_PING_WAIT`] (or `command-timeout`, if shorter). Redis not answering, or not as
@@ -375,7 +386,9 @@ impl Binder for RedisBinder {
         let endpoint = &self.inner.endpoint;
         let bound = self.inner.config.command_timeout.min(MAX_PING_WAIT);
         let ping = async {
-            let mut conn = self.commands().await?;
+            // One attempt if it connects: a refusal is reported at once with its reason, and
+            // the next check tries again.
+            let mut conn = self.command_connection(1).await?;
             redis::cmd("PING")
                 .query_async::<()>(&mut conn)
                 .await
