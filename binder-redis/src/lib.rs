@@ -152,6 +152,25 @@
 //!   (which core retries) until the connection is back; the consumer then re-creates its
 //!   group if Redis lost it and re-reads its own pending entries before new ones.
 //!
+//! # Health and lag
+//!
+//! * [`Binder::ping`] (what `Streams::health` calls) is a `PING` on the command connection,
+//!   made with one attempt if nothing has made it yet, within [`MAX_PING_WAIT`] (or
+//!   `command-timeout`, if shorter). Any failure is a temporary
+//!   [`ErrorKind::Connection`] error naming the address, password hidden. On a Redis
+//!   Cluster the `PING` goes to every master of the slot map, and all must answer.
+//! * [`Consumer::lag`] (the `stream_consumer_lag` gauge) is
+//!   group-wide, the same on every member: the entries the group has not acknowledged,
+//!   `XINFO GROUPS`' `lag` (never delivered) plus `pending` (delivered, not acknowledged,
+//!   released ones included), read in one script. Where Redis's `lag` is wrong or nil the
+//!   binder corrects it: entries trimmed before the group read them do not count (a group
+//!   whose position is below the first entry lags by the stream's length); when entries
+//!   after the position were deleted with `XDEL` (Redis says nil) the entries on the
+//!   shorter side of the position are counted, up to 1,000 on each side, past which the
+//!   sample fails with a temporary error and core tries again at the next interval. A
+//!   group that does not exist yet lags by the stream's length (`start-from = "earliest"`)
+//!   or by 0 (`"latest"`), as the consumer's next read makes it; a deleted stream by 0.
+//!
 //! A binding with a `group` must have a `claim-idle` of at least 30 ms (three keepalive
 //! rounds at their shortest) and longer than its `retry.max-backoff` (both checked at
 //! load): a member that dies while a message waits out its backoff stops keeping it, and
