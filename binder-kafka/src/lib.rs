@@ -38,9 +38,24 @@
 //!   the brokers that take over, and the connection errors it reports meanwhile are logged,
 //!   not returned, so consumers keep reading the partitions whose leaders are up.
 //!
-//! The crate's README describes polling, revocation, attempts and payload limits in full.
+//! * [`Binder::ping`] (what `Streams::health` calls) is one metadata request through the
+//!   admin client, on a blocking thread, answered by any broker, within [`MAX_PING_WAIT`]
+//!   (or `connect-timeout`, if shorter); no answer is a temporary
+//!   [`ErrorKind::Connection`] error naming the brokers. It creates no topic.
+//! * [`Consumer::lag`] (the `stream_consumer_lag` gauge) is group-wide, the same on every
+//!   member: over every partition of the topic, the high watermark less the group's
+//!   committed offset, or less the low watermark where the group has no commit the
+//!   partition still holds (where `auto.offset.reset = earliest` makes it read from). It
+//!   counts committed acknowledgements only, so it reaches 0 one `commit-interval` after
+//!   the last acknowledgement. A reader client of the member's own, which never joins the
+//!   group, asks for it on a blocking thread (5 s at most); the poller is not involved. An
+//!   anonymous consumer commits nothing and reports `None`.
+//!
+//! The crate's README describes polling, revocation, attempts, payload limits, health and lag
+//! in full.
 //!
 //! [`Consumer::holds`]: stream_core::Consumer::holds
+//! [`Consumer::lag`]: stream_core::Consumer::lag
 //! [`Received::attempt`]: stream_core::Received::attempt
 //!
 //! ```no_run
