@@ -54,6 +54,9 @@ impl LagReader {
     pub(crate) fn new(config: &KafkaConfig, topic: &str, group: &str) -> LagReader {
         let mut client = config.consumer_config();
         client.set("group.id", group);
+        // Used once per `lag-interval`, its connections sit idle in between and brokers
+        // close them (`connections.max.idle.ms`): expected, not worth an error in the log.
+        client.set("log.connection.close", "false");
         LagReader {
             topic: topic.to_owned(),
             group: group.to_owned(),
