@@ -59,7 +59,7 @@ async fn ping_of_a_silent_server_gives_up_at_its_bound() {
     let binder = RedisBinder::new(RedisConfig {
         connect_timeout: Duration::from_secs(30),
         command_timeout: Duration::from_secs(30),
-        ..RedisConfig::with_url(&format!("redis://:sesame@127.0.0.1:{port}"))
+        ..RedisConfig::with_url(format!("redis://:sesame@127.0.0.1:{port}"))
     })
     .unwrap();
     let started = Instant::now();
@@ -155,7 +155,7 @@ async fn ping_of_a_connected_server_that_goes_silent() {
     };
     let target = url.trim_start_matches("redis://").trim_end_matches('/');
     let proxy = Proxy::start(target.to_owned()).await;
-    let binder = RedisBinder::new(RedisConfig::with_url(&format!(
+    let binder = RedisBinder::new(RedisConfig::with_url(format!(
         "redis://127.0.0.1:{}",
         proxy.port
     )))
