@@ -137,10 +137,12 @@ pub use crate::config::{KafkaConfig, Property};
 /// The binder `type` this crate registers.
 pub const KIND: &str = "kafka";
 
-/// The longest [`Binder::ping`] waits (less if `connect-timeout` is shorter): below the 2 s
-/// `Streams::health` allows a binder, so that a silent cluster is reported by this binder's
-/// error, which names the brokers, rather than by a bare timeout.
-pub const MAX_PING_WAIT: Duration = Duration::from_millis(1500);
+/// The longest [`Binder::ping`] waits (less if `connect-timeout` is shorter): three
+/// quarters of [`stream_core::PING_TIMEOUT`] (1.5 s), the most `Streams::health` waits for a
+/// binder, so that a silent cluster is reported by this binder's error, which names the
+/// brokers, rather than by a bare timeout.
+pub const MAX_PING_WAIT: Duration =
+    Duration::from_millis(stream_core::PING_TIMEOUT.as_millis() as u64 / 4 * 3);
 
 /// Adds the Kafka binder to `registry` under `type = "kafka"`.
 pub fn register(registry: &mut Registry) {

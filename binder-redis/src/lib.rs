@@ -209,9 +209,11 @@ use producer::{RedisProducer, TrimRule};
 pub const KIND: &str = "redis";
 
 /// The longest [`Binder::ping`] waits, connecting included (less if `command-timeout` is
-/// shorter): below the 2 s `Streams::health` allows a binder, so that a silent Redis is
-/// reported by this binder's error, which names the address, rather than by a bare timeout.
-pub const MAX_PING_WAIT: Duration = Duration::from_millis(1500);
+/// shorter): three quarters of [`stream_core::PING_TIMEOUT`] (1.5 s), the most
+/// `Streams::health` waits for a binder, so that a silent Redis is reported by this
+/// binder's error, which names the address, rather than by a bare timeout.
+pub const MAX_PING_WAIT: Duration =
+    Duration::from_millis(stream_core::PING_TIMEOUT.as_millis() as u64 / 4 * 3);
 
 /// Registers the `redis` binder type:
 /// `Streams::builder().register(binder_redis::register)`.
