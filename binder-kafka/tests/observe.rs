@@ -18,7 +18,7 @@ const PING_BOUND: Duration = MAX_PING_WAIT.saturating_add(Duration::from_millis(
 /// Nothing listens: a Connection error naming the brokers within the bound (well within
 /// the 2 s `Streams::health` allows). Needs no Kafka.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ping_of_an_unreachable_cluster_names_the_brokers_in_bounded_time() {
+async fn ping_of_unreachable_brokers_names_them_in_bounded_time() {
     let binder = KafkaBinder::new(
         KafkaConfig::new("127.0.0.1:1").client_property("sasl.password", "topsecret"),
     )
@@ -57,11 +57,11 @@ async fn ping_of_a_silent_broker_gives_up_at_its_bound() {
     held.abort();
 }
 
-/// A live cluster answers, before the binder uses any topic and after; a closed binder
+/// A live broker answers, before the binder uses any topic and after; a closed binder
 /// says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ping_of_a_live_cluster() {
-    let Some(brokers) = brokers("ping_of_a_live_cluster") else {
+async fn ping_of_a_live_broker() {
+    let Some(brokers) = brokers("ping_of_a_live_broker") else {
         return;
     };
     let binder = binder(&brokers);
