@@ -211,6 +211,55 @@ impl Admin {
         Ok(())
     }
 
+    /// One metadata request, answered by any broker of the cluster within `bound`. It asks
+    /// about one topic this binder already uses (a small answer), or, before it uses any,
+    /// about all of them. Asking creates nothing: the admin client does not let the broker
+    /// create a topic it is asked about.
+    pub(crate) async fn ping(&self, bound: Duration) -> Result<()> {
+        let client = self.client.clone();
+        let known = self
+            .ready
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .next()
+            .cloned();
+        let asked = tokio::task::spawn_blocking(move || {
+            client
+                .inner()
+                .fetch_metadata(known.as_deref(), bound)
+                .map(drop)
+        });
+        // The request ends by itself at `bound`; this only keeps a blocking pool with no
+        // thread free from holding the answer back.
+        let answer = match tokio::time::timeout(bound + METADATA_RETRY, asked).await {
+            Ok(joined) => joined.map_err(|e| {
+                Error::new(ErrorKind::Broker, "metadata task failed").with_source(e)
+            })?,
+            Err(_) => return Err(self.unanswered(bound, None)),
+        };
+        answer.map_err(|e| self.unanswered(bound, Some(e)))
+    }
+
+    fn unanswered(&self, bound: Duration, error: Option<KafkaError>) -> Error {
+        let why = match &error {
+            Some(e) => format!(": {}", self.config.redact(&e.to_string())),
+            None => String::new(),
+        };
+        let unanswered = Error::new(
+            ErrorKind::Connection,
+            format!(
+                "Kafka at {} did not answer a metadata request within {bound:?}{why}",
+                self.config.brokers
+            ),
+        )
+        .temporary(true);
+        match error {
+            Some(e) => unanswered.with_source(e),
+            None => unanswered,
+        }
+    }
+
     /// Whether `topic` was seen ready before, so the first-use check can be skipped.
     pub(crate) fn is_ready(&self, topic: &str) -> bool {
         self.ready

@@ -25,6 +25,7 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::config::KafkaConfig;
 use crate::error::{convert, kind_of};
+use crate::lag::LagReader;
 use crate::offsets::{Delivery, OffsetTracker};
 use crate::poller::{self, Reports, Start};
 
@@ -231,6 +232,8 @@ impl Shared {
 /// One member of a consumer group (or an anonymous consumer) of one topic.
 pub(crate) struct KafkaConsumer {
     shared: Arc<Shared>,
+    /// The group's lag; `None` for an anonymous consumer, which commits nothing.
+    lag: Option<LagReader>,
     /// How the poller reports the end of a close; taken by the first `close`.
     closing: Mutex<Option<CloseReports>>,
 }
@@ -302,6 +305,9 @@ impl KafkaConsumer {
         // `Drop`) whether or not it has started yet.
         let opened = KafkaConsumer {
             shared,
+            lag: options
+                .durable
+                .then(|| LagReader::new(config, topic, &options.group)),
             closing: Mutex::new(Some((committed_rx, left_rx))),
         };
         match started_rx.await {
@@ -393,6 +399,16 @@ impl Consumer for KafkaConsumer {
             return true;
         }
         self.shared.lock().tracker.start(Delivery::of(tag))
+    }
+
+    /// Group-wide, over every partition of the topic (see [`crate::lag`]), read by a client
+    /// of its own that never joins the group; `None` for an anonymous consumer, which keeps
+    /// no commits to measure from.
+    async fn lag(&self) -> Result<Option<u64>> {
+        match &self.lag {
+            Some(reader) => reader.lag().await.map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Commits what was acknowledged and leaves the group, waiting at most 10 s. A commit

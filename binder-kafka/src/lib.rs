@@ -38,9 +38,24 @@
 //!   the brokers that take over, and the connection errors it reports meanwhile are logged,
 //!   not returned, so consumers keep reading the partitions whose leaders are up.
 //!
-//! The crate's README describes polling, revocation, attempts and payload limits in full.
+//! * [`Binder::ping`] (what `Streams::health` calls) is one metadata request through the
+//!   admin client, on a blocking thread, answered by any broker, within [`MAX_PING_WAIT`]
+//!   (or `connect-timeout`, if shorter); no answer is a temporary
+//!   [`ErrorKind::Connection`] error naming the brokers. It creates no topic.
+//! * [`Consumer::lag`] (the `stream_consumer_lag` gauge) is group-wide, the same on every
+//!   member: over every partition of the topic, the high watermark less the group's
+//!   committed offset, or less the low watermark where the group has no commit the
+//!   partition still holds (where `auto.offset.reset = earliest` makes it read from). It
+//!   counts committed acknowledgements only, so it reaches 0 one `commit-interval` after
+//!   the last acknowledgement. A reader client of the member's own, which never joins the
+//!   group, asks for it on a blocking thread (5 s at most); the poller is not involved. An
+//!   anonymous consumer commits nothing and reports `None`.
+//!
+//! The crate's README describes polling, revocation, attempts, payload limits, health and lag
+//! in full.
 //!
 //! [`Consumer::holds`]: stream_core::Consumer::holds
+//! [`Consumer::lag`]: stream_core::Consumer::lag
 //! [`Received::attempt`]: stream_core::Received::attempt
 //!
 //! ```no_run
@@ -97,6 +112,7 @@ mod admin;
 mod config;
 mod consumer;
 mod error;
+mod lag;
 mod offsets;
 mod poller;
 mod producer;
@@ -106,6 +122,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use rdkafka::producer::FutureProducer;
@@ -119,6 +136,13 @@ pub use crate::config::{KafkaConfig, Property};
 
 /// The binder `type` this crate registers.
 pub const KIND: &str = "kafka";
+
+/// The longest [`Binder::ping`] waits (less if `connect-timeout` is shorter): three
+/// quarters of [`stream_core::PING_TIMEOUT`] (1.5 s), the most `Streams::health` waits for a
+/// binder, so that a silent cluster is reported by this binder's error, which names the
+/// brokers, rather than by a bare timeout.
+pub const MAX_PING_WAIT: Duration =
+    Duration::from_millis(stream_core::PING_TIMEOUT.as_millis() as u64 / 4 * 3);
 
 /// Adds the Kafka binder to `registry` under `type = "kafka"`.
 pub fn register(registry: &mut Registry) {
@@ -269,6 +293,18 @@ impl Binder for KafkaBinder {
             .ensure_partitioned_topic(destination, exactly)
             .await?;
         Ok(true)
+    }
+
+    /// One metadata request through the binder's admin client (made now if nothing has made
+    /// it yet), on a blocking thread, answered by any broker of the cluster: about one topic
+    /// the binder uses, or before it uses any, about all topics. Waits at most
+    /// [`MAX_PING_WAIT`] (or `connect-timeout`, if shorter); no answer in that time is an
+    /// [`ErrorKind::Connection`] error naming the brokers. After [`close`](Binder::close) it
+    /// is [`ErrorKind::Closed`].
+    async fn ping(&self) -> Result<()> {
+        self.check_open()?;
+        let bound = self.config.connect_timeout.min(MAX_PING_WAIT);
+        self.admin().await?.ping(bound).await
     }
 
     /// Flushes the shared producer. Afterwards no new producer or consumer is made (they

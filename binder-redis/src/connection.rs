@@ -263,14 +263,36 @@ impl Endpoint {
     /// reconnects and retries redis-rs makes for it; a node that is down is tried again in
     /// the background until it is back.
     pub(crate) async fn connect(&self, response_timeout: Duration) -> Result<Conn> {
+        self.connect_within(response_timeout, self.attempts).await
+    }
+
+    /// [`connect`](Endpoint::connect) with one attempt at first contact, for a health check:
+    /// a server that refuses is reported at once, with the reason, rather than after the
+    /// backoff of `connect-attempts`. Reconnects later still get every attempt.
+    pub(crate) async fn connect_once(&self, response_timeout: Duration) -> Result<Conn> {
+        self.connect_within(response_timeout, 1).await
+    }
+
+    async fn connect_within(&self, response_timeout: Duration, attempts: u32) -> Result<Conn> {
         match &self.target {
-            Target::Server(client) => self.connect_server(client, response_timeout).await,
-            Target::Cluster(seeds) => self.connect_cluster(seeds, response_timeout).await,
+            Target::Server(client) => {
+                self.connect_server(client, response_timeout, attempts)
+                    .await
+            }
+            Target::Cluster(seeds) => {
+                self.connect_cluster(seeds, response_timeout, attempts)
+                    .await
+            }
         }
     }
 
-    async fn connect_server(&self, client: &Client, response_timeout: Duration) -> Result<Conn> {
-        self.probe(client).await?;
+    async fn connect_server(
+        &self,
+        client: &Client,
+        response_timeout: Duration,
+        attempts: u32,
+    ) -> Result<Conn> {
+        self.probe(client, attempts).await?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(response_timeout))
@@ -296,6 +318,7 @@ impl Endpoint {
         &self,
         seeds: &ClusterSeeds,
         response_timeout: Duration,
+        attempts: u32,
     ) -> Result<Conn> {
         let client = seeds
             .client(self.connect_timeout, response_timeout)
@@ -309,7 +332,7 @@ impl Endpoint {
                     Ok(conn) => return Ok(Conn::Cluster(conn)),
                     Err(e) => e,
                 };
-                if attempt >= self.attempts || !is_transient(&error) {
+                if attempt >= attempts || !is_transient(&error) {
                     return Err(self.unreachable(attempt, error));
                 }
                 tracing::debug!(address = %self.address, attempt, error = %self.redactor.scrub(&error.to_string()), retry_in = ?backoff, "redis cluster not reachable yet");
@@ -342,7 +365,7 @@ impl Endpoint {
     }
 
     /// One plain connection per attempt, so the attempt count and the error are ours.
-    async fn probe(&self, client: &Client) -> Result<()> {
+    async fn probe(&self, client: &Client, attempts: u32) -> Result<()> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.connect_timeout));
@@ -356,7 +379,7 @@ impl Endpoint {
                 Ok(_) => return Ok(()),
                 Err(e) => e,
             };
-            if attempt >= self.attempts || !is_transient(&error) {
+            if attempt >= attempts || !is_transient(&error) {
                 return Err(self.unreachable(attempt, error));
             }
             tracing::debug!(address = %self.address, attempt, error = %error, retry_in = ?backoff, "redis not reachable yet");
@@ -380,6 +403,37 @@ impl Endpoint {
         )
         .temporary(transient)
         .with_source(error)
+    }
+}
+
+impl Endpoint {
+    /// A `PING` that failed: whatever Redis (or the way to it) said, it did not answer as a
+    /// healthy server does.
+    pub(crate) fn ping_failed(&self, error: RedisError) -> Error {
+        Error::new(
+            ErrorKind::Connection,
+            format!(
+                "{} at {} did not answer PING: {}",
+                self.noun(),
+                self.address,
+                self.redactor.scrub(&error.to_string())
+            ),
+        )
+        .temporary(true)
+        .with_source(error)
+    }
+
+    /// A `PING` that got no answer within `waited`, connecting included.
+    pub(crate) fn ping_unanswered(&self, waited: Duration) -> Error {
+        Error::new(
+            ErrorKind::Connection,
+            format!(
+                "{} at {} did not answer PING within {waited:?}",
+                self.noun(),
+                self.address
+            ),
+        )
+        .temporary(true)
     }
 }
 

@@ -34,6 +34,7 @@ use crate::cleanup::clean_up;
 use crate::connection::{command_error, millis, Conn};
 use crate::entry::{parse_autoclaim, parse_pending_count, parse_read, Entry, EntryId, Malformed};
 use crate::holdings::{keep_alive, keepalive_period, Hold, Holdings, Member};
+use crate::lag::group_lag;
 
 /// The start of a stream or pending list.
 const ZERO: EntryId = EntryId { ms: 0, seq: 0 };
@@ -821,6 +822,19 @@ impl Consumer for RedisConsumer {
             tracing::warn!(stream = %self.member.stream, group = %self.member.group, consumer = %self.member.name, %id, attempt, "retrying an entry another member has taken over; it may be handled by both");
         }
         Ok(())
+    }
+
+    /// Group-wide: what `XINFO GROUPS` says the group has not been given (`lag`) plus what it
+    /// was given and has not acknowledged (`pending`), corrected as [`crate::lag`] says.
+    async fn lag(&self) -> Result<Option<u64>> {
+        group_lag(
+            &mut self.commands.clone(),
+            &self.member.stream,
+            &self.member.group,
+            self.start,
+        )
+        .await
+        .map(Some)
     }
 
     async fn close(&self) -> Result<()> {

@@ -152,6 +152,25 @@
 //!   (which core retries) until the connection is back; the consumer then re-creates its
 //!   group if Redis lost it and re-reads its own pending entries before new ones.
 //!
+//! # Health and lag
+//!
+//! * [`Binder::ping`] (what `Streams::health` calls) is a `PING` on the command connection,
+//!   made with one attempt if nothing has made it yet, within [`MAX_PING_WAIT`] (or
+//!   `command-timeout`, if shorter). Any failure is a temporary
+//!   [`ErrorKind::Connection`] error naming the address, password hidden. On a Redis
+//!   Cluster the `PING` goes to every master of the slot map, and all must answer.
+//! * [`Consumer::lag`] (the `stream_consumer_lag` gauge) is
+//!   group-wide, the same on every member: the entries the group has not acknowledged,
+//!   `XINFO GROUPS`' `lag` (never delivered) plus `pending` (delivered, not acknowledged,
+//!   released ones included), read in one script. Where Redis's `lag` is wrong or nil the
+//!   binder corrects it: entries trimmed before the group read them do not count (a group
+//!   whose position is below the first entry lags by the stream's length); when entries
+//!   after the position were deleted with `XDEL` (Redis says nil) the entries on the
+//!   shorter side of the position are counted, up to 1,000 on each side, past which the
+//!   sample fails with a temporary error and core tries again at the next interval. A
+//!   group that does not exist yet lags by the stream's length (`start-from = "earliest"`)
+//!   or by 0 (`"latest"`), as the consumer's next read makes it; a deleted stream by 0.
+//!
 //! A binding with a `group` must have a `claim-idle` of at least 30 ms (three keepalive
 //! rounds at their shortest) and longer than its `retry.max-backoff` (both checked at
 //! load): a member that dies while a message waits out its backoff stops keeping it, and
@@ -166,11 +185,13 @@ mod connection;
 mod consumer;
 mod entry;
 mod holdings;
+mod lag;
 mod producer;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use stream_core::{
@@ -186,6 +207,13 @@ use producer::{RedisProducer, TrimRule};
 
 /// The binder `type` this crate registers.
 pub const KIND: &str = "redis";
+
+/// The longest [`Binder::ping`] waits, connecting included (less if `command-timeout` is
+/// shorter): three quarters of [`stream_core::PING_TIMEOUT`] (1.5 s), the most
+/// `Streams::health` waits for a binder, so that a silent Redis is reported by this
+/// binder's error, which names the address, rather than by a bare timeout.
+pub const MAX_PING_WAIT: Duration =
+    Duration::from_millis(stream_core::PING_TIMEOUT.as_millis() as u64 / 4 * 3);
 
 /// Registers the `redis` binder type:
 /// `Streams::builder().register(binder_redis::register)`.
@@ -244,19 +272,30 @@ impl RedisBinder {
     }
 
     async fn commands(&self) -> Result<Conn> {
+        self.command_connection(self.inner.config.connect_attempts)
+            .await
+    }
+
+    /// The shared command connection, made now with `attempts` at first contact if nothing
+    /// has made it yet.
+    async fn command_connection(&self, attempts: u32) -> Result<Conn> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(Error::new(
                 ErrorKind::Closed,
                 format!("redis binder for {} is closed", self.inner.endpoint.address),
             ));
         }
+        let endpoint = &self.inner.endpoint;
+        let timeout = self.inner.config.command_timeout;
         let conn = self
             .inner
             .commands
-            .get_or_try_init(|| {
-                self.inner
-                    .endpoint
-                    .connect(self.inner.config.command_timeout)
+            .get_or_try_init(|| async move {
+                if attempts <= 1 {
+                    endpoint.connect_once(timeout).await
+                } else {
+                    endpoint.connect(timeout).await
+                }
             })
             .await?;
         Ok(conn.clone())
@@ -354,6 +393,31 @@ impl Binder for RedisBinder {
         };
         let consumer = RedisConsumer::open(commands, read, destination, options, &settings).await?;
         Ok(Box::new(consumer))
+    }
+
+    /// `PING` on the binder's command connection, the one producers, acks and group
+    /// administration share (made now, with one attempt, if nothing has made it yet). On a Redis Cluster the
+    /// `PING` goes to every master of the slot map, and fails unless all of them answer: a
+    /// master that is down leaves its slots' streams unserved. Waits at most
+    /// [`MAX_PING_WAIT`] (or `command-timeout`, if shorter). Redis not answering, or not as
+    /// a healthy server does (`LOADING` after a restart, say), is an
+    /// [`ErrorKind::Connection`] error naming the address, its password hidden; after
+    /// [`close`](Binder::close) it is [`ErrorKind::Closed`].
+    async fn ping(&self) -> Result<()> {
+        let endpoint = &self.inner.endpoint;
+        let bound = self.inner.config.command_timeout.min(MAX_PING_WAIT);
+        let ping = async {
+            // One attempt if it connects: a refusal is reported at once with its reason, and
+            // the next check tries again.
+            let mut conn = self.command_connection(1).await?;
+            redis::cmd("PING")
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| endpoint.ping_failed(e))
+        };
+        tokio::time::timeout(bound, ping)
+            .await
+            .unwrap_or_else(|_| Err(endpoint.ping_unanswered(bound)))
     }
 
     async fn close(&self) -> Result<()> {

@@ -630,3 +630,94 @@ async fn move_slot(nodes: &[String], slot: u16, from: usize, to: usize) {
         break;
     }
 }
+
+/// The ping goes to every master: one that does not answer (its clients paused with
+/// `CLIENT PAUSE ... ALL`) fails it within its bound, with an error naming the seeds; it
+/// answers again once that master does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_ping_needs_every_master() {
+    let Some(nodes) = cluster_nodes("cluster_ping_needs_every_master") else {
+        return;
+    };
+    // A paused master stalls the commands of every other test on it.
+    let _lock = broker_lock(true).await;
+    let binder = cluster_binder(&nodes);
+    binder.ping().await.expect("every master answers");
+    let pause = binder_redis::MAX_PING_WAIT * 2;
+    for (index, node) in nodes.iter().enumerate() {
+        let mut conn = common::raw(node).await;
+        redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(pause.as_millis() as u64)
+            .arg("ALL")
+            .query_async::<()>(&mut conn)
+            .await
+            .expect("CLIENT PAUSE");
+        let started = Instant::now();
+        let err = binder.ping().await.expect_err("a master does not answer");
+        let took = started.elapsed();
+        assert_eq!(err.kind(), ErrorKind::Connection, "master {index}: {err}");
+        assert!(
+            err.message().contains(&nodes[0]),
+            "master {index}: {err} names the seeds"
+        );
+        assert!(
+            took < binder_redis::MAX_PING_WAIT + Duration::from_millis(500),
+            "master {index}: took {took:?}"
+        );
+        let deadline = Instant::now() + PATIENCE;
+        while let Err(e) = binder.ping().await {
+            assert!(
+                Instant::now() < deadline,
+                "master {index} answers again: {e}"
+            );
+        }
+    }
+}
+
+/// The lag of a group on a stream of each master, read by the script on that master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_lag_on_every_master() {
+    let Some(nodes) = cluster_nodes("cluster_lag_on_every_master") else {
+        return;
+    };
+    let _lock = broker_lock(false).await;
+    let binder = cluster_binder(&nodes);
+    for (index, node) in nodes.iter().enumerate() {
+        let stream = stream_on(&nodes, index, "lag").await;
+        let mut conn = common::raw(node).await;
+        for n in 0..=index {
+            redis::cmd("XADD")
+                .arg(&stream)
+                .arg("*")
+                .arg("p")
+                .arg(n)
+                .query_async::<String>(&mut conn)
+                .await
+                .expect("XADD on the stream's master");
+        }
+        let consumer = binder
+            .consumer(&stream, &ConsumerOptions::new(common::unique("g")))
+            .await
+            .unwrap();
+        let backlog = index as u64 + 1;
+        assert_eq!(
+            consumer.lag().await.unwrap(),
+            Some(backlog),
+            "master {index}"
+        );
+        let got = common::receive_until(&*consumer, PATIENCE, "the backlog", |got| {
+            got.len() as u64 >= backlog
+        })
+        .await;
+        consumer
+            .ack(&got.iter().map(|r| r.tag).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        while consumer.lag().await.unwrap() != Some(0) {
+            assert!(Instant::now() < deadline, "master {index}: acknowledged");
+        }
+        consumer.close().await.unwrap();
+    }
+}
