@@ -204,11 +204,16 @@ pub trait Consumer: Send + Sync + 'static {
         Ok(())
     }
 
-    /// How many messages of the destination this member's group has not been given yet
-    /// (Redis: the group's `lag`; Kafka: high watermark minus committed offset over the
-    /// member's partitions), or `None` when the binder cannot tell. Core samples it every
-    /// binding's `lag-interval` for the `stream_consumer_lag` gauge, from its own task, so it
-    /// may take a round trip but should be cheap. Default: `None`.
+    /// How many messages of the destination this member's group has not acknowledged yet,
+    /// group-wide (never delivered, plus delivered and pending; Redis: the group's `lag`
+    /// plus `pending`; Kafka: high watermark minus the group's committed offset over every
+    /// partition), so every member of a group reports the same figure. Core samples it every
+    /// binding's `lag-interval` for the `stream_consumer_lag` gauge, from its own task, so
+    /// it may take a round trip but should be cheap.
+    ///
+    /// `Ok(None)` means the binder can never tell (an anonymous Kafka consumer commits
+    /// nothing): core stops asking. A figure that cannot be had right now is an `Err`, and
+    /// core asks again next time. Default: `None`.
     async fn lag(&self) -> Result<Option<u64>> {
         Ok(None)
     }

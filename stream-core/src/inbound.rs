@@ -727,7 +727,13 @@ async fn sample_lag(
             _ = ticks.tick() => {}
             _ = stop.wait_for(|stopped| *stopped) => return,
         }
-        match members.lag().await {
+        // Inside the select too: a sample may take a round trip, and a stopping consumer
+        // should not be kept open for it.
+        let sampled = tokio::select! {
+            sampled = members.lag() => sampled,
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        };
+        match sampled {
             Ok(Some(lag)) => metrics.lag.set(lag as f64),
             Ok(None) => return,
             Err(e) => tracing::debug!(error = %e, "could not sample the consumer's lag"),

@@ -34,7 +34,7 @@ pub mod names {
     pub const IN_FLIGHT: &str = "stream_in_flight_deliveries";
     /// Gauge: deliveries held un-acknowledged.
     pub const WINDOW_USED: &str = "stream_prefetch_window_used";
-    /// Gauge: messages the group has not been given yet.
+    /// Gauge: messages the group has not acknowledged yet, group-wide.
     pub const LAG: &str = "stream_consumer_lag";
 }
 

@@ -25,7 +25,12 @@
 //! | `stream_end_to_end_latency_seconds` | histogram | | from the send (the `x-sent-at` header) to the handler's success |
 //! | `stream_in_flight_deliveries` | gauge | | deliveries in a handler right now |
 //! | `stream_prefetch_window_used` | gauge | | deliveries held un-acknowledged, of `prefetch` |
-//! | `stream_consumer_lag` | gauge | | messages of the destination the group has not been given yet, sampled every `lag-interval`, where the binder can tell |
+//! | `stream_consumer_lag` | gauge | | messages of the destination the group has not acknowledged, group-wide, sampled every `lag-interval`, where the binder can tell ([`Consumer::lag`](crate::Consumer::lag)) |
+//!
+//! Every member of a group reports the same lag: aggregate it with `max` by group. One
+//! exception: a partitioned binding on a binder without partitions of its own (Redis,
+//! memory) with `instance-count` above 1 reads, and so reports, only its instance's
+//! partition streams: aggregate those with `sum`.
 //!
 //! # Spans
 //!
