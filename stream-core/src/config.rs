@@ -118,6 +118,23 @@ pub struct BindingConfig {
     /// ([`Consumer::lag`](crate::Consumer::lag)); `"0s"` never does. Default: 10 s.
     #[serde(default = "defaults::lag_interval", with = "duration")]
     pub lag_interval: Duration,
+    /// How long one handler attempt may run: an attempt that runs longer fails (retried,
+    /// then dead-lettered, like any failure) and its future is dropped, so the handler
+    /// stops at its next `.await`. Keep it below `claim-idle` on Redis (past that, another
+    /// member may take the message over while it runs) and below Kafka's
+    /// `max.poll.interval.ms`; `shutdown-timeout` still bounds how long a stopping
+    /// subscription waits for attempts in flight. Applies to handler-style subscriptions,
+    /// single and batch; a pull-style stream times its own work. Default: none.
+    #[serde(default, with = "duration::option")]
+    pub handler_timeout: Option<Duration>,
+    /// The most messages a batch handler ([`Sink::subscribe_batch`](crate::Sink::subscribe_batch))
+    /// gets at once; at most `prefetch`. Default: 100.
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: usize,
+    /// How long a batch handler waits for a batch to fill, from its first message; what
+    /// arrived by then goes as a smaller batch. Default: 100 ms.
+    #[serde(default = "defaults::batch_wait", with = "duration")]
+    pub batch_wait: Duration,
     /// How long a graceful shutdown waits for in-flight handlers before giving up on them;
     /// what they did not finish stays un-acknowledged and is delivered again. Default: 30 s.
     #[serde(default = "defaults::shutdown_timeout", with = "duration")]
@@ -157,6 +174,9 @@ impl BindingConfig {
             max_payload_bytes: defaults::max_payload_bytes(),
             claim_idle: defaults::claim_idle(),
             lag_interval: defaults::lag_interval(),
+            handler_timeout: None,
+            batch_size: defaults::batch_size(),
+            batch_wait: defaults::batch_wait(),
             shutdown_timeout: defaults::shutdown_timeout(),
             partitions: None,
             instance_index: 0,
@@ -286,6 +306,18 @@ impl BindingConfig {
         if self.retry.max_attempts == 0 {
             return bad("`retry.max-attempts` must be at least 1");
         }
+        if self.batch_size == 0 {
+            return bad("`batch-size` must be at least 1");
+        }
+        if self.batch_size > self.prefetch {
+            return bad(&format!(
+                "`batch-size` {} is above `prefetch` {}: a batch cannot be larger than what the consumer may hold",
+                self.batch_size, self.prefetch
+            ));
+        }
+        if self.handler_timeout == Some(Duration::ZERO) {
+            return bad("`handler-timeout` must be above 0 (leave it out for none)");
+        }
         if !(self.retry.multiplier >= 1.0 && self.retry.multiplier.is_finite()) {
             return bad("`retry.multiplier` must be a finite number >= 1.0");
         }
@@ -379,6 +411,12 @@ pub(crate) mod defaults {
     pub fn shutdown_timeout() -> Duration {
         Duration::from_secs(30)
     }
+    pub fn batch_size() -> usize {
+        100
+    }
+    pub fn batch_wait() -> Duration {
+        Duration::from_millis(100)
+    }
     pub fn lag_interval() -> Duration {
         Duration::from_secs(10)
     }
@@ -410,6 +448,18 @@ pub mod duration {
                 "invalid duration `{text}` ({e}); write it like \"250ms\" or \"5s\""
             ))
         })
+    }
+
+    /// An optional duration: absent means none.
+    pub mod option {
+        use std::time::Duration;
+
+        use serde::Deserializer;
+
+        /// Deserializes a humantime string when the key is present.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            super::deserialize(d).map(Some)
+        }
     }
 }
 
@@ -867,7 +917,7 @@ mod tests {
     }
 
     #[test]
-    fn partition_settings_that_cannot_work_are_refused() {
+    fn binding_settings_that_cannot_work_are_refused() {
         for (extra, complaint) in [
             ("partitions = 0", "`partitions` must be at least 1"),
             ("instance-count = 0", "`instance-count` must be at least 1"),
@@ -877,6 +927,9 @@ mod tests {
             ),
             ("instance-count = 2", "needs `partitions`"),
             ("group = \"anonymous.billing\"", "reserved"),
+            ("batch-size = 0", "`batch-size` must be at least 1"),
+            ("prefetch = 10\nbatch-size = 20", "above `prefetch`"),
+            ("handler-timeout = \"0s\"", "`handler-timeout` must be above 0"),
             (
                 "partitions = 2\ninstance-count = 3\ninstance-index = 2",
                 "would read no partition",

@@ -1,5 +1,6 @@
 //! Routing of messages that cannot be handled to the binding's dead-letter destination.
 
+use std::error::Error as StdError;
 use std::time::SystemTime;
 
 use crate::binder::{Binder, Producer};
@@ -8,6 +9,8 @@ use crate::Result;
 
 /// Longest error text kept in the `x-error` header; brokers cap header sizes.
 const MAX_ERROR_LEN: usize = 2048;
+/// Longest text kept in the `x-error-chain` header.
+const MAX_CHAIN_LEN: usize = 4096;
 
 /// Why a message is dead-lettered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,6 +19,8 @@ pub(crate) enum Cause {
     Decode,
     /// The handler failed on the last attempt.
     Handler,
+    /// The handler rejected the message.
+    Rejected,
 }
 
 impl Cause {
@@ -24,6 +29,15 @@ impl Cause {
         match self {
             Cause::Decode => DeadLetterReason::Decode,
             Cause::Handler => DeadLetterReason::Handler,
+            Cause::Rejected => DeadLetterReason::Rejected,
+        }
+    }
+
+    fn header_value(self) -> &'static str {
+        match self {
+            Cause::Decode => "decode",
+            Cause::Handler => "handler",
+            Cause::Rejected => "rejected",
         }
     }
 }
@@ -66,22 +80,21 @@ impl DeadLetter {
         message: &Message,
         attempts: u32,
         cause: Cause,
-        error: &str,
+        error: &(dyn StdError + 'static),
         first_failure: SystemTime,
     ) -> Result<()> {
+        let text = error.to_string();
         let mut headers = message.headers().clone();
         headers.insert(header::ORIGINAL_DESTINATION, self.origin.as_str());
         headers.insert(header::ORIGINAL_GROUP, self.group.as_str());
         headers.insert(header::ORIGINAL_ID, message.id());
         headers.insert(header::ATTEMPTS, attempts.to_string());
-        headers.insert(header::ERROR, truncate(error, MAX_ERROR_LEN));
+        headers.insert(header::ERROR, truncate(&text, MAX_ERROR_LEN));
         headers.insert(
-            header::ERROR_KIND,
-            match cause {
-                Cause::Decode => "decode",
-                Cause::Handler => "handler",
-            },
+            header::ERROR_CHAIN,
+            truncate(&crate::handler::chain_text(error), MAX_CHAIN_LEN),
         );
+        headers.insert(header::ERROR_KIND, cause.header_value());
         headers.insert(
             header::FIRST_FAILURE,
             humantime::format_rfc3339_millis(first_failure).to_string(),
@@ -97,7 +110,8 @@ impl DeadLetter {
             id = %message.id(),
             attempts,
             dead_letter = %self.destination,
-            error = %error,
+            reason = cause.header_value(),
+            error = %text,
             "message dead-lettered"
         );
         Ok(())

@@ -1,6 +1,6 @@
 //! Pull-style consumption: a stream of deliveries acknowledged by the caller.
 
-use std::fmt::{self, Display};
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,11 +15,12 @@ use crate::binder::{DeliveryTag, Received};
 use crate::codec::Codec;
 use crate::config::RetryConfig;
 use crate::dead_letter::{Cause, DeadLetter};
-use crate::inbound::{Backlog, Closer, Fault, Inbound, Members, Names, Settlement};
-use crate::sink::{dead_letter_refused, decode};
+use crate::engine::inbound::{Backlog, Closer, Fault, Inbound, Members, Names, Settlement};
+use crate::engine::worker::{dead_letter_refused, decode, exhausted_error, NextStep};
+use crate::handler::HandlerError;
 use crate::telemetry::measure::ConsumeMetrics;
 use crate::telemetry::trace::{self, AttemptOutcome};
-use crate::{Error, ErrorKind, Message, Result};
+use crate::{BoxError, Error, ErrorKind, Message, Result};
 
 /// A stream of [`Delivery`] values from [`Sink::stream`](crate::Sink::stream).
 ///
@@ -196,7 +197,7 @@ impl<T: Send + 'static> Stream for Deliveries<T> {
                             tokio::spawn(async move {
                                 let attempts = pending.attempt;
                                 settle
-                                    .give_up(pending, attempts, Cause::Decode, defect)
+                                    .give_up(pending, attempts, Cause::Decode, defect.into())
                                     .await;
                             });
                             continue;
@@ -234,9 +235,7 @@ impl<T: Send + 'static> Stream for Deliveries<T> {
                 // Earlier consumers stopped or died during every attempt; do not hand it to
                 // this one.
                 let made = pending.attempt - 1;
-                let error = format!(
-                    "{made} earlier attempts ended without an outcome (the consumer crashed or stopped during each)"
-                );
+                let error = exhausted_error(made);
                 let settle = this.settle.clone();
                 tokio::spawn(async move {
                     settle.give_up(pending, made, Cause::Handler, error).await;
@@ -319,11 +318,19 @@ impl<T> Delivery<T> {
     }
 
     /// Marks the attempt failed: the message comes back after the retry backoff, or goes to
-    /// the dead-letter destination with `error` once the binding's attempts are used up.
-    pub fn nack(mut self, error: impl Display) {
+    /// the dead-letter destination with `error` once the binding's attempts are used up. A
+    /// [`HandlerError`] in `error`'s chain asks for another delay, or rejects the message at
+    /// once, as it does for a handler.
+    pub fn nack(mut self, error: impl Into<BoxError>) {
         if let Some(pending) = self.pending.take() {
-            self.failed(pending, error.to_string());
+            self.failed(pending, error.into());
         }
+    }
+
+    /// Sends the message to the dead-letter destination now, with `error`, whatever
+    /// attempts are left: `nack(HandlerError::reject(error))`.
+    pub fn reject(self, error: impl Into<BoxError>) {
+        self.nack(HandlerError::reject(error));
     }
 
     fn finished(&self) {
@@ -334,24 +341,24 @@ impl<T> Delivery<T> {
             .record(self.yielded.elapsed().as_secs_f64());
     }
 
-    fn failed(&self, pending: Pending, error: String) {
+    fn failed(&self, pending: Pending, error: BoxError) {
         self.finished();
         self.settle.metrics.handler_errors.increment(1);
-        self.span.record("error", error.as_str());
-        let outcome = if pending.attempt >= self.settle.retry.max_attempts {
-            AttemptOutcome::DeadLetter
-        } else {
-            AttemptOutcome::Retry
-        };
-        outcome.record(&self.span);
-        self.settle.clone().nack(pending, error);
+        self.span.record("error", tracing::field::display(&error));
+        let next = NextStep::after(&self.settle.retry, pending.attempt, &*error);
+        match next {
+            NextStep::GiveUp(_) => AttemptOutcome::DeadLetter,
+            NextStep::RetryIn(_) => AttemptOutcome::Retry,
+        }
+        .record(&self.span);
+        self.settle.clone().nack(pending, error, next);
     }
 }
 
 impl<T> Drop for Delivery<T> {
     fn drop(&mut self) {
         if let Some(pending) = self.pending.take() {
-            self.failed(pending, "delivery dropped without ack or nack".to_owned());
+            self.failed(pending, "delivery dropped without ack or nack".into());
         }
     }
 }
@@ -372,20 +379,22 @@ impl<T> fmt::Debug for Deliveries<T> {
 }
 
 impl Settle {
-    fn nack(self: Arc<Self>, mut pending: Pending, error: String) {
+    fn nack(self: Arc<Self>, mut pending: Pending, error: BoxError, next: NextStep) {
         pending.first_failure.get_or_insert_with(SystemTime::now);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // Without a runtime nothing can be scheduled; the broker redelivers it.
             return;
         };
-        if pending.attempt >= self.retry.max_attempts {
-            runtime.spawn(async move {
-                let attempts = pending.attempt;
-                self.give_up(pending, attempts, Cause::Handler, error).await;
-            });
-            return;
-        }
-        let wait = self.retry.backoff(pending.attempt);
+        let wait = match next {
+            NextStep::GiveUp(cause) => {
+                runtime.spawn(async move {
+                    let attempts = pending.attempt;
+                    self.give_up(pending, attempts, cause, error).await;
+                });
+                return;
+            }
+            NextStep::RetryIn(wait) => wait,
+        };
         tracing::debug!(id = %pending.message.id(), attempt = pending.attempt, retry_in = ?wait, %error, "nacked; retrying");
         runtime.spawn(async move {
             tokio::time::sleep(wait).await;
@@ -402,13 +411,13 @@ impl Settle {
     /// Dead-letters, then acknowledges. Temporary broker failures are retried while the
     /// stream lives; after that the message stays un-acknowledged and the broker delivers it
     /// again. A permanent failure ends the stream with that error.
-    async fn give_up(&self, pending: Pending, attempts: u32, cause: Cause, error: String) {
+    async fn give_up(&self, pending: Pending, attempts: u32, cause: Cause, error: BoxError) {
         let first = pending.first_failure.unwrap_or_else(SystemTime::now);
         let mut failures = 0;
         loop {
             match self
                 .dead_letter
-                .publish(&pending.message, attempts, cause, &error, first)
+                .publish(&pending.message, attempts, cause, &*error, first)
                 .await
             {
                 Ok(()) => {
@@ -424,7 +433,7 @@ impl Settle {
                 Err(e) if !self.retry_tx.is_closed() => {
                     failures += 1;
                     tracing::warn!(error = %e, id = %pending.message.id(), "dead-letter publish failed; retrying");
-                    tokio::time::sleep(crate::inbound::reconnect_backoff(failures)).await;
+                    tokio::time::sleep(crate::engine::inbound::reconnect_backoff(failures)).await;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, id = %pending.message.id(), "dead-letter publish failed; message left for redelivery");

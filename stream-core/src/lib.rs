@@ -46,18 +46,20 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod batch;
 mod binder;
 mod channel;
 mod codec;
 pub mod config;
 mod dead_letter;
 mod deliveries;
-mod dispatch;
+mod engine;
 mod error;
+mod handler;
 mod health;
-mod inbound;
 mod message;
 mod partition;
+mod processor;
 mod registry;
 mod sink;
 mod source;
@@ -66,6 +68,7 @@ pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use batch::{Batch, BatchError};
 pub use binder::{
     Binder, Consumer, ConsumerOptions, DeliveryTag, Producer, Received, StartFrom,
     ANONYMOUS_GROUP_PREFIX,
@@ -75,9 +78,11 @@ pub use codec::{Codec, Json, Raw};
 pub use config::{BindingConfig, Config, RetryConfig};
 pub use deliveries::{Deliveries, Delivery};
 pub use error::{BoxError, Error, ErrorKind, Result};
+pub use handler::{handler_fn, Action, HandlerError, HandlerFn};
 pub use health::{BinderHealth, Health, SubscriptionHealth, SubscriptionState};
 pub use message::{header, Headers, Message};
 pub use partition::{partition_destination, partition_for};
+pub use processor::Output;
 pub use registry::{BinderSettings, Registry};
 pub use sink::{Envelope, Sink, Subscription};
 pub use source::Source;

@@ -16,12 +16,21 @@ pub mod header {
     pub const ORIGINAL_ID: &str = "x-original-id";
     /// Dead-letter header: how many times the message was handed to a handler.
     pub const ATTEMPTS: &str = "x-attempts";
-    /// Dead-letter header: the last error, as text.
+    /// Dead-letter header: the last error's message (its `Display`), at most 2 KiB.
     pub const ERROR: &str = "x-error";
-    /// Dead-letter header: `decode` (the payload never reached a handler) or `handler`.
+    /// Dead-letter header: the last error's message followed by that of each error in its
+    /// [`source`](std::error::Error::source) chain, outermost first, one per line; at most
+    /// 4 KiB.
+    pub const ERROR_CHAIN: &str = "x-error-chain";
+    /// Dead-letter header: why the message was dead-lettered: `decode` (the payload never
+    /// reached a handler), `handler` (its attempts were used up) or `rejected` (the handler
+    /// rejected it with [`HandlerError::reject`](crate::HandlerError::reject)).
     pub const ERROR_KIND: &str = "x-error-kind";
     /// Dead-letter header: when the first attempt failed, RFC 3339 in UTC.
     pub const FIRST_FAILURE: &str = "x-first-failure";
+    /// Processor output header: the id of the message a
+    /// [`processor`](crate::Streams::processor) consumed to produce this one.
+    pub const INPUT_ID: &str = "x-input-id";
     /// When the message was sent, in milliseconds since the Unix epoch, set by every
     /// [`Source`](crate::Source) send; consumers measure end-to-end latency from it.
     pub const SENT_AT: &str = "x-sent-at";

@@ -1,37 +1,34 @@
 //! [`Sink`]: the typed consumer of one binding, handler style or pull style.
 
-use std::fmt::{self, Display};
+use std::fmt;
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
 
-use futures::future::BoxFuture;
-use futures::stream::{FuturesUnordered, StreamExt};
-use futures::FutureExt;
-use tokio::sync::mpsc::error::TryRecvError;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::Instrument;
+use tower_service::Service;
 
-use crate::binder::{DeliveryTag, Received};
+use crate::batch::Batch;
 use crate::channel::Channel;
-use crate::codec::{decode_message, Codec};
-use crate::config::RetryConfig;
-use crate::dead_letter::{Cause, DeadLetter};
+use crate::codec::Codec;
 use crate::deliveries::Deliveries;
-use crate::dispatch::KeyedQueue;
+use crate::engine::batch::{dispatch_batches, BatchWorker};
+use crate::engine::dispatch::{dispatch, Feed};
+use crate::engine::inbound::Inbound;
+use crate::engine::supervise::supervise;
+use crate::engine::worker::{DeadLetters, Worker};
+use crate::handler::{layered, FnHandle, Handle, ServiceHandle};
 use crate::health::{Status, SubscriptionState};
-use crate::inbound::{Backlog, Fault, Inbound, Members, Names, Settlement};
-use crate::telemetry::measure::ConsumeMetrics;
-use crate::telemetry::trace::{self, AttemptOutcome};
-use crate::{Error, ErrorKind, Message, Result};
+use crate::{BoxError, Error, ErrorKind, Message, Result};
 
 /// Consumes values of `T` from one binding.
 ///
 /// * [`subscribe`](Sink::subscribe): a handler per message; `Ok` acknowledges, `Err` retries
 ///   with backoff and finally dead-letters. Keys keep their order, other keys run
 ///   concurrently up to the binding's `concurrency`.
+/// * [`subscribe_service`](Sink::subscribe_service): the same with a `tower` service, for
+///   handlers wrapped in layers.
+/// * [`subscribe_batch`](Sink::subscribe_batch): a handler per batch of messages.
 /// * [`stream`](Sink::stream): a stream of [`Delivery`](crate::Delivery) values to
 ///   acknowledge yourself.
 pub struct Sink<T> {
@@ -56,6 +53,14 @@ pub struct Envelope<T> {
 }
 
 impl<T> Envelope<T> {
+    pub(crate) fn new(payload: T, message: Arc<Message>, attempt: u32) -> Self {
+        Envelope {
+            payload,
+            message,
+            attempt,
+        }
+    }
+
     /// The decoded value.
     pub fn payload(&self) -> &T {
         &self.payload
@@ -80,20 +85,23 @@ impl<T> Envelope<T> {
     }
 }
 
-type BoxHandler<T> =
-    Arc<dyn Fn(Envelope<T>) -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
-
 impl<T: Send + 'static> Sink<T> {
     pub(crate) fn new(channel: Channel, codec: Arc<dyn Codec<T>>) -> Self {
         Sink { channel, codec }
     }
 
     /// Runs `handler` for every message until the returned [`Subscription`] is shut down.
+    ///
+    /// `Ok` acknowledges the message. Any error is a failed attempt, retried with the
+    /// binding's backoff and dead-lettered once `retry.max-attempts` are used; a
+    /// [`HandlerError`](crate::HandlerError) asks for a given delay or rejects the message
+    /// at once. Keys keep their order; other keys run concurrently up to the binding's
+    /// `concurrency`. The binding's `handler-timeout` bounds each attempt.
     pub async fn subscribe<F, Fut, E>(&self, handler: F) -> Result<Subscription>
     where
         F: Fn(T) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), E>> + Send + 'static,
-        E: Display + Send + 'static,
+        Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
     {
         self.subscribe_envelope(move |envelope: Envelope<T>| handler(envelope.into_payload()))
             .await
@@ -103,39 +111,127 @@ impl<T: Send + 'static> Sink<T> {
     pub async fn subscribe_envelope<F, Fut, E>(&self, handler: F) -> Result<Subscription>
     where
         F: Fn(Envelope<T>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), E>> + Send + 'static,
-        E: Display + Send + 'static,
+        Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
     {
-        let handler: BoxHandler<T> = Arc::new(move |envelope| {
-            let fut = handler(envelope);
-            async move { fut.await.map_err(|e| e.to_string()) }.boxed()
-        });
+        self.run(FnHandle(handler)).await
+    }
+
+    /// Like [`subscribe_envelope`](Sink::subscribe_envelope), with a [`tower_service::Service`]
+    /// as the handler: wrap it with `tower` layers (timeout, rate limit, concurrency limit,
+    /// your own). Each delivery is handled by a clone of `service`, made ready first, as
+    /// `tower` expects; state shared by clones (a concurrency limit's permits) is shared
+    /// across deliveries.
+    ///
+    /// ```no_run
+    /// # async fn run(sink: stream_core::Sink<String>) -> stream_core::Result<()> {
+    /// use stream_core::{handler_fn, Envelope};
+    ///
+    /// let service = handler_fn(|order: Envelope<String>| async move {
+    ///     println!("{}", order.payload());
+    ///     Ok::<(), std::io::Error>(())
+    /// });
+    /// // Any tower layer goes around it here, e.g. `ServiceBuilder::new().rate_limit(..)`.
+    /// let subscription = sink.subscribe_service(service).await?;
+    /// # subscription.shutdown().await
+    /// # }
+    /// ```
+    pub async fn subscribe_service<S>(&self, service: S) -> Result<Subscription>
+    where
+        S: Service<Envelope<T>, Response = ()> + Clone + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        self.run(ServiceHandle::new(service)).await
+    }
+
+    /// Runs `handler` on batches: up to the binding's `batch-size` messages, or what arrived
+    /// within `batch-wait` of the first, for sinks that pay per call (database inserts).
+    ///
+    /// `Ok` acknowledges the whole batch. A [`BatchError`](crate::BatchError) names the
+    /// items that failed: only those are retried (or dead-lettered), each by its own error.
+    /// Any other error fails the whole batch. Failed items are retried, as a batch of their
+    /// own after the backoff, before the next batch starts, and a key's later messages wait
+    /// behind its failed one: each key stays in order across batches. Batches run one at a
+    /// time; `concurrency` does not apply.
+    ///
+    /// ```no_run
+    /// # async fn run(sink: stream_core::Sink<String>) -> stream_core::Result<()> {
+    /// use stream_core::{Batch, BatchError};
+    ///
+    /// let subscription = sink
+    ///     .subscribe_batch(|batch: Batch<String>| async move {
+    ///         let mut failed = BatchError::new();
+    ///         for (index, row) in batch.payloads().enumerate() {
+    ///             if row.is_empty() {
+    ///                 failed.fail(index, "empty row");
+    ///             }
+    ///         }
+    ///         if failed.is_empty() { Ok(()) } else { Err(failed) }
+    ///     })
+    ///     .await?;
+    /// # subscription.shutdown().await
+    /// # }
+    /// ```
+    pub async fn subscribe_batch<F, Fut, E>(&self, handler: F) -> Result<Subscription>
+    where
+        F: Fn(Batch<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        self.run_batches(FnHandle(handler)).await
+    }
+
+    /// Like [`subscribe_batch`](Sink::subscribe_batch), with a [`tower_service::Service`] of
+    /// [`Batch<T>`](crate::Batch) as the handler.
+    pub async fn subscribe_batch_service<S>(&self, service: S) -> Result<Subscription>
+    where
+        S: Service<Batch<T>, Response = ()> + Clone + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        self.run_batches(ServiceHandle::new(service)).await
+    }
+
+    async fn run(&self, handler: impl Handle<Envelope<T>>) -> Result<Subscription> {
+        let config = &self.channel.config;
+        let handler = layered(handler, config.handler_timeout);
         let inbound = Inbound::open(&self.channel).await?;
-        let (stopping_tx, stopping) = (inbound.stop.clone(), inbound.stop.subscribe());
-        let (paused, status) = (inbound.paused.clone(), inbound.status.clone());
         let worker = Arc::new(Worker {
             codec: self.codec.clone(),
             handler,
-            retry: self.channel.config.retry.clone(),
-            dead_letter: inbound.dead_letter.clone(),
+            retry: config.retry.clone(),
+            dead_letters: DeadLetters::of(&inbound),
             members: inbound.members.clone(),
-            fault: inbound.fault.clone(),
-            stopping,
+            stopping: inbound.stop.subscribe(),
             metrics: inbound.metrics.clone(),
             names: inbound.names.clone(),
         });
-        let supervisor = tokio::spawn(supervise(
-            inbound,
-            worker,
-            self.channel.config.concurrency,
-            self.channel.config.prefetch,
-        ));
-        Ok(Subscription {
-            stop: stopping_tx,
-            paused,
-            status,
-            supervisor: Some(supervisor),
-        })
+        let concurrency = config.concurrency;
+        Ok(Subscription::start(inbound, config.prefetch, move |feed| {
+            dispatch(worker, feed, concurrency)
+        }))
+    }
+
+    async fn run_batches(&self, handler: impl Handle<Batch<T>>) -> Result<Subscription> {
+        let config = &self.channel.config;
+        let handler = layered(handler, config.handler_timeout);
+        let inbound = Inbound::open(&self.channel).await?;
+        let worker = Arc::new(BatchWorker {
+            codec: self.codec.clone(),
+            handler,
+            retry: config.retry.clone(),
+            dead_letters: DeadLetters::of(&inbound),
+            members: inbound.members.clone(),
+            stopping: inbound.stop.subscribe(),
+            metrics: inbound.metrics.clone(),
+            names: inbound.names.clone(),
+            size: config.batch_size,
+            wait: config.batch_wait,
+        });
+        Ok(Subscription::start(inbound, config.prefetch, move |feed| {
+            dispatch_batches(worker, feed)
+        }))
     }
 
     /// Opens a pull-style stream of deliveries.
@@ -172,6 +268,22 @@ impl fmt::Debug for Subscription {
 }
 
 impl Subscription {
+    fn start<D, Fut>(inbound: Inbound, prefetch: usize, dispatcher: D) -> Subscription
+    where
+        D: FnOnce(Feed) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let stop = inbound.stop.clone();
+        let (paused, status) = (inbound.paused.clone(), inbound.status.clone());
+        let supervisor = tokio::spawn(supervise(inbound, prefetch, dispatcher));
+        Subscription {
+            stop,
+            paused,
+            status,
+            supervisor: Some(supervisor),
+        }
+    }
+
     /// Stops fetching, lets running handlers finish and acknowledges them, then leaves the
     /// group. Deliveries fetched but not started are handed back without counting as
     /// attempts and go to another member (or this group's next consumer). Returns an error
@@ -240,585 +352,3 @@ impl Drop for Subscription {
     }
 }
 
-struct Worker<T> {
-    codec: Arc<dyn Codec<T>>,
-    handler: BoxHandler<T>,
-    retry: RetryConfig,
-    dead_letter: Arc<DeadLetter>,
-    members: Arc<Members>,
-    fault: Arc<Fault>,
-    stopping: watch::Receiver<bool>,
-    metrics: Arc<ConsumeMetrics>,
-    names: Arc<Names>,
-}
-
-/// How the worker finished with a delivery.
-enum Outcome {
-    /// Handled or dead-lettered: acknowledge it.
-    Ack(DeliveryTag),
-    /// The binder gave it to another member during a retry backoff; that member handles it.
-    Drop(DeliveryTag),
-    /// Shutdown interrupted it; the broker delivers it again.
-    Interrupted,
-}
-
-impl Outcome {
-    fn acked_if(done: bool, tag: DeliveryTag) -> Outcome {
-        if done {
-            Outcome::Ack(tag)
-        } else {
-            Outcome::Interrupted
-        }
-    }
-}
-
-impl<T: Send + 'static> Worker<T> {
-    /// Handles one delivery to the end: success, or retries and dead letter.
-    async fn process(&self, received: Received) -> Outcome {
-        let tag = received.tag;
-        let message = Arc::new(received.message);
-        let mut attempt = received.attempt.max(1);
-        let mut first_failure = None;
-        if let Some(defect) = received.defect {
-            self.metrics.undecodable.increment(1);
-            let done = self
-                .dead_letter(&message, attempt, Cause::Decode, &defect, SystemTime::now())
-                .await;
-            return Outcome::acked_if(done, tag);
-        }
-        if attempt > self.retry.max_attempts {
-            // Earlier consumers stopped or died during every attempt they made; calling the
-            // handler again could crash this one too.
-            let made = attempt - 1;
-            let error = format!(
-                "{made} earlier attempts ended without an outcome (the consumer crashed or stopped during each)"
-            );
-            let done = self
-                .dead_letter(&message, made, Cause::Handler, &error, SystemTime::now())
-                .await;
-            return Outcome::acked_if(done, tag);
-        }
-        loop {
-            let payload = match decode(&*self.codec, &message) {
-                Ok(payload) => payload,
-                Err(e) => {
-                    self.metrics.undecodable.increment(1);
-                    let first = first_failure.unwrap_or_else(SystemTime::now);
-                    let done = self
-                        .dead_letter(&message, attempt, Cause::Decode, &e, first)
-                        .await;
-                    return Outcome::acked_if(done, tag);
-                }
-            };
-            let span = trace::handle_span(
-                &self.names.binding,
-                &self.names.destination,
-                &self.names.group,
-                message.id(),
-                message.key(),
-                attempt,
-            );
-            trace::adopt_parent(&span, message.headers());
-            if attempt > 1 {
-                self.metrics.retries.increment(1);
-            }
-            let envelope = Envelope {
-                payload,
-                message: message.clone(),
-                attempt,
-            };
-            self.metrics.in_flight.increment(1.0);
-            let started = Instant::now();
-            // Both halves can panic: the closure before it returns its future, and the
-            // future. Either is a failed attempt.
-            let called = span.in_scope(|| {
-                std::panic::catch_unwind(AssertUnwindSafe(|| (self.handler)(envelope)))
-            });
-            let outcome = match called {
-                Ok(handling) => {
-                    AssertUnwindSafe(handling.instrument(span.clone()))
-                        .catch_unwind()
-                        .await
-                }
-                Err(panic) => Err(panic),
-            };
-            self.metrics.in_flight.decrement(1.0);
-            self.metrics
-                .handler_duration
-                .record(started.elapsed().as_secs_f64());
-            let error = match outcome {
-                Ok(Ok(())) => {
-                    self.metrics.handled.increment(1);
-                    self.metrics.arrived(&message);
-                    AttemptOutcome::Ok.record(&span);
-                    return Outcome::Ack(tag);
-                }
-                Ok(Err(e)) => e,
-                Err(panic) => format!("handler panicked: {}", panic_text(&*panic)),
-            };
-            self.metrics.handler_errors.increment(1);
-            span.record("error", error.as_str());
-            let first = *first_failure.get_or_insert_with(SystemTime::now);
-            if attempt >= self.retry.max_attempts {
-                AttemptOutcome::DeadLetter.record(&span);
-                let done = self
-                    .dead_letter(&message, attempt, Cause::Handler, &error, first)
-                    .instrument(span)
-                    .await;
-                return Outcome::acked_if(done, tag);
-            }
-            let wait = self.retry.backoff(attempt);
-            tracing::debug!(parent: &span, id = %message.id(), attempt, retry_in = ?wait, error = %error, "handler failed; retrying");
-            let mut stopping = self.stopping.clone();
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                // The message stays un-acknowledged in the broker, which redelivers it.
-                _ = stopping.wait_for(|s| *s) => {
-                    AttemptOutcome::Interrupted.record(&span);
-                    return Outcome::Interrupted;
-                }
-            }
-            AttemptOutcome::Retry.record(&span);
-            drop(span);
-            if !self.members.holds(tag) {
-                // Moved to another member during the backoff (a Kafka rebalance that could
-                // not wait for it): that member tries it next; trying here too would run it
-                // twice at once and break its key's order.
-                return Outcome::Drop(tag);
-            }
-            attempt += 1;
-            self.members.retrying(tag, attempt).await;
-        }
-    }
-
-    /// Publishes to the dead-letter destination, retrying temporary broker failures until it
-    /// worked or shutdown began. A permanent failure stops the subscription with that error:
-    /// retrying it would hold the key (and, at concurrency 1, the binding) forever. Returns
-    /// whether the original may be acknowledged.
-    async fn dead_letter(
-        &self,
-        message: &Message,
-        attempts: u32,
-        cause: Cause,
-        error: &str,
-        first_failure: SystemTime,
-    ) -> bool {
-        let mut failures = 0;
-        loop {
-            match self
-                .dead_letter
-                .publish(message, attempts, cause, error, first_failure)
-                .await
-            {
-                Ok(()) => {
-                    self.metrics.dead_lettered(cause.reason());
-                    return true;
-                }
-                Err(e) if !e.is_temporary() => {
-                    self.fault
-                        .fail(dead_letter_refused(&self.dead_letter, message, e));
-                    return false;
-                }
-                Err(e) => {
-                    failures += 1;
-                    tracing::warn!(error = %e, id = %message.id(), "dead-letter publish failed; retrying");
-                    let mut stopping = self.stopping.clone();
-                    tokio::select! {
-                        _ = tokio::time::sleep(crate::inbound::reconnect_backoff(failures)) => {}
-                        _ = stopping.wait_for(|s| *s) => return false,
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// The error a subscription or stream ends with when its dead-letter destination refuses a
-/// message for good.
-pub(crate) fn dead_letter_refused(dead_letter: &DeadLetter, message: &Message, e: Error) -> Error {
-    Error::new(
-        e.kind(),
-        format!(
-            "dead-lettering message {} to `{}` failed for good, so the consumer stopped; the \
-             message stays un-acknowledged",
-            message.id(),
-            dead_letter.destination()
-        ),
-    )
-    .with_source(e)
-}
-
-/// Decodes, turning a codec that panics into a decode error rather than a dead consumer.
-pub(crate) fn decode<T: 'static>(
-    codec: &dyn Codec<T>,
-    message: &Message,
-) -> std::result::Result<T, String> {
-    match std::panic::catch_unwind(AssertUnwindSafe(|| decode_message(codec, message))) {
-        Ok(Ok(payload)) => Ok(payload),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(panic) => Err(format!("codec panicked: {}", panic_text(&*panic))),
-    }
-}
-
-fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("non-text panic payload")
-}
-
-async fn supervise<T: Send + 'static>(
-    inbound: Inbound,
-    worker: Arc<Worker<T>>,
-    concurrency: usize,
-    prefetch: usize,
-) -> Result<()> {
-    let Inbound {
-        deliveries,
-        backlog,
-        settle,
-        members,
-        stop,
-        paused,
-        fault,
-        fetcher,
-        closer,
-        status,
-        ..
-    } = inbound;
-    let mut dispatcher = tokio::spawn(dispatch(
-        worker,
-        deliveries,
-        backlog,
-        members,
-        AckBuffer::new(settle, prefetch),
-        concurrency,
-        Gates {
-            stopping: stop.subscribe(),
-            paused: paused.subscribe(),
-        },
-    ));
-    let mut fetcher = fetcher;
-    // The dispatcher ends before the fetcher only when it died: it runs until stopped and
-    // then until the fetcher's channel closes.
-    let mut dispatched = None;
-    let fetched = tokio::select! {
-        fetched = &mut fetcher => fetched,
-        ended = &mut dispatcher => {
-            dispatched = Some(ended);
-            let _ = stop.send(true);
-            fetcher.await
-        }
-    };
-    let fetched = fetched
-        .unwrap_or_else(|e| Err(Error::new(ErrorKind::Closed, "fetch task failed").with_source(e)));
-    // A permanent fetch failure stops the dispatcher too.
-    let _ = stop.send(true);
-    let timeout = closer.timeout;
-    let drained = match dispatched {
-        Some(ended) => Some(ended),
-        None => {
-            let abort = dispatcher.abort_handle();
-            match tokio::time::timeout(timeout, dispatcher).await {
-                Ok(ended) => Some(ended),
-                Err(_) => {
-                    abort.abort();
-                    tracing::warn!(?timeout, "handlers still running at the shutdown deadline; their messages will be delivered again");
-                    None
-                }
-            }
-        }
-    };
-    let closed = closer.close().await;
-    // The first failure is the one to report; the others are logged, never dropped.
-    let mut failures = Vec::new();
-    if let Err(e) = fetched {
-        failures.push(e);
-    }
-    if let Some(e) = fault.take() {
-        failures.push(e);
-    }
-    match drained {
-        Some(Ok(())) => {}
-        Some(Err(e)) => failures.push(
-            Error::new(
-                ErrorKind::Closed,
-                "the subscription's dispatcher died; deliveries it held will be delivered again",
-            )
-            .with_source(e),
-        ),
-        None => failures.push(Error::new(
-            ErrorKind::Timeout,
-            format!("handlers still running after the shutdown timeout of {timeout:?}; their messages stay un-acknowledged"),
-        )),
-    }
-    if let Err(e) = closed {
-        failures.push(e);
-    }
-    let mut failures = failures.into_iter();
-    let result = match failures.next() {
-        None => Ok(()),
-        Some(first) => {
-            for other in failures {
-                tracing::warn!(error = %other, "subscription also failed");
-            }
-            Err(first)
-        }
-    };
-    status.ended(&result);
-    result
-}
-
-/// What makes the dispatcher stop starting deliveries: stopping for good, or a pause.
-struct Gates {
-    stopping: watch::Receiver<bool>,
-    paused: watch::Receiver<bool>,
-}
-
-/// Acknowledgements on their way from the handlers to the ack loop, sent in bursts.
-///
-/// Sent one by one, each acknowledgement tended to find the ack loop asleep and woke it:
-/// a thread wake-up per message, which on two cores cost more than the handler. They are
-/// held only while the dispatcher has more work it can do at once: they go out when the
-/// deliveries run dry, before awaiting a handler that did not finish at its first poll (a
-/// slow or stuck handler must not hold earlier messages un-acknowledged; on Redis they would
-/// be claimed by another member after `claim-idle`), and after `burst` of them.
-struct AckBuffer {
-    sender: mpsc::UnboundedSender<Settlement>,
-    pending: Vec<DeliveryTag>,
-    /// At most a quarter of the prefetch, so held acks never keep the fetch loop from
-    /// overlapping the next fetch with handling.
-    burst: usize,
-}
-
-impl AckBuffer {
-    fn new(sender: mpsc::UnboundedSender<Settlement>, prefetch: usize) -> Self {
-        let burst = (prefetch / 4).clamp(1, 32);
-        AckBuffer {
-            sender,
-            pending: Vec::with_capacity(burst),
-            burst,
-        }
-    }
-
-    fn push(&mut self, tag: DeliveryTag) {
-        self.pending.push(tag);
-        if self.pending.len() >= self.burst {
-            self.flush();
-        }
-    }
-
-    /// Settles what the worker did with a delivery.
-    fn settle(&mut self, outcome: Outcome) {
-        match outcome {
-            Outcome::Ack(tag) => self.push(tag),
-            Outcome::Drop(tag) => self.settle_now(Settlement::Drop(tag)),
-            Outcome::Interrupted => {}
-        }
-    }
-
-    /// Settles a delivery that was not handled: released, or dropped.
-    fn settle_now(&self, settlement: Settlement) {
-        // The ack loop outlives every dispatcher; a send fails only at teardown.
-        let _ = self.sender.send(settlement);
-    }
-
-    fn flush(&mut self) {
-        for tag in self.pending.drain(..) {
-            let _ = self.sender.send(Settlement::Ack(tag));
-        }
-    }
-}
-
-impl Drop for AckBuffer {
-    fn drop(&mut self) {
-        // Handled messages are acknowledged whatever way the dispatcher ends.
-        self.flush();
-    }
-}
-
-/// Deliveries the single-handler loop takes in a row before it yields to other tasks.
-const MAX_STREAK: u32 = 512;
-
-/// Feeds deliveries to the worker: at most `concurrency` at once, one at a time per key.
-/// Once stopping, it starts nothing more: what it has not started is released (handed back
-/// without counting an attempt) while running handlers finish.
-async fn dispatch<T: Send + 'static>(
-    worker: Arc<Worker<T>>,
-    mut deliveries: mpsc::UnboundedReceiver<Received>,
-    backlog: Arc<Backlog>,
-    members: Arc<Members>,
-    mut acks: AckBuffer,
-    concurrency: usize,
-    gates: Gates,
-) {
-    let Gates {
-        mut stopping,
-        mut paused,
-    } = gates;
-    if concurrency == 1 {
-        // One at a time is per-key order already; no scheduling needed. This loop runs once
-        // per message, so it avoids what it can: while deliveries are waiting it takes them
-        // without a `select!`, and a handler that starts right after the previous one ended
-        // starts at that one's end time (one clock read per message, not two).
-        let mut previous_end = None;
-        let mut streak = 0;
-        loop {
-            if streak >= MAX_STREAK {
-                // `try_recv` never yields: without this, handlers that never wait would keep
-                // the thread from other tasks for as long as deliveries keep coming.
-                // tokio's `consume_budget` per message did the same but cost a tenth of
-                // the in-memory binder's throughput.
-                streak = 0;
-                tokio::task::yield_now().await;
-            }
-            let (received, started) = match deliveries.try_recv() {
-                Ok(received) if !*stopping.borrow() => {
-                    streak += 1;
-                    (received, previous_end.unwrap_or_else(Instant::now))
-                }
-                Ok(received) => {
-                    backlog.take();
-                    acks.settle_now(Settlement::Release(received.tag));
-                    break;
-                }
-                Err(TryRecvError::Disconnected) => break,
-                Err(TryRecvError::Empty) => {
-                    streak = 0;
-                    acks.flush();
-                    let received = tokio::select! {
-                        biased;
-                        _ = stopping.wait_for(|s| *s) => break,
-                        received = deliveries.recv() => received,
-                    };
-                    let Some(received) = received else { break };
-                    (received, Instant::now())
-                }
-            };
-            if *paused.borrow() {
-                acks.flush();
-                let resumed = tokio::select! {
-                    biased;
-                    _ = stopping.wait_for(|s| *s) => false,
-                    _ = paused.wait_for(|p| !*p) => true,
-                };
-                if !resumed {
-                    backlog.take();
-                    acks.settle_now(Settlement::Release(received.tag));
-                    break;
-                }
-            }
-            backlog.take();
-            if !members.holds(received.tag) {
-                acks.settle_now(Settlement::Drop(received.tag));
-                continue;
-            }
-            let mut handling = std::pin::pin!(worker.process(received));
-            let outcome = match futures::poll!(handling.as_mut()) {
-                std::task::Poll::Ready(outcome) => outcome,
-                std::task::Poll::Pending => {
-                    acks.flush();
-                    handling.await
-                }
-            };
-            let ended = Instant::now();
-            backlog.handled(ended.saturating_duration_since(started), 1);
-            previous_end = Some(ended);
-            acks.settle(outcome);
-        }
-        acks.flush();
-        release_rest(&mut deliveries, &backlog, &acks).await;
-        return;
-    }
-    let mut queue = KeyedQueue::<Received>::new();
-    let mut running = FuturesUnordered::new();
-    let mut open = true;
-    let mut fed = true;
-    loop {
-        while open && !*paused.borrow() && running.len() < concurrency {
-            let Some((slot, received)) = queue.pop() else {
-                break;
-            };
-            backlog.take();
-            if !members.holds(received.tag) {
-                acks.settle_now(Settlement::Drop(received.tag));
-                if queue.done(slot) {
-                    backlog.add(1);
-                }
-                continue;
-            }
-            let worker = worker.clone();
-            running.push(async move {
-                let started = Instant::now();
-                let outcome = worker.process(received).await;
-                (slot, outcome, started.elapsed())
-            });
-        }
-        if !open && running.is_empty() && !fed {
-            return;
-        }
-        // Once stopping, the deliveries are no longer drained: flush every time.
-        if !open || deliveries.is_empty() {
-            acks.flush();
-        }
-        tokio::select! {
-            Some((slot, outcome, took)) = running.next(), if !running.is_empty() => {
-                backlog.handled(took, concurrency);
-                if queue.done(slot) {
-                    backlog.add(1);
-                }
-                acks.settle(outcome);
-            }
-            received = deliveries.recv(), if fed => match received {
-                Some(received) if open => {
-                    let slot = queue.slot(received.message.key());
-                    if !queue.push(slot, received) {
-                        // Held back behind its key; `done` counts it again when released.
-                        backlog.take();
-                    }
-                }
-                Some(received) => {
-                    // Fetched as the consumer stopped: never started.
-                    backlog.take();
-                    acks.settle_now(Settlement::Release(received.tag));
-                }
-                None => {
-                    fed = false;
-                    if open {
-                        open = false;
-                        release_queued(&mut queue, &backlog, &acks);
-                    }
-                }
-            },
-            _ = stopping.wait_for(|s| *s), if open => {
-                open = false;
-                release_queued(&mut queue, &backlog, &acks);
-            }
-            // A pause or resume: the loop above looks at it again.
-            Ok(()) = paused.changed(), if open => {}
-        }
-    }
-}
-
-/// Releases what the dispatcher queued and never started.
-fn release_queued(queue: &mut KeyedQueue<Received>, backlog: &Backlog, acks: &AckBuffer) {
-    for (ready, received) in queue.drain() {
-        if ready {
-            backlog.take();
-        }
-        acks.settle_now(Settlement::Release(received.tag));
-    }
-}
-
-/// Releases what is still on its way from the fetch loop, until the loop has ended.
-async fn release_rest(
-    deliveries: &mut mpsc::UnboundedReceiver<Received>,
-    backlog: &Backlog,
-    acks: &AckBuffer,
-) {
-    while let Some(received) = deliveries.recv().await {
-        backlog.take();
-        acks.settle_now(Settlement::Release(received.tag));
-    }
-}

@@ -92,6 +92,7 @@ fn kind_label(kind: ErrorKind) -> &'static str {
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum DeadLetterReason {
     Handler,
+    Rejected,
     Decode,
 }
 
@@ -102,6 +103,7 @@ pub(crate) struct ConsumeMetrics {
     pub(crate) handler_errors: Counter,
     pub(crate) retries: Counter,
     dead_lettered_handler: Counter,
+    dead_lettered_rejected: Counter,
     dead_lettered_decode: Counter,
     pub(crate) undecodable: Counter,
     pub(crate) handler_duration: Histogram,
@@ -129,6 +131,10 @@ impl ConsumeMetrics {
                 names::DEAD_LETTERED,
                 with("reason", "handler")
             ),
+            dead_lettered_rejected: metrics::counter!(
+                names::DEAD_LETTERED,
+                with("reason", "rejected")
+            ),
             dead_lettered_decode: metrics::counter!(names::DEAD_LETTERED, with("reason", "decode")),
             undecodable: metrics::counter!(names::UNDECODABLE, labels.iter()),
             handler_duration: metrics::histogram!(names::HANDLER_DURATION, labels.iter()),
@@ -142,6 +148,7 @@ impl ConsumeMetrics {
     pub(crate) fn dead_lettered(&self, reason: DeadLetterReason) {
         match reason {
             DeadLetterReason::Handler => self.dead_lettered_handler.increment(1),
+            DeadLetterReason::Rejected => self.dead_lettered_rejected.increment(1),
             DeadLetterReason::Decode => self.dead_lettered_decode.increment(1),
         }
     }

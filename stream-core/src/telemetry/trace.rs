@@ -39,6 +39,21 @@ pub(crate) fn handle_span(
     )
 }
 
+/// The span of one attempt of a batch handler.
+pub(crate) fn batch_span(binding: &str, destination: &str, group: &str, size: usize, attempt: u32) -> Span {
+    tracing::debug_span!(
+        "stream.handle_batch",
+        binding,
+        destination,
+        group,
+        batch.size = size,
+        attempt,
+        outcome = Empty,
+        failed = Empty,
+        error = Empty,
+    )
+}
+
 /// What became of an attempt, as the `outcome` field says it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum AttemptOutcome {
@@ -46,6 +61,8 @@ pub(crate) enum AttemptOutcome {
     Retry,
     DeadLetter,
     Interrupted,
+    /// Some items of a batch failed, the others succeeded.
+    Partial,
 }
 
 impl AttemptOutcome {
@@ -57,6 +74,7 @@ impl AttemptOutcome {
                 AttemptOutcome::Retry => "retry",
                 AttemptOutcome::DeadLetter => "dead_letter",
                 AttemptOutcome::Interrupted => "interrupted",
+                AttemptOutcome::Partial => "partial",
             },
         );
     }
@@ -84,22 +102,25 @@ pub(crate) fn inject(span: &Span, headers: &mut Headers) {
 #[cfg(not(feature = "opentelemetry"))]
 pub(crate) fn inject(_span: &Span, _headers: &mut Headers) {}
 
+#[cfg(feature = "opentelemetry")]
+struct Extractor<'a>(&'a Headers);
+
+#[cfg(feature = "opentelemetry")]
+impl opentelemetry::propagation::Extractor for Extractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key)
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(name, _)| name).collect()
+    }
+}
+
 /// Makes the trace context carried in `headers` the parent of `span` (a no-op without the
 /// `opentelemetry` feature, or when the headers carry none).
 #[cfg(feature = "opentelemetry")]
 pub(crate) fn adopt_parent(span: &Span, headers: &Headers) {
     use opentelemetry::trace::TraceContextExt;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-
-    struct Extractor<'a>(&'a Headers);
-    impl opentelemetry::propagation::Extractor for Extractor<'_> {
-        fn get(&self, key: &str) -> Option<&str> {
-            self.0.get(key)
-        }
-        fn keys(&self) -> Vec<&str> {
-            self.0.iter().map(|(name, _)| name).collect()
-        }
-    }
 
     if span.is_disabled() {
         return;
@@ -115,3 +136,25 @@ pub(crate) fn adopt_parent(span: &Span, headers: &Headers) {
 
 #[cfg(not(feature = "opentelemetry"))]
 pub(crate) fn adopt_parent(_span: &Span, _headers: &Headers) {}
+
+/// Links `span` to the trace context carried in `headers`: a batch has many parents, which
+/// OpenTelemetry records as links (a no-op without the `opentelemetry` feature).
+#[cfg(feature = "opentelemetry")]
+pub(crate) fn link(span: &Span, headers: &Headers) {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    if span.is_disabled() {
+        return;
+    }
+    let context = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&Extractor(headers))
+    });
+    let linked = context.span().span_context().clone();
+    if linked.is_valid() {
+        span.add_link(linked);
+    }
+}
+
+#[cfg(not(feature = "opentelemetry"))]
+pub(crate) fn link(_span: &Span, _headers: &Headers) {}
