@@ -244,6 +244,19 @@ impl BindingConfig {
         self
     }
 
+    /// Bounds each handler attempt to `timeout`.
+    pub fn handler_timeout(mut self, timeout: Duration) -> Self {
+        self.handler_timeout = Some(timeout);
+        self
+    }
+
+    /// Sets a batch handler's largest batch and how long it waits for one to fill.
+    pub fn batch(mut self, size: usize, wait: Duration) -> Self {
+        self.batch_size = size;
+        self.batch_wait = wait;
+        self
+    }
+
     /// Splits the destination into `partitions` partitions.
     pub fn partitions(mut self, partitions: u32) -> Self {
         self.partitions = Some(partitions);

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::handler::HandlerError;
 use crate::message::{header, Headers};
-use crate::sink::{Envelope, Subscription};
+use crate::sink::{Envelope, Sink, Subscription};
 use crate::source::Source;
 use crate::{BoxError, Error, Message, Result, Streams};
 
@@ -54,9 +54,10 @@ impl Streams {
     /// `IntoIterator`. The input is acknowledged only after the broker accepted every
     /// output: at-least-once across the hop (a crash in between publishes the outputs
     /// again). Each output keeps the input's key and carries the input's id in the
-    /// [`x-input-id`](crate::header::INPUT_ID) header; [`processor_envelope`](Streams::processor_envelope)
-    /// sets keys and headers of its own. The output binding may be on another binder than
-    /// the input (Redis in, Kafka out).
+    /// [`x-input-id`](crate::header::INPUT_ID) header;
+    /// [`processor_envelope`](Streams::processor_envelope) sets keys and headers of its
+    /// own. The output binding may be on another binder than the input (Redis in, Kafka
+    /// out).
     ///
     /// Failures follow the input binding's policy: an error from `f` or a temporary publish
     /// failure is a failed attempt (retried, then dead-lettered); an output that cannot be
@@ -94,14 +95,8 @@ impl Streams {
         R: IntoIterator<Item = O> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        self.processor_envelope(input, output, move |envelope: Envelope<I>| {
-            let outputs = f(envelope.into_payload());
-            async move {
-                let outputs = outputs.await?;
-                Ok::<_, E>(outputs.into_iter().map(Output::new))
-            }
-        })
-        .await
+        let sink = self.sink::<I>(input)?;
+        sink.process(self.source::<O>(output).await?, f).await
     }
 
     /// Like [`processor`](Streams::processor), with the input's [`Envelope`] (key, headers,
@@ -121,9 +116,46 @@ impl Streams {
         E: Into<BoxError> + 'static,
     {
         let sink = self.sink::<I>(input)?;
-        let source = Arc::new(self.source::<O>(output).await?);
-        let f = Arc::new(f);
-        sink.subscribe_envelope(move |envelope: Envelope<I>| {
+        sink.process_envelope(self.source::<O>(output).await?, f).await
+    }
+}
+
+impl<I: Send + 'static> Sink<I> {
+    /// The processor of [`Streams::processor`] on this sink, publishing to `output`.
+    pub async fn process<O, F, Fut, R, E>(&self, output: Source<O>, f: F) -> Result<Subscription>
+    where
+        O: Send + Sync + 'static,
+        F: Fn(I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<R, E>> + Send + 'static,
+        R: IntoIterator<Item = O> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        self.process_envelope(output, move |envelope: Envelope<I>| {
+            let outputs = f(envelope.into_payload());
+            async move {
+                let outputs = outputs.await?;
+                Ok::<_, E>(outputs.into_iter().map(Output::new))
+            }
+        })
+        .await
+    }
+
+    /// The processor of [`Streams::processor_envelope`] on this sink, publishing to
+    /// `output`.
+    pub async fn process_envelope<O, F, Fut, R, E>(
+        &self,
+        output: Source<O>,
+        f: F,
+    ) -> Result<Subscription>
+    where
+        O: Send + Sync + 'static,
+        F: Fn(Envelope<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<R, E>> + Send + 'static,
+        R: IntoIterator<Item = Output<O>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        let source = Arc::new(output);
+        self.subscribe_envelope(move |envelope: Envelope<I>| {
             let source = source.clone();
             let input_id: Arc<str> = envelope.message().id().into();
             let input_key = envelope.message().key().map(str::to_owned);

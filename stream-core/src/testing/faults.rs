@@ -186,3 +186,109 @@ impl Producer for RefusingProducer {
         Err(Error::new(ErrorKind::PayloadTooLarge, REFUSAL))
     }
 }
+
+/// Wraps a binder so that its producers' first `failures` sends fail with a temporary
+/// [`ErrorKind::Connection`] error before reaching the broker, as a broker that is briefly
+/// unreachable does.
+#[derive(Clone)]
+pub struct FailingSends {
+    inner: Arc<dyn Binder>,
+    left: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl FailingSends {
+    /// Wraps `inner`; the first `failures` sends (of any of its producers) fail.
+    pub fn new(inner: Arc<dyn Binder>, failures: usize) -> Self {
+        FailingSends {
+            inner,
+            left: Arc::new(std::sync::atomic::AtomicUsize::new(failures)),
+        }
+    }
+
+    fn fails_now(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+/// The error a [`FailingSends`] send fails with.
+pub const SEND_FAILURE: &str = "the broker did not answer (a test fault)";
+
+#[async_trait]
+impl Binder for FailingSends {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    async fn producer(&self, destination: &str) -> Result<Box<dyn Producer>> {
+        Ok(Box::new(FailingProducer {
+            inner: self.inner.producer(destination).await?,
+            faults: self.clone(),
+        }))
+    }
+
+    async fn dead_letter_producer(&self, destination: &str) -> Result<Box<dyn Producer>> {
+        self.inner.dead_letter_producer(destination).await
+    }
+
+    fn check_binding(&self, name: &str, binding: &BindingConfig) -> Result<()> {
+        self.inner.check_binding(name, binding)
+    }
+
+    async fn consumer(
+        &self,
+        destination: &str,
+        options: &ConsumerOptions,
+    ) -> Result<Box<dyn Consumer>> {
+        self.inner.consumer(destination, options).await
+    }
+
+    async fn prepare_partitions(&self, destination: &str, partitions: u32) -> Result<bool> {
+        self.inner.prepare_partitions(destination, partitions).await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.inner.ping().await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}
+
+struct FailingProducer {
+    inner: Box<dyn Producer>,
+    faults: FailingSends,
+}
+
+impl FailingProducer {
+    fn fault(&self) -> Result<()> {
+        if self.faults.fails_now() {
+            return Err(Error::new(ErrorKind::Connection, SEND_FAILURE));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Producer for FailingProducer {
+    async fn send(&self, message: Message) -> Result<String> {
+        self.fault()?;
+        self.inner.send(message).await
+    }
+
+    async fn send_batch(&self, messages: Vec<Message>) -> Result<Vec<String>> {
+        self.fault()?;
+        self.inner.send_batch(messages).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.inner.flush().await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}

@@ -40,10 +40,11 @@ use crate::{
 pub mod cases;
 mod counting;
 mod faults;
+mod handling;
 pub mod observe;
 
 pub use counting::CountingBinder;
-pub use faults::{Refusal, RefusingDeadLetters, ShortReceives, REFUSAL};
+pub use faults::{FailingSends, Refusal, RefusingDeadLetters, ShortReceives, REFUSAL, SEND_FAILURE};
 
 /// What a binder under test can do; cases that need more are skipped with a message.
 #[derive(Debug, Clone)]
@@ -197,6 +198,15 @@ macro_rules! conformance_suite {
                 pause_holds_deliveries_until_resume,
                 health_reports_brokers_and_subscriptions,
                 trace_context_crosses_the_broker,
+                rejected_message_skips_its_remaining_attempts,
+                retry_after_replaces_the_backoff,
+                handler_timeout_fails_the_attempt,
+                service_handlers_run_inside_their_middleware,
+                batch_handler_gets_full_batches_in_key_order,
+                batch_items_fail_alone_and_keys_stay_in_order,
+                failed_batches_dead_letter_each_message,
+                processor_publishes_then_acknowledges,
+                pulled_deliveries_can_be_rejected,
             );
         }
     };
