@@ -310,9 +310,9 @@ impl<T> Delivery<T> {
     /// Marks the message handled; it is never delivered to this group again.
     pub fn ack(mut self) {
         if let Some(pending) = self.pending.take() {
-            self.finished();
+            let now = self.finished();
             self.settle.metrics.handled.increment(1);
-            self.settle.metrics.arrived(&pending.message);
+            self.settle.metrics.arrived(&pending.message, now);
             AttemptOutcome::Ok.record(&self.span);
             let _ = self.settle.settlements.send(Settlement::Ack(pending.tag));
         }
@@ -326,12 +326,15 @@ impl<T> Delivery<T> {
         }
     }
 
-    fn finished(&self) {
+    /// Records the end of the attempt; returns when that was.
+    fn finished(&self) -> std::time::Instant {
         let metrics = &self.settle.metrics;
         metrics.in_flight.decrement(1.0);
+        let now = std::time::Instant::now();
         metrics
             .handler_duration
-            .record(self.yielded.elapsed().as_secs_f64());
+            .record(now.saturating_duration_since(self.yielded).as_secs_f64());
+        now
     }
 
     fn failed(&self, pending: Pending, error: String) {

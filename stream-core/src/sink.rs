@@ -273,8 +273,16 @@ impl Outcome {
 }
 
 impl<T: Send + 'static> Worker<T> {
-    /// Handles one delivery to the end: success, or retries and dead letter.
-    async fn process(&self, received: Received) -> Outcome {
+    /// Handles one delivery to the end: success, or retries and dead letter. `started` is
+    /// when the dispatcher took it; returns what became of it and when the handler ended
+    /// (one clock read per message serves the duration, the latency and the pace).
+    async fn process(&self, received: Received, started: Instant) -> (Outcome, Instant) {
+        let outcome = self.attempts(received, started).await;
+        (outcome.0, outcome.1.unwrap_or_else(Instant::now))
+    }
+
+    async fn attempts(&self, received: Received, started: Instant) -> (Outcome, Option<Instant>) {
+        let mut started = started;
         let tag = received.tag;
         let message = Arc::new(received.message);
         let mut attempt = received.attempt.max(1);
@@ -284,7 +292,7 @@ impl<T: Send + 'static> Worker<T> {
             let done = self
                 .dead_letter(&message, attempt, Cause::Decode, &defect, SystemTime::now())
                 .await;
-            return Outcome::acked_if(done, tag);
+            return (Outcome::acked_if(done, tag), None);
         }
         if attempt > self.retry.max_attempts {
             // Earlier consumers stopped or died during every attempt they made; calling the
@@ -296,7 +304,7 @@ impl<T: Send + 'static> Worker<T> {
             let done = self
                 .dead_letter(&message, made, Cause::Handler, &error, SystemTime::now())
                 .await;
-            return Outcome::acked_if(done, tag);
+            return (Outcome::acked_if(done, tag), None);
         }
         loop {
             let payload = match decode(&*self.codec, &message) {
@@ -307,7 +315,7 @@ impl<T: Send + 'static> Worker<T> {
                     let done = self
                         .dead_letter(&message, attempt, Cause::Decode, &e, first)
                         .await;
-                    return Outcome::acked_if(done, tag);
+                    return (Outcome::acked_if(done, tag), None);
                 }
             };
             let span = trace::handle_span(
@@ -328,30 +336,33 @@ impl<T: Send + 'static> Worker<T> {
                 attempt,
             };
             self.metrics.in_flight.increment(1.0);
-            let started = Instant::now();
             // Both halves can panic: the closure before it returns its future, and the
             // future. Either is a failed attempt.
             let called = span.in_scope(|| {
                 std::panic::catch_unwind(AssertUnwindSafe(|| (self.handler)(envelope)))
             });
-            let outcome = match called {
+            let (outcome, span) = match called {
                 Ok(handling) => {
-                    AssertUnwindSafe(handling.instrument(span.clone()))
-                        .catch_unwind()
-                        .await
+                    // The span goes into the future and comes back out of it: cloning it
+                    // would cost a registry update per message when spans are on.
+                    let mut handling = AssertUnwindSafe(handling).catch_unwind().instrument(span);
+                    let outcome = (&mut handling).await;
+                    let span = std::mem::replace(handling.span_mut(), tracing::Span::none());
+                    (outcome, span)
                 }
-                Err(panic) => Err(panic),
+                Err(panic) => (Err(panic), span),
             };
             self.metrics.in_flight.decrement(1.0);
+            let ended = Instant::now();
             self.metrics
                 .handler_duration
-                .record(started.elapsed().as_secs_f64());
+                .record(ended.saturating_duration_since(started).as_secs_f64());
             let error = match outcome {
                 Ok(Ok(())) => {
                     self.metrics.handled.increment(1);
-                    self.metrics.arrived(&message);
+                    self.metrics.arrived(&message, ended);
                     AttemptOutcome::Ok.record(&span);
-                    return Outcome::Ack(tag);
+                    return (Outcome::Ack(tag), Some(ended));
                 }
                 Ok(Err(e)) => e,
                 Err(panic) => format!("handler panicked: {}", panic_text(&*panic)),
@@ -365,7 +376,7 @@ impl<T: Send + 'static> Worker<T> {
                     .dead_letter(&message, attempt, Cause::Handler, &error, first)
                     .instrument(span)
                     .await;
-                return Outcome::acked_if(done, tag);
+                return (Outcome::acked_if(done, tag), None);
             }
             let wait = self.retry.backoff(attempt);
             tracing::debug!(parent: &span, id = %message.id(), attempt, retry_in = ?wait, error = %error, "handler failed; retrying");
@@ -375,7 +386,7 @@ impl<T: Send + 'static> Worker<T> {
                 // The message stays un-acknowledged in the broker, which redelivers it.
                 _ = stopping.wait_for(|s| *s) => {
                     AttemptOutcome::Interrupted.record(&span);
-                    return Outcome::Interrupted;
+                    return (Outcome::Interrupted, None);
                 }
             }
             AttemptOutcome::Retry.record(&span);
@@ -384,10 +395,11 @@ impl<T: Send + 'static> Worker<T> {
                 // Moved to another member during the backoff (a Kafka rebalance that could
                 // not wait for it): that member tries it next; trying here too would run it
                 // twice at once and break its key's order.
-                return Outcome::Drop(tag);
+                return (Outcome::Drop(tag), None);
             }
             attempt += 1;
             self.members.retrying(tag, attempt).await;
+            started = Instant::now();
         }
     }
 
@@ -714,15 +726,14 @@ async fn dispatch<T: Send + 'static>(
                 acks.settle_now(Settlement::Drop(received.tag));
                 continue;
             }
-            let mut handling = std::pin::pin!(worker.process(received));
-            let outcome = match futures::poll!(handling.as_mut()) {
-                std::task::Poll::Ready(outcome) => outcome,
+            let mut handling = std::pin::pin!(worker.process(received, started));
+            let (outcome, ended) = match futures::poll!(handling.as_mut()) {
+                std::task::Poll::Ready(done) => done,
                 std::task::Poll::Pending => {
                     acks.flush();
                     handling.await
                 }
             };
-            let ended = Instant::now();
             backlog.handled(ended.saturating_duration_since(started), 1);
             previous_end = Some(ended);
             acks.settle(outcome);
@@ -751,8 +762,8 @@ async fn dispatch<T: Send + 'static>(
             let worker = worker.clone();
             running.push(async move {
                 let started = Instant::now();
-                let outcome = worker.process(received).await;
-                (slot, outcome, started.elapsed())
+                let (outcome, ended) = worker.process(received, started).await;
+                (slot, outcome, ended.saturating_duration_since(started))
             });
         }
         if !open && running.is_empty() && !fed {
