@@ -309,9 +309,9 @@ impl<T> Delivery<T> {
     /// Marks the message handled; it is never delivered to this group again.
     pub fn ack(mut self) {
         if let Some(pending) = self.pending.take() {
-            self.finished();
+            let now = self.finished();
             self.settle.metrics.handled.increment(1);
-            self.settle.metrics.arrived(&pending.message);
+            self.settle.metrics.arrived(&pending.message, now);
             AttemptOutcome::Ok.record(&self.span);
             let _ = self.settle.settlements.send(Settlement::Ack(pending.tag));
         }
@@ -327,6 +327,7 @@ impl<T> Delivery<T> {
         }
     }
 
+<<<<<<< HEAD
     /// Sends the message to the dead-letter destination now, with `error`, whatever
     /// attempts are left: `nack(HandlerError::reject(error))`.
     pub fn reject(self, error: impl Into<BoxError>) {
@@ -334,11 +335,17 @@ impl<T> Delivery<T> {
     }
 
     fn finished(&self) {
+=======
+    /// Records the end of the attempt; returns when that was.
+    fn finished(&self) -> std::time::Instant {
+>>>>>>> observability
         let metrics = &self.settle.metrics;
         metrics.in_flight.decrement(1.0);
+        let now = std::time::Instant::now();
         metrics
             .handler_duration
-            .record(self.yielded.elapsed().as_secs_f64());
+            .record(now.saturating_duration_since(self.yielded).as_secs_f64());
+        now
     }
 
     fn failed(&self, pending: Pending, error: BoxError) {

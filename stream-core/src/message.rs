@@ -66,6 +66,15 @@ impl Headers {
         Arc::get_mut(shared).expect("just made unique")
     }
 
+    /// Whether both share one storage (so hold the same headers).
+    pub(crate) fn shares_storage_with(&self, other: &Headers) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+
     fn as_slice(&self) -> &[Entry] {
         self.0.as_deref().map_or(&[], Vec::as_slice)
     }

@@ -27,6 +27,9 @@ pub struct Source<T> {
     headers: Headers,
     /// Gives values sent without an explicit key theirs.
     key_of: Option<Arc<KeyFn<T>>>,
+    /// [`header::SENT_AT`], made once: a `&str` name would be copied into a new string on
+    /// every send.
+    sent_at_name: Arc<str>,
 }
 
 type KeyFn<T> = dyn Fn(&T) -> String + Send + Sync;
@@ -42,6 +45,7 @@ impl<T> Clone for Source<T> {
             max_payload_bytes: self.max_payload_bytes,
             headers: self.headers.clone(),
             key_of: self.key_of.clone(),
+            sent_at_name: self.sent_at_name.clone(),
         }
     }
 }
@@ -73,6 +77,7 @@ impl<T: 'static> Source<T> {
             max_payload_bytes,
             headers,
             key_of: None,
+            sent_at_name: header::SENT_AT.into(),
         }
     }
 
@@ -126,7 +131,7 @@ impl<T: 'static> Source<T> {
         if let Err(e) = self.check_size(&message) {
             return Err(self.failed(&span, 1, e));
         }
-        self.stamp(&span, &mut message);
+        self.stamp(&span, &mut message, &now_millis());
         match self.producer.send(message).instrument(span.clone()).await {
             Ok(id) => {
                 span.record("message.id", id.as_str());
@@ -158,8 +163,23 @@ impl<T: 'static> Source<T> {
                 return Err(self.failed(&span, messages.len(), e));
             }
         }
+        let sent_at = now_millis();
+        // Messages that carry just the source's own headers (those `encode` made) get one
+        // stamped copy of them: the batch shares its send time and span, so that copy is
+        // made once, not once per message.
+        let mut stamped: Option<Headers> = None;
         for message in &mut messages {
-            self.stamp(&span, message);
+            if message.headers().shares_storage_with(&self.headers) {
+                let shared = stamped.get_or_insert_with(|| {
+                    let mut template =
+                        Message::new(bytes::Bytes::new()).with_headers(self.headers.clone());
+                    self.stamp(&span, &mut template, &sent_at);
+                    template.headers().clone()
+                });
+                *message.headers_mut() = shared.clone();
+            } else {
+                self.stamp(&span, message, &sent_at);
+            }
         }
         let count = messages.len();
         match self
@@ -176,9 +196,11 @@ impl<T: 'static> Source<T> {
         }
     }
 
-    fn stamp(&self, span: &tracing::Span, message: &mut Message) {
+    /// Sets the send time (shared by the messages of one batch: one clock read and one
+    /// allocation per batch) and, with the `opentelemetry` feature, the trace context.
+    fn stamp(&self, span: &tracing::Span, message: &mut Message, sent_at: &Arc<str>) {
         let headers = message.headers_mut();
-        headers.insert(header::SENT_AT, now_millis());
+        headers.insert(self.sent_at_name.clone(), sent_at.clone());
         trace::inject(span, headers);
     }
 

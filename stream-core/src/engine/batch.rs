@@ -225,11 +225,12 @@ impl<T: Send + 'static> BatchWorker<T> {
         let count = called.len() as f64;
         self.metrics.in_flight.increment(count);
         let started = Instant::now();
-        let outcome = call_guarded(&*self.handler, Batch::new(envelopes), &span).await;
+        let (outcome, span) = call_guarded(&*self.handler, Batch::new(envelopes), span).await;
         self.metrics.in_flight.decrement(count);
+        let ended = Instant::now();
         self.metrics
             .handler_duration
-            .record(started.elapsed().as_secs_f64());
+            .record(ended.saturating_duration_since(started).as_secs_f64());
         let mut failures: Vec<Option<Failure>> = (0..called.len()).map(|_| None).collect();
         let mut shared = None;
         match outcome {
@@ -285,7 +286,7 @@ impl<T: Send + 'static> BatchWorker<T> {
                 }
                 None => {
                     self.metrics.handled.increment(1);
-                    self.metrics.arrived(&item.message);
+                    self.metrics.arrived(&item.message, ended);
                     acks.push(item.tag);
                     continue;
                 }

@@ -164,15 +164,14 @@ pub(crate) async fn dispatch<T: Send + 'static>(worker: Arc<Worker<T>>, feed: Fe
                 acks.settle_now(Settlement::Drop(received.tag));
                 continue;
             }
-            let mut handling = std::pin::pin!(worker.process(received));
-            let outcome = match futures::poll!(handling.as_mut()) {
-                std::task::Poll::Ready(outcome) => outcome,
+            let mut handling = std::pin::pin!(worker.process(received, started));
+            let (outcome, ended) = match futures::poll!(handling.as_mut()) {
+                std::task::Poll::Ready(done) => done,
                 std::task::Poll::Pending => {
                     acks.flush();
                     handling.await
                 }
             };
-            let ended = Instant::now();
             backlog.handled(ended.saturating_duration_since(started), 1);
             previous_end = Some(ended);
             acks.settle(outcome);
@@ -201,8 +200,8 @@ pub(crate) async fn dispatch<T: Send + 'static>(worker: Arc<Worker<T>>, feed: Fe
             let worker = worker.clone();
             running.push(async move {
                 let started = Instant::now();
-                let outcome = worker.process(received).await;
-                (slot, outcome, started.elapsed())
+                let (outcome, ended) = worker.process(received, started).await;
+                (slot, outcome, ended.saturating_duration_since(started))
             });
         }
         if !open && running.is_empty() && !fed {

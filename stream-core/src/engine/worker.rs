@@ -73,8 +73,16 @@ impl NextStep {
 }
 
 impl<T: Send + 'static> Worker<T> {
-    /// Handles one delivery to the end: success, or retries and dead letter.
-    pub(crate) async fn process(&self, received: Received) -> Outcome {
+    /// Handles one delivery to the end: success, or retries and dead letter. `started` is
+    /// when the dispatcher took it; returns what became of it and when the handler ended
+    /// (one clock read per message serves the duration, the latency and the pace).
+    pub(crate) async fn process(&self, received: Received, started: Instant) -> (Outcome, Instant) {
+        let (outcome, ended) = self.attempts(received, started).await;
+        (outcome, ended.unwrap_or_else(Instant::now))
+    }
+
+    async fn attempts(&self, received: Received, started: Instant) -> (Outcome, Option<Instant>) {
+        let mut started = started;
         let tag = received.tag;
         let message = Arc::new(received.message);
         let mut attempt = received.attempt.max(1);
@@ -85,11 +93,11 @@ impl<T: Send + 'static> Worker<T> {
                 .dead_letters
                 .publish(&message, attempt, Cause::Decode, &*BoxError::from(defect), SystemTime::now())
                 .await;
-            return Outcome::acked_if(done, tag);
+            return (Outcome::acked_if(done, tag), None);
         }
         if attempt > self.retry.max_attempts {
             let done = self.dead_letters.exhausted(&message, attempt).await;
-            return Outcome::acked_if(done, tag);
+            return (Outcome::acked_if(done, tag), None);
         }
         loop {
             let payload = match decode(&*self.codec, &message) {
@@ -101,7 +109,7 @@ impl<T: Send + 'static> Worker<T> {
                         .dead_letters
                         .publish(&message, attempt, Cause::Decode, &*e, first)
                         .await;
-                    return Outcome::acked_if(done, tag);
+                    return (Outcome::acked_if(done, tag), None);
                 }
             };
             let span = trace::handle_span(
@@ -118,18 +126,18 @@ impl<T: Send + 'static> Worker<T> {
             }
             let envelope = Envelope::new(payload, message.clone(), attempt);
             self.metrics.in_flight.increment(1.0);
-            let started = Instant::now();
-            let outcome = call_guarded(&*self.handler, envelope, &span).await;
+            let (outcome, span) = call_guarded(&*self.handler, envelope, span).await;
             self.metrics.in_flight.decrement(1.0);
+            let ended = Instant::now();
             self.metrics
                 .handler_duration
-                .record(started.elapsed().as_secs_f64());
+                .record(ended.saturating_duration_since(started).as_secs_f64());
             let error = match outcome {
                 Ok(()) => {
                     self.metrics.handled.increment(1);
-                    self.metrics.arrived(&message);
+                    self.metrics.arrived(&message, ended);
                     AttemptOutcome::Ok.record(&span);
-                    return Outcome::Ack(tag);
+                    return (Outcome::Ack(tag), Some(ended));
                 }
                 Err(error) => error,
             };
@@ -144,7 +152,7 @@ impl<T: Send + 'static> Worker<T> {
                         .publish(&message, attempt, cause, &*error, first)
                         .instrument(span)
                         .await;
-                    return Outcome::acked_if(done, tag);
+                    return (Outcome::acked_if(done, tag), None);
                 }
                 NextStep::RetryIn(wait) => wait,
             };
@@ -155,7 +163,7 @@ impl<T: Send + 'static> Worker<T> {
                 // The message stays un-acknowledged in the broker, which redelivers it.
                 _ = stopping.wait_for(|s| *s) => {
                     AttemptOutcome::Interrupted.record(&span);
-                    return Outcome::Interrupted;
+                    return (Outcome::Interrupted, None);
                 }
             }
             AttemptOutcome::Retry.record(&span);
@@ -164,36 +172,41 @@ impl<T: Send + 'static> Worker<T> {
                 // Moved to another member during the backoff (a Kafka rebalance that could
                 // not wait for it): that member tries it next; trying here too would run it
                 // twice at once and break its key's order.
-                return Outcome::Drop(tag);
+                return (Outcome::Drop(tag), None);
             }
             attempt += 1;
             self.members.retrying(tag, attempt).await;
+            started = Instant::now();
         }
     }
 }
 
 /// Calls `handler` inside `span`, turning a panic in the call or in its future into a
-/// failed attempt.
+/// failed attempt. Gives the span back.
 pub(crate) async fn call_guarded<R>(
     handler: &dyn Handle<R>,
     request: R,
-    span: &tracing::Span,
-) -> Result<(), BoxError> {
+    span: tracing::Span,
+) -> (Result<(), BoxError>, tracing::Span) {
     // Both halves can panic: the closure before it returns its future, and the future.
     let called =
         span.in_scope(|| std::panic::catch_unwind(AssertUnwindSafe(|| handler.handle(request))));
-    let outcome = match called {
+    let (outcome, span) = match called {
         Ok(handling) => {
-            AssertUnwindSafe(handling.instrument(span.clone()))
-                .catch_unwind()
-                .await
+            // The span goes into the future and comes back out of it: cloning it would cost
+            // a registry update per message when spans are on.
+            let mut handling = AssertUnwindSafe(handling).catch_unwind().instrument(span);
+            let outcome = (&mut handling).await;
+            let span = std::mem::replace(handling.span_mut(), tracing::Span::none());
+            (outcome, span)
         }
-        Err(panic) => Err(panic),
+        Err(panic) => (Err(panic), span),
     };
-    match outcome {
+    let outcome = match outcome {
         Ok(done) => done,
         Err(panic) => Err(format!("handler panicked: {}", panic_text(&*panic)).into()),
-    }
+    };
+    (outcome, span)
 }
 
 /// Publishes dead letters for a subscription: retries temporary broker failures until it

@@ -1,7 +1,8 @@
 //! Metric handles, registered once per source or consumer so that each message only bumps
 //! them (a no-op without a recorder).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use metrics::{Counter, Gauge, Histogram, Label};
 
@@ -111,6 +112,59 @@ pub(crate) struct ConsumeMetrics {
     pub(crate) in_flight: Gauge,
     pub(crate) window_used: Gauge,
     pub(crate) lag: Gauge,
+    wall: WallClock,
+}
+
+/// The wall clock read from the monotonic one: a handler's end time is at hand anyway, and
+/// a second clock read per message cost more than the rest of the latency metric.
+struct WallClock {
+    base: Instant,
+    /// Wall-clock nanoseconds since the epoch at `base`, as of the last re-reading.
+    offset: AtomicU64,
+    /// When (nanoseconds after `base`) the offset was last read from the wall clock.
+    read_at: AtomicU64,
+}
+
+/// How long a wall-clock reading is trusted; re-reading it follows clock adjustments.
+const WALL_CLOCK_REREAD: Duration = Duration::from_secs(1);
+
+impl WallClock {
+    fn new() -> Self {
+        let clock = WallClock {
+            base: Instant::now(),
+            offset: AtomicU64::new(0),
+            read_at: AtomicU64::new(0),
+        };
+        clock.reread(0);
+        clock
+    }
+
+    fn reread(&self, since_base: u64) {
+        let wall = nanos(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        self.offset
+            .store(wall.saturating_sub(since_base), Ordering::Relaxed);
+        self.read_at.store(since_base, Ordering::Relaxed);
+    }
+
+    /// The wall-clock time at `at`, in nanoseconds since the epoch.
+    fn at(&self, at: Instant) -> u64 {
+        let since_base = nanos(at.saturating_duration_since(self.base));
+        if since_base.saturating_sub(self.read_at.load(Ordering::Relaxed))
+            > nanos(WALL_CLOCK_REREAD)
+        {
+            // Racing re-readings store near-equal values; any of them will do.
+            self.reread(since_base);
+        }
+        self.offset.load(Ordering::Relaxed) + since_base
+    }
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl ConsumeMetrics {
@@ -142,6 +196,7 @@ impl ConsumeMetrics {
             in_flight: metrics::gauge!(names::IN_FLIGHT, labels.iter()),
             window_used: metrics::gauge!(names::WINDOW_USED, labels.iter()),
             lag: metrics::gauge!(names::LAG, labels.iter()),
+            wall: WallClock::new(),
         }
     }
 
@@ -153,13 +208,15 @@ impl ConsumeMetrics {
         }
     }
 
-    /// Records the time from the message's send to now, when it carries its send time.
-    pub(crate) fn arrived(&self, message: &Message) {
+    /// Records the time from the message's send to `handled` (its handler's end), when it
+    /// carries its send time.
+    pub(crate) fn arrived(&self, message: &Message, handled: Instant) {
         // Without a recorder the histogram drops the value; the header is parsed anyway,
         // which costs less than asking whether anyone listens.
-        if let Some(sent) = sent_at(message) {
-            if let Ok(took) = SystemTime::now().duration_since(sent) {
-                self.latency.record(took.as_secs_f64());
+        if let Some(sent) = sent_at_millis(message) {
+            let now = self.wall.at(handled);
+            if let Some(took) = now.checked_sub(sent.saturating_mul(1_000_000)) {
+                self.latency.record(took as f64 / 1e9);
             }
         }
     }
@@ -185,9 +242,8 @@ pub(crate) fn now_millis() -> std::sync::Arc<str> {
     std::sync::Arc::from(std::str::from_utf8(&digits[start..]).unwrap_or("0"))
 }
 
-fn sent_at(message: &Message) -> Option<SystemTime> {
-    let millis: u64 = message.headers().get(header::SENT_AT)?.parse().ok()?;
-    UNIX_EPOCH.checked_add(Duration::from_millis(millis))
+fn sent_at_millis(message: &Message) -> Option<u64> {
+    message.headers().get(header::SENT_AT)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -198,13 +254,30 @@ mod tests {
     fn send_time_round_trips_through_its_header() {
         let before = SystemTime::now();
         let stamped = Message::new(&b"x"[..]).with_header(header::SENT_AT, now_millis());
-        let sent = sent_at(&stamped).expect("a send time");
+        let sent =
+            UNIX_EPOCH + Duration::from_millis(sent_at_millis(&stamped).expect("a send time"));
         let after = SystemTime::now();
         let slack = Duration::from_millis(1);
         assert!(
             sent + slack >= before && sent <= after,
             "{sent:?} between {before:?} and {after:?}"
         );
-        assert!(sent_at(&Message::new(&b"x"[..]).with_header(header::SENT_AT, "soon")).is_none());
+        assert!(
+            sent_at_millis(&Message::new(&b"x"[..]).with_header(header::SENT_AT, "soon")).is_none()
+        );
+    }
+
+    #[test]
+    fn the_wall_clock_read_from_the_monotonic_one_matches_the_real_one() {
+        let clock = WallClock::new();
+        let before = nanos(SystemTime::now().duration_since(UNIX_EPOCH).unwrap());
+        let read = clock.at(Instant::now());
+        let after = nanos(SystemTime::now().duration_since(UNIX_EPOCH).unwrap());
+        // Within a millisecond: the header it is compared with counts milliseconds.
+        let slack = 1_000_000;
+        assert!(
+            read + slack >= before && read <= after + slack,
+            "{read} between {before} and {after}"
+        );
     }
 }

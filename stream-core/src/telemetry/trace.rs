@@ -7,11 +7,13 @@ use crate::message::Headers;
 
 /// The span of one send (or one batch, then without a key).
 pub(crate) fn send_span(binding: &str, destination: &str, key: Option<&str>) -> Span {
+    // Text fields go as `Display`: `&str` fields are recorded as `Debug`, which a
+    // formatting subscriber escapes character by character.
     tracing::debug_span!(
         "stream.send",
-        binding,
-        destination,
-        message.key = key,
+        binding = %binding,
+        destination = %destination,
+        message.key = key.map(tracing::field::display),
         message.id = Empty,
         error = Empty,
     )
@@ -28,11 +30,11 @@ pub(crate) fn handle_span(
 ) -> Span {
     tracing::debug_span!(
         "stream.handle",
-        binding,
-        destination,
-        group,
-        message.id = id,
-        message.key = key,
+        binding = %binding,
+        destination = %destination,
+        group = %group,
+        message.id = %id,
+        message.key = key.map(tracing::field::display),
         attempt,
         outcome = Empty,
         error = Empty,
@@ -43,9 +45,9 @@ pub(crate) fn handle_span(
 pub(crate) fn batch_span(binding: &str, destination: &str, group: &str, size: usize, attempt: u32) -> Span {
     tracing::debug_span!(
         "stream.handle_batch",
-        binding,
-        destination,
-        group,
+        binding = %binding,
+        destination = %destination,
+        group = %group,
         batch.size = size,
         attempt,
         outcome = Empty,
@@ -69,13 +71,13 @@ impl AttemptOutcome {
     pub(crate) fn record(self, span: &Span) {
         span.record(
             "outcome",
-            match self {
+            tracing::field::display(match self {
                 AttemptOutcome::Ok => "ok",
                 AttemptOutcome::Retry => "retry",
                 AttemptOutcome::DeadLetter => "dead_letter",
                 AttemptOutcome::Interrupted => "interrupted",
                 AttemptOutcome::Partial => "partial",
-            },
+            }),
         );
     }
 }

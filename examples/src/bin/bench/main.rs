@@ -6,8 +6,10 @@
 //!
 //! `--metrics`, `--sizes` and `--side ours|raw` narrow a run down, for profiling one path;
 //! `--prefetch` sets the consume rows' prefetch (default: the binding default);
-//! `--telemetry` installs a Prometheus recorder and a `tracing` subscriber that enables the
-//! library's DEBUG spans, as an instrumented service would (see [`telemetry`]).
+//! `--telemetry metrics|info|debug` installs a Prometheus recorder and, from `info`, a
+//! `tracing` subscriber at that level for the library: `info` is a service in production
+//! (the library's per-message spans, at DEBUG, filtered out), `debug` traces every message
+//! (see [`telemetry`]).
 //!
 //! The Redis and Kafka rows need `STREAM_TEST_REDIS_URL` and `STREAM_TEST_KAFKA_BROKERS`;
 //! `scripts/bench.sh` starts both services, sets them, runs this and stops them.
@@ -39,8 +41,12 @@ async fn main() {
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");
-    if args.iter().any(|a| a == "--telemetry") {
-        telemetry::install();
+    if let Some(level) = value_of("--telemetry") {
+        telemetry::install(
+            level
+                .parse()
+                .expect("--telemetry takes metrics, info or debug"),
+        );
     }
     let only: Option<Vec<String>> =
         value_of("--only").map(|list| list.split(',').map(str::to_owned).collect());

@@ -7,10 +7,35 @@ use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::Layer;
 
-/// A Prometheus recorder (its upkeep on a thread, as its HTTP listener would run it) and a
-/// formatting subscriber that enables stream-core's DEBUG spans and writes nowhere: span
-/// creation, field recording and formatting are paid, writing to a terminal is not.
-pub fn install() {
+/// How much `--telemetry` turns on.
+#[derive(Debug, Clone, Copy)]
+pub enum Level {
+    /// The Prometheus recorder alone.
+    Metrics,
+    /// The recorder and a formatting subscriber at INFO, as a service runs in production:
+    /// the library's spans (DEBUG) are filtered out.
+    Info,
+    /// The recorder and the subscriber with stream-core's DEBUG spans on: a span per send
+    /// and per attempt, as tracing every message costs.
+    Debug,
+}
+
+impl std::str::FromStr for Level {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "metrics" => Ok(Level::Metrics),
+            "info" => Ok(Level::Info),
+            "debug" => Ok(Level::Debug),
+            other => Err(format!("unknown telemetry level `{other}`")),
+        }
+    }
+}
+
+/// A Prometheus recorder (its upkeep on a thread, as its HTTP listener would run it) and,
+/// above [`Level::Metrics`], a formatting subscriber that writes nowhere: span creation,
+/// field recording and formatting are paid, writing to a terminal is not.
+pub fn install(level: Level) {
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .expect("no other metrics recorder is installed");
@@ -18,8 +43,16 @@ pub fn install() {
         std::thread::sleep(Duration::from_secs(5));
         handle.run_upkeep();
     });
+    let stream_core = match level {
+        Level::Metrics => {
+            eprintln!("telemetry on: Prometheus recorder");
+            return;
+        }
+        Level::Info => LevelFilter::INFO,
+        Level::Debug => LevelFilter::DEBUG,
+    };
     let filter = Targets::new()
-        .with_target("stream_core", LevelFilter::DEBUG)
+        .with_target("stream_core", stream_core)
         .with_default(LevelFilter::INFO);
     let subscriber = tracing_subscriber::registry().with(
         tracing_subscriber::fmt::layer()
@@ -27,5 +60,5 @@ pub fn install() {
             .with_filter(filter),
     );
     tracing::subscriber::set_global_default(subscriber).expect("no other subscriber");
-    eprintln!("telemetry on: Prometheus recorder, stream_core spans at DEBUG");
+    eprintln!("telemetry on: Prometheus recorder, subscriber with stream_core at {stream_core}");
 }
