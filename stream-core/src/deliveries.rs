@@ -327,18 +327,14 @@ impl<T> Delivery<T> {
         }
     }
 
-<<<<<<< HEAD
     /// Sends the message to the dead-letter destination now, with `error`, whatever
     /// attempts are left: `nack(HandlerError::reject(error))`.
     pub fn reject(self, error: impl Into<BoxError>) {
         self.nack(HandlerError::reject(error));
     }
 
-    fn finished(&self) {
-=======
     /// Records the end of the attempt; returns when that was.
     fn finished(&self) -> std::time::Instant {
->>>>>>> observability
         let metrics = &self.settle.metrics;
         metrics.in_flight.decrement(1.0);
         let now = std::time::Instant::now();
