@@ -103,3 +103,39 @@ fn environment_switches_the_default_binder() {
         .unwrap();
     assert_eq!(streams.channel("out").unwrap().binder().kind(), "memory");
 }
+
+#[tokio::test]
+async fn a_batch_larger_than_the_prefetch_is_refused_when_subscribing() {
+    let streams = load(
+        "default-binder = \"mem\"\n[binders.mem]\ntype = \"memory\"\n\
+         [bindings.in]\ndestination = \"d\"\ngroup = \"g\"\nprefetch = 10\nbatch-size = 20\n",
+    )
+    .expect("the file loads: a per-message handler may use this binding");
+    let sink = streams.sink::<String>("in").unwrap();
+    let err = sink
+        .subscribe_batch(|_: stream_core::Batch<String>| async { Ok::<(), String>(()) })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(
+        err.message()
+            .contains("`batch-size` 20 is above `prefetch` 10"),
+        "{err}"
+    );
+    let fine = sink
+        .subscribe(|_: String| async { Ok::<(), String>(()) })
+        .await;
+    fine.expect("per-message handlers are unaffected")
+        .shutdown()
+        .await
+        .unwrap();
+}
+
+#[test]
+fn a_zero_handler_timeout_is_refused() {
+    let err = load("[bindings.in]\ndestination = \"d\"\nhandler-timeout = \"0s\"\n").unwrap_err();
+    assert!(
+        err.message().contains("`handler-timeout` must be above 0"),
+        "{err}"
+    );
+}

@@ -16,7 +16,7 @@
 //! use stream_examples::{config, orders::OrderService, payments::PaymentService};
 //!
 //! let streams = config::load(None)?; // the built-in in-memory configuration
-//! let payments = PaymentService::new(&streams, 10_000).await?;
+//! let payments = PaymentService::new(10_000);
 //! let orders = OrderService::new(&streams).await?;
 //! let running = (payments.start(&streams).await?, orders.start(&streams).await?);
 //! orders.place_order("o-1", "ada", 2_500).await?;
@@ -34,6 +34,7 @@
 pub mod config;
 pub mod events;
 pub mod http;
+pub mod idempotency;
 pub mod orders;
 pub mod payments;
 pub mod telemetry;

@@ -5,10 +5,12 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use stream_core::{Result, Source, Streams, Subscription};
+use stream_core::{handler_fn, Envelope, Result, Source, Streams, Subscription};
 use tokio::sync::watch;
+use tower::ServiceBuilder;
 
 use crate::events::{OrderCreated, PaymentEvent};
+use crate::idempotency::SkipSeenLayer;
 
 /// Where an order stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +41,7 @@ pub struct OrderService {
     order_events: Source<OrderCreated>,
     changed: Arc<watch::Sender<OrderSummary>>,
     payment_events_seen: Arc<AtomicUsize>,
+    redelivered: SkipSeenLayer,
 }
 
 impl OrderService {
@@ -54,22 +57,34 @@ impl OrderService {
             order_events: streams.source(Self::ORDER_EVENTS_OUT).await?,
             changed: Arc::new(watch::channel(OrderSummary::default()).0),
             payment_events_seen: Arc::default(),
+            redelivered: SkipSeenLayer::new(100_000),
         })
     }
 
-    /// Starts consuming payment events.
+    /// Starts consuming payment events. The handler is a `tower` service inside the
+    /// [`SkipSeenLayer`] middleware: a payment event delivered again is acknowledged
+    /// without being applied twice.
     pub async fn start(&self, streams: &Streams) -> Result<Subscription> {
         let service = self.clone();
-        streams
-            .sink::<PaymentEvent>(Self::PAYMENT_EVENTS_IN)?
-            .subscribe(move |event: PaymentEvent| {
+        let handler = ServiceBuilder::new()
+            .layer(self.redelivered.clone())
+            .service(handler_fn(move |event: Envelope<PaymentEvent>| {
                 let service = service.clone();
                 async move {
-                    service.on_payment(event);
+                    service.on_payment(event.into_payload());
                     Ok::<(), std::convert::Infallible>(())
                 }
-            })
+            }));
+        streams
+            .sink::<PaymentEvent>(Self::PAYMENT_EVENTS_IN)?
+            .subscribe_service(handler)
             .await
+    }
+
+    /// Payment events acknowledged without being applied, because their message was
+    /// handled before.
+    pub fn redeliveries_skipped(&self) -> usize {
+        self.redelivered.skipped()
     }
 
     /// Records a pending order and publishes `OrderCreated`, keyed by the order id.

@@ -4,19 +4,19 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use stream_core::{Result, Source, Streams, Subscription};
+use stream_core::{Result, Streams, Subscription};
 
 use crate::events::{OrderCreated, PaymentEvent};
 
-/// The payment service. A deterministic rule stands in for a payment provider: amounts above
-/// the limit are refused, so a run has both outcomes.
+/// The payment service: a processor from order events to payment events. A deterministic
+/// rule stands in for a payment provider: amounts above the limit are refused, so a run has
+/// both outcomes.
 #[derive(Clone)]
 pub struct PaymentService {
     limit_cents: u64,
     decided: Arc<Mutex<HashMap<String, PaymentEvent>>>,
     orders_seen: Arc<AtomicUsize>,
     published: Arc<AtomicUsize>,
-    payment_events: Source<PaymentEvent>,
 }
 
 impl PaymentService {
@@ -25,35 +25,38 @@ impl PaymentService {
     /// Binding the service publishes payment events on.
     pub const PAYMENT_EVENTS_OUT: &'static str = "payment-events-out";
 
-    /// Connects the service's source. Orders above `limit_cents` are refused.
-    pub async fn new(streams: &Streams, limit_cents: u64) -> Result<Self> {
-        Ok(PaymentService {
+    /// A service that refuses orders above `limit_cents`.
+    pub fn new(limit_cents: u64) -> Self {
+        PaymentService {
             limit_cents,
             decided: Arc::default(),
             orders_seen: Arc::default(),
             published: Arc::default(),
-            payment_events: streams.source(Self::PAYMENT_EVENTS_OUT).await?,
-        })
+        }
     }
 
-    /// Starts consuming orders.
+    /// Starts the processor: each order in, its payment event out, keyed like the order (by
+    /// its id); the order is acknowledged once the broker accepted the payment event.
     pub async fn start(&self, streams: &Streams) -> Result<Subscription> {
         let service = self.clone();
         streams
-            .sink::<OrderCreated>(Self::ORDER_EVENTS_IN)?
-            .subscribe(move |order: OrderCreated| {
-                let service = service.clone();
-                async move { service.on_order(order).await }
-            })
+            .processor(
+                Self::ORDER_EVENTS_IN,
+                Self::PAYMENT_EVENTS_OUT,
+                move |order: OrderCreated| {
+                    let service = service.clone();
+                    async move { Ok::<_, std::convert::Infallible>(Some(service.on_order(order))) }
+                },
+            )
             .await
     }
 
-    /// Decides an order once and publishes the outcome. A redelivered order is not charged
-    /// again: the recorded outcome is published again instead, which the order service
-    /// ignores if it already has it, and which covers a crash between deciding and
+    /// Decides an order once and returns the outcome to publish. A redelivered order is
+    /// not charged again: the recorded outcome is returned again instead, which the order
+    /// service ignores if it already has it, and which covers a crash between deciding and
     /// publishing.
     #[tracing::instrument(skip_all, fields(order_id = %order.order_id))]
-    pub async fn on_order(&self, order: OrderCreated) -> Result<()> {
+    pub fn on_order(&self, order: OrderCreated) -> PaymentEvent {
         self.orders_seen.fetch_add(1, Ordering::SeqCst);
         let outcome = self
             .decided
@@ -62,12 +65,9 @@ impl PaymentService {
             .entry(order.order_id.clone())
             .or_insert_with(|| self.decide(&order))
             .clone();
-        self.payment_events
-            .send_keyed(order.order_id.as_str(), &outcome)
-            .await?;
         self.published.fetch_add(1, Ordering::SeqCst);
         tracing::debug!(?outcome, "payment decided");
-        Ok(())
+        outcome
     }
 
     fn decide(&self, order: &OrderCreated) -> PaymentEvent {
@@ -97,7 +97,7 @@ impl PaymentService {
         self.orders_seen.load(Ordering::SeqCst)
     }
 
-    /// Payment events published, republished outcomes included.
+    /// Payment events handed to the processor to publish, republished outcomes included.
     pub fn published(&self) -> usize {
         self.published.load(Ordering::SeqCst)
     }

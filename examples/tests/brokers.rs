@@ -16,7 +16,7 @@ async fn saga_in_one_process(file: &str, env: Vec<(String, String)>) {
         .env(env)
         .load_file(config_file(file))
         .expect("configuration loads");
-    let payments = PaymentService::new(&streams, 10_000).await.unwrap();
+    let payments = PaymentService::new(10_000);
     let orders = OrderService::new(&streams).await.unwrap();
     let running = [
         payments.start(&streams).await.unwrap(),

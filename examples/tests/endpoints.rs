@@ -84,7 +84,7 @@ fn state_of<'a>(health: &'a Value, binding: &str) -> &'a str {
 async fn healthz_lists_binders_and_subscription_states_and_says_200_while_healthy() {
     metrics();
     let streams = streams(&stream_core::unique_suffix());
-    let payments = PaymentService::new(&streams, 10_000).await.unwrap();
+    let payments = PaymentService::new(10_000);
     let subscription = payments.start(&streams).await.unwrap();
     let addr = serve(&streams).await;
 
@@ -174,7 +174,7 @@ async fn metrics_are_prometheus_text_and_count_what_the_services_did() {
     metrics();
     let run = stream_core::unique_suffix();
     let streams = streams(&run);
-    let payments = PaymentService::new(&streams, 10_000).await.unwrap();
+    let payments = PaymentService::new(10_000);
     let orders = OrderService::new(&streams).await.unwrap();
     let running = [
         payments.start(&streams).await.unwrap(),

@@ -11,7 +11,7 @@ async fn every_order_is_paid_or_cancelled_on_memory() {
         .env(Vec::<(String, String)>::new())
         .load_str(stream_examples::config::BUILT_IN)
         .unwrap();
-    let payments = PaymentService::new(&streams, 10_000).await.unwrap();
+    let payments = PaymentService::new(10_000);
     let orders = OrderService::new(&streams).await.unwrap();
     let running = [
         payments.start(&streams).await.unwrap(),

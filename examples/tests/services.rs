@@ -32,7 +32,7 @@ fn order(id: &str, amount_cents: u64) -> OrderCreated {
 async fn payment_service_completes_orders_under_the_limit_and_fails_the_rest() {
     let broker = MemoryBinder::new();
     let streams = streams(&broker);
-    let payments = PaymentService::new(&streams, 10_000).await.unwrap();
+    let payments = PaymentService::new(10_000);
     let subscription = payments.start(&streams).await.unwrap();
 
     broker.send_json("order-events", &order("o-1", 9_999));
@@ -64,7 +64,7 @@ async fn payment_service_completes_orders_under_the_limit_and_fails_the_rest() {
 async fn payment_service_charges_a_redelivered_order_once() {
     let broker = MemoryBinder::new();
     let streams = streams(&broker);
-    let payments = PaymentService::new(&streams, 10_000).await.unwrap();
+    let payments = PaymentService::new(10_000);
     let subscription = payments.start(&streams).await.unwrap();
 
     broker.send_json("order-events", &order("o-1", 100));

@@ -128,7 +128,8 @@ pub struct BindingConfig {
     #[serde(default, with = "duration::option")]
     pub handler_timeout: Option<Duration>,
     /// The most messages a batch handler ([`Sink::subscribe_batch`](crate::Sink::subscribe_batch))
-    /// gets at once; at most `prefetch`. Default: 100.
+    /// gets at once; at most `prefetch` (a batch subscription refuses to start otherwise).
+    /// Default: 100.
     #[serde(default = "defaults::batch_size")]
     pub batch_size: usize,
     /// How long a batch handler waits for a batch to fill, from its first message; what
@@ -321,12 +322,6 @@ impl BindingConfig {
         }
         if self.batch_size == 0 {
             return bad("`batch-size` must be at least 1");
-        }
-        if self.batch_size > self.prefetch {
-            return bad(&format!(
-                "`batch-size` {} is above `prefetch` {}: a batch cannot be larger than what the consumer may hold",
-                self.batch_size, self.prefetch
-            ));
         }
         if self.handler_timeout == Some(Duration::ZERO) {
             return bad("`handler-timeout` must be above 0 (leave it out for none)");
@@ -941,8 +936,10 @@ mod tests {
             ("instance-count = 2", "needs `partitions`"),
             ("group = \"anonymous.billing\"", "reserved"),
             ("batch-size = 0", "`batch-size` must be at least 1"),
-            ("prefetch = 10\nbatch-size = 20", "above `prefetch`"),
-            ("handler-timeout = \"0s\"", "`handler-timeout` must be above 0"),
+            (
+                "handler-timeout = \"0s\"",
+                "`handler-timeout` must be above 0",
+            ),
             (
                 "partitions = 2\ninstance-count = 3\ninstance-index = 2",
                 "would read no partition",

@@ -80,7 +80,7 @@ impl DeadLetter {
         message: &Message,
         attempts: u32,
         cause: Cause,
-        error: &(dyn StdError + 'static),
+        error: &(dyn StdError + Send + Sync + 'static),
         first_failure: SystemTime,
     ) -> Result<()> {
         let text = error.to_string();

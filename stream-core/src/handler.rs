@@ -68,7 +68,9 @@ impl HandlerError {
         HandlerError::new(Action::Retry, error)
     }
 
-    /// Retry after `delay` instead of the binding's backoff.
+    /// Retry after `delay` instead of the binding's backoff. The consumer keeps the message
+    /// through the delay, however long (on Redis it keeps refreshing its claim); only if it
+    /// dies may another member take the message over, after `claim-idle`.
     pub fn retry_after(error: impl Into<BoxError>, delay: Duration) -> Self {
         HandlerError::new(Action::RetryAfter(delay), error)
     }
@@ -232,7 +234,11 @@ where
 {
     fn handle(&self, request: R) -> Attempt {
         // A clone that panicked leaves the prototype as it was; keep using it.
-        let mut service = self.0.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let mut service = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         async move {
             futures::future::poll_fn(|cx| service.poll_ready(cx))
                 .await

@@ -116,7 +116,8 @@ impl Streams {
         E: Into<BoxError> + 'static,
     {
         let sink = self.sink::<I>(input)?;
-        sink.process_envelope(self.source::<O>(output).await?, f).await
+        sink.process_envelope(self.source::<O>(output).await?, f)
+            .await
     }
 }
 
@@ -134,7 +135,7 @@ impl<I: Send + 'static> Sink<I> {
             let outputs = f(envelope.into_payload());
             async move {
                 let outputs = outputs.await?;
-                Ok::<_, E>(outputs.into_iter().map(Output::new))
+                Ok::<_, E>(outputs.into_iter().map(Output::new).collect::<Vec<_>>())
             }
         })
         .await

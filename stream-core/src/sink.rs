@@ -215,6 +215,16 @@ impl<T: Send + 'static> Sink<T> {
 
     async fn run_batches(&self, handler: impl Handle<Batch<T>>) -> Result<Subscription> {
         let config = &self.channel.config;
+        if config.batch_size > config.prefetch {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "bindings.{}: `batch-size` {} is above `prefetch` {}: a batch cannot be \
+                     larger than what the consumer may hold",
+                    self.channel.name, config.batch_size, config.prefetch
+                ),
+            ));
+        }
         let handler = layered(handler, config.handler_timeout);
         let inbound = Inbound::open(&self.channel).await?;
         let worker = Arc::new(BatchWorker {
@@ -351,4 +361,3 @@ impl Drop for Subscription {
         let _ = self.stop.send(true);
     }
 }
-

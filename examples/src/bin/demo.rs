@@ -48,7 +48,7 @@ async fn run(args: &Args) -> stream_core::Result<()> {
         );
     }
 
-    let payments = PaymentService::new(&streams, limit).await?;
+    let payments = PaymentService::new(limit);
     let orders = OrderService::new(&streams).await?;
     let running = [
         payments.start(&streams).await?,

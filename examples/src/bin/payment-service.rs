@@ -35,7 +35,7 @@ async fn run(args: &Args) -> stream_core::Result<()> {
         None => None,
     };
     let streams = config::load(args.config().as_deref())?;
-    let payments = PaymentService::new(&streams, args.number("limit", 10_000)).await?;
+    let payments = PaymentService::new(args.number("limit", 10_000));
     let mut subscription = payments.start(&streams).await?;
     let server = match (http_addr, metrics) {
         (Some(addr), Some(metrics)) => {

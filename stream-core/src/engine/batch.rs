@@ -18,7 +18,7 @@ use crate::codec::Codec;
 use crate::config::RetryConfig;
 use crate::dead_letter::Cause;
 use crate::engine::dispatch::{AckBuffer, Feed, Gates};
-use crate::engine::inbound::{Backlog, Members, Names, Settlement};
+use crate::engine::inbound::{Members, Names, Settlement};
 use crate::engine::worker::{call_guarded, decode, DeadLetters, NextStep};
 use crate::handler::Handle;
 use crate::sink::Envelope;
@@ -105,7 +105,7 @@ pub(crate) async fn dispatch_batches<T: Send + 'static>(worker: Arc<BatchWorker<
         let started = Instant::now();
         let count = batch.len();
         worker.process(batch, &members, &mut acks).await;
-        backlog.handled(started.elapsed(), count);
+        backlog.handled_together(started.elapsed(), count);
     }
     acks.flush();
     while let Some(received) = deliveries.recv().await {
@@ -136,8 +136,16 @@ impl<T: Send + 'static> BatchWorker<T> {
             if let Some(defect) = received.defect {
                 self.metrics.undecodable.increment(1);
                 let error = BoxError::from(defect);
-                self.give_up(acks, tag, &message, attempt, Cause::Decode, &*error, SystemTime::now())
-                    .await;
+                self.give_up(
+                    acks,
+                    tag,
+                    &message,
+                    attempt,
+                    Cause::Decode,
+                    &*error,
+                    SystemTime::now(),
+                )
+                .await;
                 continue;
             }
             if attempt > self.retry.max_attempts {
@@ -200,8 +208,16 @@ impl<T: Send + 'static> BatchWorker<T> {
                 Err(error) => {
                     self.metrics.undecodable.increment(1);
                     let first = item.first_failure.unwrap_or_else(SystemTime::now);
-                    self.give_up(acks, item.tag, &item.message, item.attempt, Cause::Decode, &*error, first)
-                        .await;
+                    self.give_up(
+                        acks,
+                        item.tag,
+                        &item.message,
+                        item.attempt,
+                        Cause::Decode,
+                        &*error,
+                        first,
+                    )
+                    .await;
                 }
             }
         }
@@ -244,7 +260,9 @@ impl<T: Send + 'static> BatchWorker<T> {
                     }
                 }
                 Err(error) => {
-                    failures.iter_mut().for_each(|slot| *slot = Some(Failure::Shared));
+                    failures
+                        .iter_mut()
+                        .for_each(|slot| *slot = Some(Failure::Shared));
                     shared = Some(error);
                 }
             },
@@ -276,7 +294,7 @@ impl<T: Send + 'static> BatchWorker<T> {
                 .message
                 .key()
                 .is_some_and(|key| retrying_keys.contains(key));
-            let error: &(dyn std::error::Error + 'static) = match &failure {
+            let error: &(dyn std::error::Error + Send + Sync + 'static) = match &failure {
                 None if waits_behind => {
                     retrying.push(Retrying {
                         item,
@@ -291,16 +309,26 @@ impl<T: Send + 'static> BatchWorker<T> {
                     continue;
                 }
                 Some(Failure::Own(error)) => &**error,
-                Some(Failure::Shared) => &**shared.as_ref().expect("a shared failure has its error"),
+                Some(Failure::Shared) => {
+                    &**shared.as_ref().expect("a shared failure has its error")
+                }
             };
             self.metrics.handler_errors.increment(1);
             let mut item = item;
             let first = *item.first_failure.get_or_insert_with(SystemTime::now);
             match NextStep::after(&self.retry, item.attempt, error) {
                 NextStep::GiveUp(cause) => {
-                    self.give_up(acks, item.tag, &item.message, item.attempt, cause, error, first)
-                        .instrument(span.clone())
-                        .await;
+                    self.give_up(
+                        acks,
+                        item.tag,
+                        &item.message,
+                        item.attempt,
+                        cause,
+                        error,
+                        first,
+                    )
+                    .instrument(span.clone())
+                    .await;
                 }
                 NextStep::RetryIn(retry_in) => {
                     if let Some(key) = item.message.key() {
@@ -321,7 +349,7 @@ impl<T: Send + 'static> BatchWorker<T> {
         message: &Message,
         attempts: u32,
         cause: Cause,
-        error: &(dyn std::error::Error + 'static),
+        error: &(dyn std::error::Error + Send + Sync + 'static),
         first_failure: SystemTime,
     ) {
         if self

@@ -96,7 +96,11 @@ const MAX_STREAK: u32 = 512;
 /// Feeds deliveries to the worker: at most `concurrency` at once, one at a time per key.
 /// Once stopping, it starts nothing more: what it has not started is released (handed back
 /// without counting an attempt) while running handlers finish.
-pub(crate) async fn dispatch<T: Send + 'static>(worker: Arc<Worker<T>>, feed: Feed, concurrency: usize) {
+pub(crate) async fn dispatch<T: Send + 'static>(
+    worker: Arc<Worker<T>>,
+    feed: Feed,
+    concurrency: usize,
+) {
     let Feed {
         mut deliveries,
         backlog,
@@ -251,7 +255,11 @@ pub(crate) async fn dispatch<T: Send + 'static>(worker: Arc<Worker<T>>, feed: Fe
 }
 
 /// Releases what the dispatcher queued and never started.
-pub(crate) fn release_queued(queue: &mut KeyedQueue<Received>, backlog: &Backlog, acks: &AckBuffer) {
+pub(crate) fn release_queued(
+    queue: &mut KeyedQueue<Received>,
+    backlog: &Backlog,
+    acks: &AckBuffer,
+) {
     for (ready, received) in queue.drain() {
         if ready {
             backlog.take();
@@ -271,4 +279,3 @@ pub(crate) async fn release_rest(
         acks.settle_now(Settlement::Release(received.tag));
     }
 }
-

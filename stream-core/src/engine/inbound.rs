@@ -131,6 +131,13 @@ impl Backlog {
         self.handled.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// `count` deliveries were handled together, as one batch, in `took`.
+    pub(crate) fn handled_together(&self, took: Duration, count: usize) {
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.handling_nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.handled.fetch_add(count as u64, Ordering::Relaxed);
+    }
+
     fn is_empty(&self) -> bool {
         self.ready.load(Ordering::Acquire) == 0
     }

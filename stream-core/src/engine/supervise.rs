@@ -9,7 +9,11 @@ use crate::{Error, ErrorKind, Result};
 
 /// Runs `dispatcher` on the subscription's deliveries until stopped or failed, then closes
 /// the consumer. Returns the first failure; the others are logged.
-pub(crate) async fn supervise<D, Fut>(inbound: Inbound, prefetch: usize, dispatcher: D) -> Result<()>
+pub(crate) async fn supervise<D, Fut>(
+    inbound: Inbound,
+    prefetch: usize,
+    dispatcher: D,
+) -> Result<()>
 where
     D: FnOnce(Feed) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
@@ -107,4 +111,3 @@ where
     status.ended(&result);
     result
 }
-

@@ -62,7 +62,11 @@ pub(crate) enum NextStep {
 
 impl NextStep {
     /// What the retry policy says after `attempt` failed with `error`.
-    pub(crate) fn after(retry: &RetryConfig, attempt: u32, error: &(dyn StdError + 'static)) -> Self {
+    pub(crate) fn after(
+        retry: &RetryConfig,
+        attempt: u32,
+        error: &(dyn StdError + 'static),
+    ) -> Self {
         match action_of(error) {
             Action::Reject => NextStep::GiveUp(Cause::Rejected),
             _ if attempt >= retry.max_attempts => NextStep::GiveUp(Cause::Handler),
@@ -91,7 +95,13 @@ impl<T: Send + 'static> Worker<T> {
             self.metrics.undecodable.increment(1);
             let done = self
                 .dead_letters
-                .publish(&message, attempt, Cause::Decode, &*BoxError::from(defect), SystemTime::now())
+                .publish(
+                    &message,
+                    attempt,
+                    Cause::Decode,
+                    &*BoxError::from(defect),
+                    SystemTime::now(),
+                )
                 .await;
             return (Outcome::acked_if(done, tag), None);
         }
@@ -183,7 +193,7 @@ impl<T: Send + 'static> Worker<T> {
 
 /// Calls `handler` inside `span`, turning a panic in the call or in its future into a
 /// failed attempt. Gives the span back.
-pub(crate) async fn call_guarded<R>(
+pub(crate) async fn call_guarded<R: 'static>(
     handler: &dyn Handle<R>,
     request: R,
     span: tracing::Span,
@@ -235,7 +245,7 @@ impl DeadLetters {
         message: &Message,
         attempts: u32,
         cause: Cause,
-        error: &(dyn StdError + 'static),
+        error: &(dyn StdError + Send + Sync + 'static),
         first_failure: SystemTime,
     ) -> bool {
         let mut failures = 0;

@@ -19,7 +19,7 @@
 //! | `stream_handled_total` | counter | | deliveries whose handler returned `Ok` (or that were acked) |
 //! | `stream_handler_errors_total` | counter | | failed attempts: an error, a panic, a nack |
 //! | `stream_retries_total` | counter | | attempts after the first |
-//! | `stream_dead_lettered_total` | counter | `reason` (`handler`, `decode`) | messages published to the dead-letter destination |
+//! | `stream_dead_lettered_total` | counter | `reason` (`handler`, `rejected`, `decode`) | messages published to the dead-letter destination |
 //! | `stream_undecodable_total` | counter | | deliveries whose payload did not decode |
 //! | `stream_handler_duration_seconds` | histogram | | time in the handler, per attempt |
 //! | `stream_end_to_end_latency_seconds` | histogram | | from the send (the `x-sent-at` header) to the handler's success |
@@ -39,6 +39,11 @@
 //! * `stream.handle` (DEBUG) around each attempt of a subscription's handler, the handler
 //!   running inside it: `binding`, `destination`, `group`, `message.id`, `message.key`,
 //!   `attempt`, `outcome` (`ok`, `retry`, `dead_letter`, `interrupted`) and `error`.
+//! * `stream.handle_batch` (DEBUG) around each call of a batch handler: `binding`,
+//!   `destination`, `group`, `batch.size`, `attempt` (the highest of its items), `outcome`
+//!   (`ok`, `retry` when every item failed, `partial`), `failed` (how many items) and
+//!   `error`. A batch has as many parents as items: with the `opentelemetry` feature the
+//!   span is linked to the trace context of each item.
 //!
 //! Spans are at DEBUG so that a service logging at INFO pays nothing per message; enable
 //! `stream_core=debug` (or give a tracing-opentelemetry layer a filter that lets them

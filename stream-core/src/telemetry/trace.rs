@@ -42,7 +42,13 @@ pub(crate) fn handle_span(
 }
 
 /// The span of one attempt of a batch handler.
-pub(crate) fn batch_span(binding: &str, destination: &str, group: &str, size: usize, attempt: u32) -> Span {
+pub(crate) fn batch_span(
+    binding: &str,
+    destination: &str,
+    group: &str,
+    size: usize,
+    attempt: u32,
+) -> Span {
     tracing::debug_span!(
         "stream.handle_batch",
         binding = %binding,

@@ -11,7 +11,7 @@ use futures::StreamExt;
 
 use super::cases::Event;
 use super::{
-    channel, raw_consumer, receive_at_least, ack_all, test_binding, unique, wait_until,
+    ack_all, channel, raw_consumer, receive_at_least, test_binding, unique, wait_until,
     FailingSends, Harness, Tally, SEND_FAILURE,
 };
 use crate::{
@@ -24,7 +24,12 @@ fn ev(n: u64) -> Event {
 }
 
 /// Reads `count` messages from a dead-letter destination with a fresh group.
-async fn dead_letters(h: &dyn Harness, binder: &Arc<dyn Binder>, dlq: &str, count: usize) -> Vec<Message> {
+async fn dead_letters(
+    h: &dyn Harness,
+    binder: &Arc<dyn Binder>,
+    dlq: &str,
+    count: usize,
+) -> Vec<Message> {
     let caps = h.capabilities();
     let consumer = raw_consumer(binder, dlq, &unique("dlq-reader"), &caps).await;
     let got = receive_at_least(&*consumer, count, caps.patience).await;
@@ -63,10 +68,12 @@ pub async fn rejected_message_skips_its_remaining_attempts(h: &dyn Harness) {
     let caps = h.capabilities();
     let binder = h.binder().await;
     let dest = unique("reject");
-    let config = test_binding(&dest, &caps).group(unique("g")).retry(RetryConfig {
-        max_attempts: 5,
-        ..test_binding(&dest, &caps).retry
-    });
+    let config = test_binding(&dest, &caps)
+        .group(unique("g"))
+        .retry(RetryConfig {
+            max_attempts: 5,
+            ..test_binding(&dest, &caps).retry
+        });
     let attempts: Arc<Mutex<Vec<(u64, u32)>>> = Arc::default();
     let tally = Tally::new();
     let (a, t) = (attempts.clone(), tally.clone());
@@ -87,17 +94,31 @@ pub async fn rejected_message_skips_its_remaining_attempts(h: &dyn Harness) {
         })
         .await
         .unwrap();
-    let source = channel(&binder, config.clone()).source::<Event>().await.unwrap();
+    let source = channel(&binder, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap();
     source.send_keyed("k", &ev(0)).await.unwrap();
     source.send_keyed("k", &ev(1)).await.unwrap();
     source.send_keyed("other", &ev(2)).await.unwrap();
     let dead = dead_letters(h, &binder, &config.dead_letter_destination(), 1).await;
-    wait_until(caps.patience, "the other messages are handled", || tally.has_all([1, 2])).await;
+    wait_until(caps.patience, "the other messages are handled", || {
+        tally.has_all([1, 2])
+    })
+    .await;
     sub.shutdown().await.unwrap();
 
     let attempts = attempts.lock().unwrap().clone();
-    let rejected: Vec<u32> = attempts.iter().filter(|(n, _)| *n == 0).map(|(_, a)| *a).collect();
-    assert_eq!(rejected, vec![1], "one attempt of the rejected message: {attempts:?}");
+    let rejected: Vec<u32> = attempts
+        .iter()
+        .filter(|(n, _)| *n == 0)
+        .map(|(_, a)| *a)
+        .collect();
+    assert_eq!(
+        rejected,
+        vec![1],
+        "one attempt of the rejected message: {attempts:?}"
+    );
     let letter = &dead[0];
     assert_eq!(number(letter), 0);
     let headers = letter.headers();
@@ -111,20 +132,16 @@ pub async fn rejected_message_skips_its_remaining_attempts(h: &dyn Harness) {
     tally.assert_complete("rejected_message_skips_its_remaining_attempts", [1, 2]);
 }
 
-/// `HandlerError::retry_after` replaces the binding's backoff for that attempt: with an hour
-/// of backoff configured, the second attempt comes after the delay the handler asked for.
+/// `HandlerError::retry_after` replaces the binding's backoff for that attempt: with a
+/// backoff of at most 100 ms configured, the second attempt comes after the longer delay the
+/// handler asked for. The delay outlasts `claim-idle`: the member keeps what it holds.
 pub async fn retry_after_replaces_the_backoff(h: &dyn Harness) {
     let caps = h.capabilities();
     let binder = h.binder().await;
     let dest = unique("retry-after");
-    let hour = Duration::from_secs(3600);
-    let config = test_binding(&dest, &caps).group(unique("g")).retry(RetryConfig {
-        max_attempts: 3,
-        initial_backoff: hour,
-        max_backoff: hour,
-        multiplier: 1.0,
-    });
-    let delay = Duration::from_millis(300);
+    let config = test_binding(&dest, &caps).group(unique("g"));
+    assert!(config.retry.max_backoff <= Duration::from_millis(100));
+    let delay = (caps.claim_idle * 2).max(Duration::from_millis(300));
     let seen: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
     let s = seen.clone();
     let sub = channel(&binder, config.clone())
@@ -134,7 +151,10 @@ pub async fn retry_after_replaces_the_backoff(h: &dyn Harness) {
             let first = e.attempt() == 1;
             async move {
                 if first {
-                    Err(HandlerError::retry_after("the rate limit is reached", delay))
+                    Err(HandlerError::retry_after(
+                        "the rate limit is reached",
+                        delay,
+                    ))
                 } else {
                     Ok(())
                 }
@@ -144,12 +164,18 @@ pub async fn retry_after_replaces_the_backoff(h: &dyn Harness) {
         .unwrap();
     let source = channel(&binder, config).source::<Event>().await.unwrap();
     source.send(&ev(1)).await.unwrap();
-    wait_until(caps.patience, "the second attempt ran", || seen.lock().unwrap().len() == 2).await;
+    wait_until(caps.patience, "the second attempt ran", || {
+        seen.lock().unwrap().len() == 2
+    })
+    .await;
     sub.shutdown().await.unwrap();
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.iter().map(|(a, _)| *a).collect::<Vec<_>>(), vec![1, 2]);
     let waited = seen[1].1 - seen[0].1;
-    assert!(waited >= delay, "the retry waited the delay asked for, not less: {waited:?}");
+    assert!(
+        waited >= delay,
+        "the retry waited the delay asked for, not less: {waited:?}"
+    );
 }
 
 /// Sets a flag when dropped: the timed-out attempt's future is dropped, not left running.
@@ -193,19 +219,42 @@ pub async fn handler_timeout_fails_the_attempt(h: &dyn Harness) {
         })
         .await
         .unwrap();
-    let source = channel(&binder, config.clone()).source::<Event>().await.unwrap();
+    let source = channel(&binder, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap();
     source.send_keyed("a", &ev(1)).await.unwrap();
     source.send_keyed("b", &ev(2)).await.unwrap();
     source.send_keyed("c", &ev(3)).await.unwrap();
     let dead = dead_letters(h, &binder, &config.dead_letter_destination(), 1).await;
-    wait_until(caps.patience, "1 and 3 are handled", || tally.has_all([1, 3])).await;
+    wait_until(caps.patience, "1 and 3 are handled", || {
+        tally.has_all([1, 3])
+    })
+    .await;
     sub.shutdown().await.unwrap();
 
-    assert!(dropped.load(Ordering::SeqCst), "the timed-out future was dropped");
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "the timed-out future was dropped"
+    );
     let attempts = attempts.lock().unwrap().clone();
-    let of = |m: u64| attempts.iter().filter(|(n, _)| *n == m).map(|(_, a)| *a).collect::<Vec<_>>();
-    assert_eq!(of(1), vec![1, 2], "1 timed out once, then succeeded: {attempts:?}");
-    assert_eq!(of(2), vec![1, 2, 3], "2 timed out on every attempt: {attempts:?}");
+    let of = |m: u64| {
+        attempts
+            .iter()
+            .filter(|(n, _)| *n == m)
+            .map(|(_, a)| *a)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        of(1),
+        vec![1, 2],
+        "1 timed out once, then succeeded: {attempts:?}"
+    );
+    assert_eq!(
+        of(2),
+        vec![1, 2, 3],
+        "2 timed out on every attempt: {attempts:?}"
+    );
     assert_eq!(number(&dead[0]), 2);
     let error = dead[0].headers().get(header::ERROR).unwrap_or_default();
     assert!(error.contains("handler-timeout"), "{error}");
@@ -269,11 +318,20 @@ pub async fn service_handlers_run_inside_their_middleware(h: &dyn Harness) {
         .subscribe_service(service)
         .await
         .unwrap();
-    let source = channel(&binder, config.clone()).source::<Event>().await.unwrap();
+    let source = channel(&binder, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap();
     for n in 0..20 {
-        source.send_keyed(format!("k{}", n % 5), &ev(n)).await.unwrap();
+        source
+            .send_keyed(format!("k{}", n % 5), &ev(n))
+            .await
+            .unwrap();
     }
-    let poison = source.encode(&ev(99)).unwrap().with_header("x-poison", "yes");
+    let poison = source
+        .encode(&ev(99))
+        .unwrap()
+        .with_header("x-poison", "yes");
     source.send_message(poison).await.unwrap();
     let dead = dead_letters(h, &binder, &config.dead_letter_destination(), 1).await;
     wait_until(caps.patience, "the 20 are handled", || tally.has_all(0..20)).await;
@@ -281,8 +339,15 @@ pub async fn service_handlers_run_inside_their_middleware(h: &dyn Harness) {
     assert_eq!(number(&dead[0]), 99);
     assert_eq!(dead[0].headers().get(header::ERROR_KIND), Some("rejected"));
     let duplicates = tally.assert_complete("service_handlers_run_inside_their_middleware", 0..20);
-    assert_eq!(calls.load(Ordering::SeqCst), 21 + duplicates, "one call per delivery");
-    assert!(readied.load(Ordering::SeqCst) >= 21, "made ready before every call");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        21 + duplicates,
+        "one call per delivery"
+    );
+    assert!(
+        readied.load(Ordering::SeqCst) >= 21,
+        "made ready before every call"
+    );
 }
 
 /// What a batch handler saw: per call, the (number, key, attempt) of each item.
@@ -293,7 +358,13 @@ fn record_call(calls: &Calls, batch: &Batch<Event>) {
         batch
             .items()
             .iter()
-            .map(|e| (e.payload().n, e.message().key().unwrap_or("").to_owned(), e.attempt()))
+            .map(|e| {
+                (
+                    e.payload().n,
+                    e.message().key().unwrap_or("").to_owned(),
+                    e.attempt(),
+                )
+            })
             .collect(),
     );
 }
@@ -307,7 +378,10 @@ pub async fn batch_handler_gets_full_batches_in_key_order(h: &dyn Harness) {
     let config = test_binding(&dest, &caps)
         .group(unique("g"))
         .batch(10, Duration::from_millis(200));
-    let source = channel(&binder, config.clone()).source::<Event>().await.unwrap();
+    let source = channel(&binder, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap();
     // The group is created on the first subscribe, from the earliest message: the backlog
     // is there before the handler starts.
     let values: Vec<Event> = (0..60).map(ev).collect();
@@ -338,7 +412,10 @@ pub async fn batch_handler_gets_full_batches_in_key_order(h: &dyn Harness) {
     tally.assert_complete("batch_handler_gets_full_batches_in_key_order", 0..60);
     let calls = calls.lock().unwrap().clone();
     let largest = calls.iter().map(Vec::len).max().unwrap_or(0);
-    assert_eq!(largest, 10, "a backlog fills batches up to batch-size: {calls:?}");
+    assert_eq!(
+        largest, 10,
+        "a backlog fills batches up to batch-size: {calls:?}"
+    );
     assert!(calls.iter().all(|c| !c.is_empty()), "no empty batch");
     let mut last: HashMap<String, u64> = HashMap::new();
     for (n, key, _) in calls.iter().flatten() {
@@ -359,7 +436,10 @@ pub async fn batch_items_fail_alone_and_keys_stay_in_order(h: &dyn Harness) {
     let config = test_binding(&dest, &caps)
         .group(unique("g"))
         .batch(10, Duration::from_millis(200));
-    let source = channel(&binder, config.clone()).source::<Event>().await.unwrap();
+    let source = channel(&binder, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap();
     let messages = (0..20)
         .map(|n| Ok(source.encode(&ev(n))?.with_key(format!("k{}", n % 4))))
         .collect::<crate::Result<Vec<_>>>()
@@ -408,7 +488,10 @@ pub async fn batch_items_fail_alone_and_keys_stay_in_order(h: &dyn Harness) {
 
     assert_eq!(number(&dead[0]), 7);
     assert_eq!(dead[0].headers().get(header::ERROR_KIND), Some("rejected"));
-    assert_eq!(dead[0].headers().get(header::ERROR), Some("item 7 is invalid"));
+    assert_eq!(
+        dead[0].headers().get(header::ERROR),
+        Some("item 7 is invalid")
+    );
     let calls = calls.lock().unwrap().clone();
     // Which items a call must hand on to the next: the failed ones (not 7) and those behind
     // a failed one of their key.
@@ -433,7 +516,10 @@ pub async fn batch_items_fail_alone_and_keys_stay_in_order(h: &dyn Harness) {
             .iter()
             .map(|(n, _, _)| *n)
             .collect();
-        assert_eq!(next, carried, "the retry carries exactly the failed items and those behind them: {calls:?}");
+        assert_eq!(
+            next, carried,
+            "the retry carries exactly the failed items and those behind them: {calls:?}"
+        );
     }
     // Every item but 7 ran once, or twice if it was carried; none ran more.
     let mut runs: HashMap<u64, usize> = HashMap::new();
@@ -453,7 +539,11 @@ pub async fn batch_items_fail_alone_and_keys_stay_in_order(h: &dyn Harness) {
     let mut last: HashMap<u64, u64> = HashMap::new();
     for n in finished {
         if let Some(before) = last.insert(n % 4, n) {
-            assert!(before < n, "key k{}: {n} finished after {before}: {calls:?}", n % 4);
+            assert!(
+                before < n,
+                "key k{}: {n} finished after {before}: {calls:?}",
+                n % 4
+            );
         }
     }
 }
@@ -471,7 +561,10 @@ pub async fn failed_batches_dead_letter_each_message(h: &dyn Harness) {
             max_attempts: 2,
             ..test_binding(&dest, &caps).retry
         });
-    let source = channel(&binder, config.clone()).source::<Event>().await.unwrap();
+    let source = channel(&binder, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap();
     source.send_batch(&[ev(1), ev(2), ev(3)]).await.unwrap();
     let calls: Calls = Arc::default();
     let c = calls.clone();
@@ -490,7 +583,10 @@ pub async fn failed_batches_dead_letter_each_message(h: &dyn Harness) {
     assert_eq!(numbers, vec![1, 2, 3]);
     for letter in &dead {
         assert_eq!(letter.headers().get(header::ATTEMPTS), Some("2"));
-        assert_eq!(letter.headers().get(header::ERROR), Some("the database is down"));
+        assert_eq!(
+            letter.headers().get(header::ERROR),
+            Some("the database is down")
+        );
         assert_eq!(letter.headers().get(header::ERROR_KIND), Some("handler"));
     }
     let calls = calls.lock().unwrap().clone();
@@ -510,7 +606,10 @@ pub async fn processor_publishes_then_acknowledges(h: &dyn Harness) {
     let in_config = test_binding(&input, &caps).group(unique("g"));
     // The output's first two publishes fail as an unreachable broker's would.
     let flaky: Arc<dyn Binder> = Arc::new(FailingSends::new(binder.clone(), 2));
-    let out_source = channel(&flaky, test_binding(&output, &caps)).source::<Event>().await.unwrap();
+    let out_source = channel(&flaky, test_binding(&output, &caps))
+        .source::<Event>()
+        .await
+        .unwrap();
     let attempts: Arc<Mutex<Vec<(u64, u32)>>> = Arc::default();
     let a = attempts.clone();
     let sub = channel(&binder, in_config.clone())
@@ -533,10 +632,19 @@ pub async fn processor_publishes_then_acknowledges(h: &dyn Harness) {
         })
         .await
         .unwrap();
-    let source = channel(&binder, in_config.clone()).source::<Event>().await.unwrap();
+    let source = channel(&binder, in_config.clone())
+        .source::<Event>()
+        .await
+        .unwrap();
     let mut ids = HashMap::new();
     for n in 0..10 {
-        ids.insert(n, source.send_keyed(format!("order-{n}"), &ev(n)).await.unwrap());
+        ids.insert(
+            n,
+            source
+                .send_keyed(format!("order-{n}"), &ev(n))
+                .await
+                .unwrap(),
+        );
     }
     let reader = raw_consumer(&binder, &output, &unique("reader"), &caps).await;
     let got = receive_at_least(&*reader, 10, caps.patience).await;
@@ -555,7 +663,10 @@ pub async fn processor_publishes_then_acknowledges(h: &dyn Harness) {
         let n = number(message);
         *outputs.entry(n).or_default() += 1;
         let input = n / 10;
-        assert_eq!(message.headers().get(header::INPUT_ID), Some(ids[&input].as_str()));
+        assert_eq!(
+            message.headers().get(header::INPUT_ID),
+            Some(ids[&input].as_str())
+        );
         let key = if n % 10 == 1 {
             format!("split-{input}")
         } else {
@@ -565,10 +676,17 @@ pub async fn processor_publishes_then_acknowledges(h: &dyn Harness) {
     }
     let mut numbers: Vec<u64> = outputs.keys().copied().collect();
     numbers.sort_unstable();
-    let expected: Vec<u64> = (0..10).filter(|n| n % 2 == 0).flat_map(|n| [n * 10, n * 10 + 1]).collect();
+    let expected: Vec<u64> = (0..10)
+        .filter(|n| n % 2 == 0)
+        .flat_map(|n| [n * 10, n * 10 + 1])
+        .collect();
     assert_eq!(numbers, expected, "every output, none lost");
     let attempts = attempts.lock().unwrap().clone();
-    let retried: Vec<u64> = attempts.iter().filter(|(_, a)| *a > 1).map(|(n, _)| *n).collect();
+    let retried: Vec<u64> = attempts
+        .iter()
+        .filter(|(_, a)| *a > 1)
+        .map(|(n, _)| *n)
+        .collect();
     assert!(
         !retried.is_empty() && retried.iter().all(|n| n % 2 == 0),
         "the inputs whose publish failed ({SEND_FAILURE}) were attempted again: {attempts:?}"
@@ -581,12 +699,21 @@ pub async fn pulled_deliveries_can_be_rejected(h: &dyn Harness) {
     let caps = h.capabilities();
     let binder = h.binder().await;
     let dest = unique("pull-reject");
-    let config = test_binding(&dest, &caps).group(unique("g")).retry(RetryConfig {
-        max_attempts: 5,
-        ..test_binding(&dest, &caps).retry
-    });
-    let mut deliveries = channel(&binder, config.clone()).sink::<Event>().stream().await.unwrap();
-    let source = channel(&binder, config.clone()).source::<Event>().await.unwrap();
+    let config = test_binding(&dest, &caps)
+        .group(unique("g"))
+        .retry(RetryConfig {
+            max_attempts: 5,
+            ..test_binding(&dest, &caps).retry
+        });
+    let mut deliveries = channel(&binder, config.clone())
+        .sink::<Event>()
+        .stream()
+        .await
+        .unwrap();
+    let source = channel(&binder, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap();
     for n in 0..3 {
         source.send(&ev(n)).await.unwrap();
     }
@@ -602,7 +729,9 @@ pub async fn pulled_deliveries_can_be_rejected(h: &dyn Harness) {
         attempts.push((n, delivery.attempt()));
         match n {
             0 => delivery.reject("not an order"),
-            1 => delivery.nack(HandlerError::reject(std::io::Error::other("unknown customer"))),
+            1 => delivery.nack(HandlerError::reject(std::io::Error::other(
+                "unknown customer",
+            ))),
             _ => {
                 tally.record(n);
                 delivery.ack();
@@ -611,11 +740,19 @@ pub async fn pulled_deliveries_can_be_rejected(h: &dyn Harness) {
     }
     let dead = dead_letters(h, &binder, &config.dead_letter_destination(), 2).await;
     deliveries.close().await.unwrap();
-    assert_eq!(attempts.iter().filter(|(n, _)| *n < 2).count(), 2, "one attempt each: {attempts:?}");
+    assert_eq!(
+        attempts.iter().filter(|(n, _)| *n < 2).count(),
+        2,
+        "one attempt each: {attempts:?}"
+    );
     for letter in &dead {
         assert_eq!(letter.headers().get(header::ERROR_KIND), Some("rejected"));
         assert_eq!(letter.headers().get(header::ATTEMPTS), Some("1"));
-        let want = if number(letter) == 0 { "not an order" } else { "unknown customer" };
+        let want = if number(letter) == 0 {
+            "not an order"
+        } else {
+            "unknown customer"
+        };
         assert_eq!(letter.headers().get(header::ERROR), Some(want));
     }
     tally.assert_complete("pulled_deliveries_can_be_rejected", [2]);

@@ -44,7 +44,9 @@ mod handling;
 pub mod observe;
 
 pub use counting::CountingBinder;
-pub use faults::{FailingSends, Refusal, RefusingDeadLetters, ShortReceives, REFUSAL, SEND_FAILURE};
+pub use faults::{
+    FailingSends, Refusal, RefusingDeadLetters, ShortReceives, REFUSAL, SEND_FAILURE,
+};
 
 /// What a binder under test can do; cases that need more are skipped with a message.
 #[derive(Debug, Clone)]
