@@ -163,25 +163,27 @@ impl<I: Send + 'static> Sink<I> {
             let outputs = f(envelope);
             async move {
                 let outputs = outputs.await.map_err(Into::into)?;
-                let messages = outputs
+                let mut messages = outputs
                     .into_iter()
                     .map(|output| encode(&source, output, &input_id, input_key.as_deref()))
                     .collect::<Result<Vec<_>>>()
                     .map_err(HandlerError::reject)?;
-                if messages.is_empty() {
-                    return Ok(());
-                }
-                source
-                    .send_messages(messages)
-                    .await
-                    .map(drop)
-                    .map_err(|e| -> BoxError {
-                        if e.is_temporary() {
-                            e.into()
-                        } else {
-                            HandlerError::reject(e).into()
-                        }
-                    })
+                let sent = match messages.len() {
+                    0 => return Ok(()),
+                    // One output gets the send span of one message (its key and id).
+                    1 => {
+                        let message = messages.pop().expect("one message");
+                        source.send_message(message).await.map(drop)
+                    }
+                    _ => source.send_messages(messages).await.map(drop),
+                };
+                sent.map_err(|e| -> BoxError {
+                    if e.is_temporary() {
+                        e.into()
+                    } else {
+                        HandlerError::reject(e).into()
+                    }
+                })
             }
         })
         .await
