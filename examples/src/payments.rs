@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use stream_core::{Result, Streams, Subscription};
+use stream_core::{Envelope, Output, Result, Streams, Subscription};
 
 use crate::events::{OrderCreated, PaymentEvent};
 
@@ -35,17 +35,23 @@ impl PaymentService {
         }
     }
 
-    /// Starts the processor: each order in, its payment event out, keyed like the order (by
-    /// its id); the order is acknowledged once the broker accepted the payment event.
+    /// Starts the processor: each order in, its payment event out, keyed by the order id
+    /// (whatever key the order came with); the order is acknowledged once the broker
+    /// accepted the payment event.
     pub async fn start(&self, streams: &Streams) -> Result<Subscription> {
         let service = self.clone();
         streams
-            .processor(
+            .processor_envelope(
                 Self::ORDER_EVENTS_IN,
                 Self::PAYMENT_EVENTS_OUT,
-                move |order: OrderCreated| {
+                move |order: Envelope<OrderCreated>| {
                     let service = service.clone();
-                    async move { Ok::<_, std::convert::Infallible>(Some(service.on_order(order))) }
+                    async move {
+                        let order = order.into_payload();
+                        let key = order.order_id.clone();
+                        let event = Output::new(service.on_order(order)).key(key);
+                        Ok::<_, std::convert::Infallible>(Some(event))
+                    }
                 },
             )
             .await
