@@ -317,6 +317,11 @@ pub(crate) fn parse_pending_count(reply: &Value) -> Option<u32> {
     }
 }
 
+/// Entries of an `XRANGE` or `XREVRANGE` reply.
+pub(crate) fn parse_range(value: Value) -> Result<Vec<Entry>, Malformed> {
+    parse_entries(value)
+}
+
 fn parse_entries(value: Value) -> Result<Vec<Entry>, Malformed> {
     let Value::Array(items) = value else {
         return Err(Malformed("stream entries are not an array"));

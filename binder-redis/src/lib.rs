@@ -179,6 +179,7 @@
 #![warn(missing_docs)]
 
 mod acks;
+mod admin;
 mod cleanup;
 mod config;
 mod connection;
@@ -418,6 +419,13 @@ impl Binder for RedisBinder {
         tokio::time::timeout(bound, ping)
             .await
             .unwrap_or_else(|_| Err(endpoint.ping_unanswered(bound)))
+    }
+
+    /// `XINFO`, `XRANGE`, `XDEL` and `XTRIM` on the command connection.
+    async fn admin(&self) -> Result<Arc<dyn stream_core::admin::Admin>> {
+        Ok(Arc::new(admin::RedisAdmin {
+            conn: self.commands().await?,
+        }))
     }
 
     async fn close(&self) -> Result<()> {

@@ -67,6 +67,16 @@ pub trait Binder: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Administrative access to the broker, for operators and the `stream` command line
+    /// ([`Admin`](crate::admin::Admin)). The default fails with
+    /// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported).
+    async fn admin(&self) -> Result<std::sync::Arc<dyn crate::admin::Admin>> {
+        Err(crate::Error::new(
+            crate::ErrorKind::Unsupported,
+            format!("the {} binder offers no administrative access", self.kind()),
+        ))
+    }
+
     /// Releases connections. Afterwards [`producer`](Binder::producer),
     /// [`dead_letter_producer`](Binder::dead_letter_producer) and
     /// [`consumer`](Binder::consumer) fail with [`ErrorKind::Closed`](crate::ErrorKind::Closed);
@@ -102,6 +112,9 @@ impl<B: Binder + ?Sized> Binder for Arc<B> {
     }
     async fn ping(&self) -> Result<()> {
         (**self).ping().await
+    }
+    async fn admin(&self) -> Result<Arc<dyn crate::admin::Admin>> {
+        (**self).admin().await
     }
     async fn close(&self) -> Result<()> {
         (**self).close().await

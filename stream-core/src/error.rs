@@ -32,6 +32,8 @@ pub enum ErrorKind {
     DestinationNotFound,
     /// The producer, consumer or binder was already closed.
     Closed,
+    /// The binder cannot do this (an in-process broker inspected from another process).
+    Unsupported,
 }
 
 impl ErrorKind {
@@ -54,6 +56,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::PayloadTooLarge => "payload too large",
             ErrorKind::DestinationNotFound => "destination not found",
             ErrorKind::Closed => "closed",
+            ErrorKind::Unsupported => "unsupported",
         })
     }
 }

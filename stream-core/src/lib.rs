@@ -46,6 +46,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 mod batch;
 mod binder;
 mod channel;
@@ -53,6 +54,7 @@ mod codec;
 pub mod config;
 mod dead_letter;
 mod deliveries;
+pub mod dlq;
 mod engine;
 mod error;
 mod handler;

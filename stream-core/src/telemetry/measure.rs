@@ -86,6 +86,7 @@ fn kind_label(kind: ErrorKind) -> &'static str {
         ErrorKind::PayloadTooLarge => "payload_too_large",
         ErrorKind::DestinationNotFound => "destination_not_found",
         ErrorKind::Closed => "closed",
+        ErrorKind::Unsupported => "unsupported",
     }
 }
 
