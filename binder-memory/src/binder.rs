@@ -212,6 +212,17 @@ impl Binder for MemoryBinder {
         }))
     }
 
+    /// Refused: the broker lives inside the process that made it, so another process (the
+    /// `stream` command line, say) has nothing to connect to. Tests inspect it through
+    /// [`MemoryBinder::messages`] and its other helpers instead.
+    async fn admin(&self) -> Result<Arc<dyn stream_core::admin::Admin>> {
+        Err(stream_core::Error::new(
+            stream_core::ErrorKind::Unsupported,
+            "the memory binder's messages live inside the process that made them; another \
+             process cannot inspect them (use a Redis or Kafka binding for that)",
+        ))
+    }
+
     async fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::Release);
         Ok(())
