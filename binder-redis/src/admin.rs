@@ -213,7 +213,7 @@ impl Admin for RedisAdmin {
         };
         let lower = match start {
             None => "-".to_owned(),
-            Some(after) if after == (EntryId { ms: 0, seq: 0 }) => "-".to_owned(),
+            Some(EntryId { ms: 0, seq: 0 }) => "-".to_owned(),
             Some(after) => successor(after).to_string(),
         };
         let reply: Value = self
