@@ -76,7 +76,7 @@ enum Command {
     Publish {
         /// The binding.
         binding: String,
-        /// The message key (one message) ; with a file, every message gets it.
+        /// The message key; with a file or stdin, every message gets it.
         #[arg(long)]
         key: Option<String>,
         /// A header `name=value`; repeat for more.
@@ -90,6 +90,7 @@ enum Command {
     },
 
     /// Dead letters: list, send back, purge.
+    #[command(after_help = "Example:\n  stream dlq list payments-in")]
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
