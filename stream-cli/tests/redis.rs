@@ -151,7 +151,10 @@ fn errors_are_one_line_and_name_what_is_wrong() {
     assert_eq!(output.status.code(), Some(1));
     let error = String::from_utf8_lossy(&output.stderr);
     assert_eq!(error.lines().count(), 1, "{error}");
-    assert!(error.contains("no binding `nope`") && error.contains("orders-in"), "{error}");
+    assert!(
+        error.contains("no binding `nope`") && error.contains("orders-in"),
+        "{error}"
+    );
 
     let output = setup
         .command(&["publish", "orders-out", "{not json"])
@@ -170,7 +173,10 @@ async fn a_dead_letter_is_listed_sent_back_and_handled_once_the_handler_is_fixed
     let streams = setup.streams();
     let source = streams.source::<Value>("orders-out").await.unwrap();
     source
-        .send_keyed("o-1", &serde_json::json!({"order_id": "o-1", "amount_cents": -5}))
+        .send_keyed(
+            "o-1",
+            &serde_json::json!({"order_id": "o-1", "amount_cents": -5}),
+        )
         .await
         .unwrap();
 
@@ -197,8 +203,14 @@ async fn a_dead_letter_is_listed_sent_back_and_handled_once_the_handler_is_fixed
 
     let listed = stdout(&setup.run(&["dlq", "list", "orders-in"]));
     let row = listed.lines().nth(1).expect("a row under the header");
-    assert!(row.contains("rejected") && row.contains("negative amount"), "{listed}");
-    assert!(row.contains(&setup.destination) && row.contains("payments"), "{listed}");
+    assert!(
+        row.contains("rejected") && row.contains("negative amount"),
+        "{listed}"
+    );
+    assert!(
+        row.contains(&setup.destination) && row.contains("payments"),
+        "{listed}"
+    );
 
     let redriven = stdout(&setup.run(&["dlq", "redrive", "orders-in"]));
     assert!(redriven.contains("sent back 1 dead letters"), "{redriven}");
@@ -288,7 +300,10 @@ async fn a_redrive_killed_half_way_and_run_again_loses_nothing() {
     );
 
     setup.run(&["dlq", "redrive", "orders-in"]);
-    assert!(setup.held(&streams, &dlq).await.is_empty(), "the DLQ is empty");
+    assert!(
+        setup.held(&streams, &dlq).await.is_empty(),
+        "the DLQ is empty"
+    );
     let mut seen = std::collections::HashMap::<u64, usize>::new();
     for message in setup.held(&streams, &setup.destination).await {
         let n = serde_json::from_slice::<Value>(message.payload()).unwrap()["n"]
@@ -304,7 +319,10 @@ async fn a_redrive_killed_half_way_and_run_again_loses_nothing() {
         lost.len()
     );
     assert!(lost.is_empty(), "lost {lost:?}");
-    assert!(duplicates <= 1, "at most the message in flight at the kill is sent twice");
+    assert!(
+        duplicates <= 1,
+        "at most the message in flight at the kill is sent twice"
+    );
     streams.close().await.unwrap();
 }
 

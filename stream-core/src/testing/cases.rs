@@ -23,6 +23,9 @@ pub use super::handling::{
     rejected_message_skips_its_remaining_attempts, retry_after_replaces_the_backoff,
     service_handlers_run_inside_their_middleware,
 };
+pub use super::operations::{
+    admin_reads_without_joining_a_group, dead_letters_are_listed_and_sent_back,
+};
 
 /// The payload every case publishes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

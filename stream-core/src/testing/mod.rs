@@ -42,6 +42,7 @@ mod counting;
 mod faults;
 mod handling;
 pub mod observe;
+mod operations;
 
 pub use counting::CountingBinder;
 pub use faults::{
@@ -209,6 +210,8 @@ macro_rules! conformance_suite {
                 failed_batches_dead_letter_each_message,
                 processor_publishes_then_acknowledges,
                 pulled_deliveries_can_be_rejected,
+                admin_reads_without_joining_a_group,
+                dead_letters_are_listed_and_sent_back,
             );
         }
     };
