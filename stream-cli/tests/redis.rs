@@ -19,6 +19,11 @@ struct Setup {
 
 impl Setup {
     fn new(redis: &str) -> Setup {
+        Setup::with_binder(&format!("url = \"{redis}\""))
+    }
+
+    /// `address` is the binder's address line: `url = ...` or `nodes = [...]`.
+    fn with_binder(address: &str) -> Setup {
         let run = stream_core::unique_suffix();
         let destination = format!("cli-orders-{run}");
         let file = std::env::temp_dir().join(format!("stream-cli-{run}.toml"));
@@ -29,7 +34,7 @@ impl Setup {
                 default-binder = "redis"
                 [binders.redis]
                 type = "redis"
-                url = "{redis}"
+                {address}
                 [bindings.orders-out]
                 destination = "{destination}"
                 [bindings.orders-in]
@@ -322,6 +327,64 @@ async fn a_redrive_killed_half_way_and_run_again_loses_nothing() {
     assert!(
         duplicates <= 1,
         "at most the message in flight at the kill is sent twice"
+    );
+    streams.close().await.unwrap();
+}
+
+/// The same operations on a three-master Redis Cluster, where the stream and its
+/// dead-letter stream live on different masters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_tail_and_redrive_on_a_redis_cluster() {
+    let Some(urls) = service_env("STREAM_TEST_REDIS_CLUSTER_URLS") else {
+        return;
+    };
+    let nodes: Vec<String> = urls.split(',').map(|u| format!("\"{u}\"")).collect();
+    let setup = Setup::with_binder(&format!("nodes = [{}]", nodes.join(", ")));
+    setup.run(&[
+        "publish",
+        "orders-out",
+        "--key",
+        "o-9",
+        r#"{"amount_cents":-1}"#,
+    ]);
+    let tail = stdout(&setup.run(&[
+        "tail",
+        "orders-out",
+        "--from",
+        "earliest",
+        "--count",
+        "1",
+        "--format",
+        "json",
+    ]));
+    let message: Value = serde_json::from_str(tail.trim()).unwrap();
+    assert_eq!(message["key"], "o-9");
+
+    let streams = setup.streams();
+    let sink = streams.sink::<Value>("orders-in").unwrap();
+    let broken = sink
+        .subscribe(|_: Value| async { Err::<(), _>(HandlerError::reject("negative amount")) })
+        .await
+        .unwrap();
+    let dlq = format!("{}.dlq", setup.destination);
+    wait_until("the order is dead-lettered", || {
+        let (streams, setup, dlq) = (&streams, &setup, dlq.clone());
+        async move { setup.held(streams, &dlq).await.len() == 1 }
+    })
+    .await;
+    broken.shutdown().await.unwrap();
+    let inspect = stdout(&setup.run(&["inspect", "orders-in"]));
+    assert!(
+        inspect.contains("dead letters 1") && inspect.contains("payments"),
+        "{inspect}"
+    );
+    let redriven = stdout(&setup.run(&["dlq", "redrive", "orders-in"]));
+    assert!(redriven.contains("sent back 1 dead letters"), "{redriven}");
+    assert!(setup.held(&streams, &dlq).await.is_empty());
+    assert_eq!(
+        setup.held(&streams, &setup.destination).await.len(),
+        2,
+        "the original and its redriven copy"
     );
     streams.close().await.unwrap();
 }
