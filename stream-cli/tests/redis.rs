@@ -1,334 +1,45 @@
-//! The `stream` binary against the real redis-server that `scripts/test.sh` starts.
+//! The `stream` binary against the real redis-server (and Redis Cluster) that
+//! `scripts/test.sh` starts.
 
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
+use common::Setup;
 use serde_json::Value;
-use stream_core::admin::ReadFrom;
 use stream_core::testing::service_env;
-use stream_core::{header, HandlerError, Message, Streams};
+use stream_core::HandlerError;
 
-/// A configuration on fresh destinations: `orders-out` publishes, `orders-in` consumes in
-/// group `payments` and dead-letters to `<destination>.dlq`.
-struct Setup {
-    file: PathBuf,
-    destination: String,
-}
-
-impl Setup {
-    fn new(redis: &str) -> Setup {
-        Setup::with_binder(&format!("url = \"{redis}\""))
-    }
-
-    /// `address` is the binder's address line: `url = ...` or `nodes = [...]`.
-    fn with_binder(address: &str) -> Setup {
-        let run = stream_core::unique_suffix();
-        let destination = format!("cli-orders-{run}");
-        let file = std::env::temp_dir().join(format!("stream-cli-{run}.toml"));
-        std::fs::write(
-            &file,
-            format!(
-                r#"
-                default-binder = "redis"
-                [binders.redis]
-                type = "redis"
-                {address}
-                [bindings.orders-out]
-                destination = "{destination}"
-                [bindings.orders-in]
-                destination = "{destination}"
-                group = "payments"
-                retry = {{ max-attempts = 2, initial-backoff = "10ms", max-backoff = "20ms", multiplier = 2.0 }}
-                "#
-            ),
-        )
-        .unwrap();
-        Setup { file, destination }
-    }
-
-    fn streams(&self) -> Streams {
-        Streams::builder()
-            .register(binder_redis::register)
-            .env(Vec::<(String, String)>::new())
-            .load_file(&self.file)
-            .unwrap()
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_stream"));
-        command
-            .arg("--config")
-            .arg(&self.file)
-            .args(args)
-            .env_remove("STREAM_CONFIG");
-        command
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let output = self.command(args).output().expect("stream runs");
-        assert!(
-            output.status.success(),
-            "stream {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        output
-    }
-
-    /// Messages the destination holds, read with the library's admin access.
-    async fn held(&self, streams: &Streams, destination: &str) -> Vec<Message> {
-        let admin = streams
-            .channel("orders-in")
-            .unwrap()
-            .binder()
-            .admin()
-            .await
-            .unwrap();
-        let mut all = Vec::new();
-        let mut from = ReadFrom::Earliest;
-        loop {
-            let read = admin.read(destination, &from, 500).await.unwrap();
-            if read.messages.is_empty() {
-                return all;
-            }
-            all.extend(read.messages.into_iter().map(|stored| stored.message));
-            from = ReadFrom::Cursor(read.next);
-        }
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.file);
-    }
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
+fn redis() -> Option<Setup> {
+    let url = service_env("STREAM_TEST_REDIS_URL")?;
+    Some(Setup::new(&format!("type = \"redis\"\nurl = \"{url}\"")))
 }
 
 #[test]
 fn publish_then_tail_shows_the_message() {
-    let Some(redis) = service_env("STREAM_TEST_REDIS_URL") else {
-        return;
-    };
-    let setup = Setup::new(&redis);
-    let published = setup.run(&[
-        "publish",
-        "orders-out",
-        "--key",
-        "o-1",
-        "--header",
-        "tenant=acme",
-        r#"{"order_id":"o-1","amount_cents":500}"#,
-    ]);
-    assert!(stdout(&published).starts_with("published "));
-    let tail = setup.run(&[
-        "tail",
-        "orders-out",
-        "--from",
-        "earliest",
-        "--count",
-        "5",
-        "--format",
-        "json",
-    ]);
-    let lines: Vec<Value> = stdout(&tail)
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("a JSON line per message"))
-        .collect();
-    assert_eq!(lines.len(), 1, "{lines:?}");
-    let message = &lines[0];
-    assert_eq!(message["key"], "o-1");
-    assert_eq!(message["headers"]["tenant"], "acme");
-    assert_eq!(message["headers"]["content-type"], "application/json");
-    assert_eq!(message["payload"]["amount_cents"], 500);
+    if let Some(setup) = redis() {
+        common::publish_then_tail_shows_the_message(&setup);
+    }
 }
 
 #[test]
 fn errors_are_one_line_and_name_what_is_wrong() {
-    let Some(redis) = service_env("STREAM_TEST_REDIS_URL") else {
-        return;
-    };
-    let setup = Setup::new(&redis);
-    let output = setup.command(&["inspect", "nope"]).output().unwrap();
-    assert_eq!(output.status.code(), Some(1));
-    let error = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(error.lines().count(), 1, "{error}");
-    assert!(
-        error.contains("no binding `nope`") && error.contains("orders-in"),
-        "{error}"
-    );
-
-    let output = setup
-        .command(&["publish", "orders-out", "{not json"])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("not JSON"));
+    if let Some(setup) = redis() {
+        common::errors_are_one_line_and_name_what_is_wrong(&setup);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_is_listed_sent_back_and_handled_once_the_handler_is_fixed() {
-    let Some(redis) = service_env("STREAM_TEST_REDIS_URL") else {
-        return;
-    };
-    let setup = Setup::new(&redis);
-    let streams = setup.streams();
-    let source = streams.source::<Value>("orders-out").await.unwrap();
-    source
-        .send_keyed(
-            "o-1",
-            &serde_json::json!({"order_id": "o-1", "amount_cents": -5}),
-        )
-        .await
-        .unwrap();
-
-    // A handler that cannot take a negative amount rejects the order to the DLQ.
-    let sink = streams.sink::<Value>("orders-in").unwrap();
-    let broken = sink
-        .subscribe(|order: Value| async move {
-            match order["amount_cents"].as_i64() {
-                Some(cents) if cents < 0 => Err(HandlerError::reject("negative amount")),
-                _ => Ok(()),
-            }
-        })
-        .await
-        .unwrap();
-    let dlq = format!("{}.dlq", setup.destination);
-    wait_until("the order is dead-lettered", || {
-        let streams = &streams;
-        let setup = &setup;
-        let dlq = dlq.clone();
-        async move { setup.held(streams, &dlq).await.len() == 1 }
-    })
-    .await;
-    broken.shutdown().await.unwrap();
-
-    let listed = stdout(&setup.run(&["dlq", "list", "orders-in"]));
-    let row = listed.lines().nth(1).expect("a row under the header");
-    assert!(
-        row.contains("rejected") && row.contains("negative amount"),
-        "{listed}"
-    );
-    assert!(
-        row.contains(&setup.destination) && row.contains("payments"),
-        "{listed}"
-    );
-
-    let redriven = stdout(&setup.run(&["dlq", "redrive", "orders-in"]));
-    assert!(redriven.contains("sent back 1 dead letters"), "{redriven}");
-
-    // The fixed handler takes it now.
-    type Seen = (Option<String>, u32, Option<String>, bool);
-    let seen: Arc<std::sync::Mutex<Vec<Seen>>> = Arc::default();
-    let s = seen.clone();
-    let fixed = sink
-        .subscribe_envelope(move |order: stream_core::Envelope<Value>| {
-            let headers = order.message().headers();
-            s.lock().unwrap().push((
-                order.message().key().map(str::to_owned),
-                order.attempt(),
-                headers.get("x-redrive-count").map(str::to_owned),
-                headers.get(header::ERROR).is_some(),
-            ));
-            async { Ok::<(), std::io::Error>(()) }
-        })
-        .await
-        .unwrap();
-    wait_until("the redriven order is handled", || {
-        let seen = seen.clone();
-        async move { !seen.lock().unwrap().is_empty() }
-    })
-    .await;
-    fixed.shutdown().await.unwrap();
-    let seen = seen.lock().unwrap().clone();
-    assert_eq!(
-        seen,
-        vec![(Some("o-1".to_owned()), 1, Some("1".to_owned()), false)],
-        "handled once, key kept, attempts from 1, the redrive recorded, the error headers gone"
-    );
-    let listed = stdout(&setup.run(&["dlq", "list", "orders-in"]));
-    assert!(listed.contains("no dead letters"), "{listed}");
-    streams.close().await.unwrap();
+    if let Some(setup) = redis() {
+        common::a_dead_letter_is_listed_sent_back_and_handled_once_the_handler_is_fixed(&setup)
+            .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redrive_killed_half_way_and_run_again_loses_nothing() {
-    let Some(redis) = service_env("STREAM_TEST_REDIS_URL") else {
-        return;
-    };
-    const LETTERS: u64 = 4_000;
-    let setup = Setup::new(&redis);
-    let streams = setup.streams();
-    let dlq = format!("{}.dlq", setup.destination);
-    // Dead letters as core writes them.
-    let binder = streams.channel("orders-in").unwrap().binder().clone();
-    let producer = binder.producer(&dlq).await.unwrap();
-    let letters: Vec<Message> = (0..LETTERS)
-        .map(|n| {
-            Message::new(serde_json::to_vec(&serde_json::json!({ "n": n })).unwrap())
-                .with_key(format!("k{}", n % 10))
-                .with_header(header::CONTENT_TYPE, "application/json")
-                .with_header(header::ORIGINAL_DESTINATION, setup.destination.as_str())
-                .with_header(header::ORIGINAL_GROUP, "payments")
-                .with_header(header::ATTEMPTS, "2")
-                .with_header(header::ERROR, "the database was down")
-                .with_header(header::ERROR_KIND, "handler")
-        })
-        .collect();
-    for chunk in letters.chunks(500) {
-        producer.send_batch(chunk.to_vec()).await.unwrap();
+    if let Some(setup) = redis() {
+        common::a_redrive_killed_half_way_and_run_again_loses_nothing(&setup).await;
     }
-
-    let mut redrive = setup
-        .command(&["dlq", "redrive", "orders-in"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Killed as soon as part of the work is done: some sent back, some not.
-    let mut left_at_kill = LETTERS as usize;
-    for _ in 0..20_000 {
-        left_at_kill = setup.held(&streams, &dlq).await.len();
-        if left_at_kill < LETTERS as usize * 3 / 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    redrive.kill().unwrap(); // SIGKILL
-    redrive.wait().unwrap();
-    assert!(
-        left_at_kill > 0 && left_at_kill < LETTERS as usize,
-        "killed half-way: {left_at_kill} of {LETTERS} left"
-    );
-
-    setup.run(&["dlq", "redrive", "orders-in"]);
-    assert!(
-        setup.held(&streams, &dlq).await.is_empty(),
-        "the DLQ is empty"
-    );
-    let mut seen = std::collections::HashMap::<u64, usize>::new();
-    for message in setup.held(&streams, &setup.destination).await {
-        let n = serde_json::from_slice::<Value>(message.payload()).unwrap()["n"]
-            .as_u64()
-            .unwrap();
-        assert_eq!(message.key(), Some(format!("k{}", n % 10).as_str()));
-        *seen.entry(n).or_default() += 1;
-    }
-    let lost: Vec<u64> = (0..LETTERS).filter(|n| !seen.contains_key(n)).collect();
-    let duplicates: usize = seen.values().map(|c| c - 1).sum();
-    eprintln!(
-        "redrive killed with {left_at_kill} of {LETTERS} left: lost {}, duplicates {duplicates}",
-        lost.len()
-    );
-    assert!(lost.is_empty(), "lost {lost:?}");
-    assert!(
-        duplicates <= 1,
-        "at most the message in flight at the kill is sent twice"
-    );
-    streams.close().await.unwrap();
 }
 
 /// The same operations on a three-master Redis Cluster, where the stream and its
@@ -339,7 +50,7 @@ async fn publish_tail_and_redrive_on_a_redis_cluster() {
         return;
     };
     let nodes: Vec<String> = urls.split(',').map(|u| format!("\"{u}\"")).collect();
-    let setup = Setup::with_binder(&format!("nodes = [{}]", nodes.join(", ")));
+    let setup = Setup::new(&format!("type = \"redis\"\nnodes = [{}]", nodes.join(", ")));
     setup.run(&[
         "publish",
         "orders-out",
@@ -347,7 +58,7 @@ async fn publish_tail_and_redrive_on_a_redis_cluster() {
         "o-9",
         r#"{"amount_cents":-1}"#,
     ]);
-    let tail = stdout(&setup.run(&[
+    let tail = common::stdout(&setup.run(&[
         "tail",
         "orders-out",
         "--from",
@@ -367,18 +78,18 @@ async fn publish_tail_and_redrive_on_a_redis_cluster() {
         .await
         .unwrap();
     let dlq = format!("{}.dlq", setup.destination);
-    wait_until("the order is dead-lettered", || {
+    common::wait_until("the order is dead-lettered", || {
         let (streams, setup, dlq) = (&streams, &setup, dlq.clone());
         async move { setup.held(streams, &dlq).await.len() == 1 }
     })
     .await;
     broken.shutdown().await.unwrap();
-    let inspect = stdout(&setup.run(&["inspect", "orders-in"]));
+    let inspect = common::stdout(&setup.run(&["inspect", "orders-in"]));
     assert!(
         inspect.contains("dead letters 1") && inspect.contains("payments"),
         "{inspect}"
     );
-    let redriven = stdout(&setup.run(&["dlq", "redrive", "orders-in"]));
+    let redriven = common::stdout(&setup.run(&["dlq", "redrive", "orders-in"]));
     assert!(redriven.contains("sent back 1 dead letters"), "{redriven}");
     assert!(setup.held(&streams, &dlq).await.is_empty());
     assert_eq!(
@@ -387,19 +98,4 @@ async fn publish_tail_and_redrive_on_a_redis_cluster() {
         "the original and its redriven copy"
     );
     streams.close().await.unwrap();
-}
-
-async fn wait_until<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !condition().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
