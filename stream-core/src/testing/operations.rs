@@ -119,7 +119,7 @@ pub async fn admin_reads_without_joining_a_group(h: &dyn Harness) {
         .unwrap_or_else(|| panic!("the group is listed: {report:?}"));
     if let Some(lag) = seen.lag {
         assert!(
-            lag >= 8 && lag <= 13,
+            (8..=13).contains(&lag),
             "lag counts what the group did not acknowledge: {lag}"
         );
     }
