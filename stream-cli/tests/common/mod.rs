@@ -183,7 +183,6 @@ pub async fn a_dead_letter_is_listed_sent_back_and_handled_once_the_handler_is_f
     let dlq = format!("{}.dlq", &setup.destination);
     wait_until("the order is dead-lettered", || {
         let streams = &streams;
-        let setup = setup;
         let dlq = dlq.clone();
         async move { setup.held(streams, &dlq).await.len() == 1 }
     })
