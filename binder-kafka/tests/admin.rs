@@ -430,3 +430,87 @@ async fn an_unreachable_cluster_fails_in_bounded_time_without_secrets() {
     binder.close().await.unwrap();
     assert_eq!(binder.admin().await.err().unwrap().kind(), ErrorKind::Closed);
 }
+
+/// Core's dead-letter tools on Kafka: list, a filtered redrive refused (it would remove
+/// the letters it skips), a redrive that sends every letter back to its destination and
+/// leaves the dead-letter topic empty, and purge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_redriven_and_purged() {
+    use stream_core::dlq::{Redrive, REDRIVE_COUNT};
+    use stream_core::header;
+    let Some(brokers) = brokers("dead_letters_are_listed_redriven_and_purged") else {
+        return;
+    };
+    let (destination, dlq) = (unique("admin-orders"), unique("admin-orders-dlq"));
+    let streams = stream_core::Streams::builder()
+        .register(binder_kafka::register)
+        .env(Vec::<(String, String)>::new())
+        .load_str(&format!(
+            r#"
+            default-binder = "kafka"
+            [binders.kafka]
+            type = "kafka"
+            brokers = "{brokers}"
+            partitions = {PARTITIONS}
+
+            [bindings.orders-in]
+            destination = "{destination}"
+            group = "{group}"
+            dead-letter = "{dlq}"
+            "#,
+            group = unique("admin-dlq-g"),
+        ))
+        .unwrap();
+    let binder = streams.binder("kafka").unwrap();
+    let letters = binder.dead_letter_producer(&dlq).await.unwrap();
+    for id in 0..6u64 {
+        letters
+            .send(
+                numbered(id)
+                    .with_header(header::ORIGINAL_DESTINATION, destination.as_str())
+                    .with_header(header::ERROR_KIND, "handler")
+                    .with_header(header::ERROR, "gateway down")
+                    .with_header(header::ATTEMPTS, "3"),
+            )
+            .await
+            .unwrap();
+    }
+    let dead = streams.dead_letters("orders-in").await.unwrap();
+    let listed = dead.list(100).await.unwrap();
+    assert_eq!(listed.len(), 6);
+    assert!(listed
+        .iter()
+        .all(|l| l.error.as_deref() == Some("gateway down") && l.attempts == Some(3)));
+
+    let filtered = Redrive {
+        filter: Some(("n".into(), "1".into())),
+        ..Redrive::default()
+    };
+    let refused = dead.redrive(&filtered, |_| {}).await.unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Unsupported, "{refused}");
+
+    let summary = dead.redrive(&Redrive::default(), |_| {}).await.unwrap();
+    assert_eq!(summary.redriven, 6);
+    assert!(dead.list(100).await.unwrap().is_empty());
+    let admin = binder.admin().await.unwrap();
+    assert_eq!(admin.inspect(&dlq).await.unwrap().length, 0);
+    let (back, _) = read_all(&*admin, &destination, ReadFrom::Earliest, 100).await;
+    let ids: BTreeSet<u64> = back.iter().map(id_of).collect();
+    assert_eq!(ids, (0..6).collect());
+    for stored in &back {
+        let headers = stored.message.headers();
+        assert_eq!(headers.get(REDRIVE_COUNT), Some("1"));
+        assert_eq!(headers.get(header::ERROR), None, "dead-letter headers left behind");
+        assert_eq!(stored.message.key(), numbered(id_of(stored)).key());
+    }
+
+    letters.send(numbered(7)).await.unwrap();
+    let stamped = dead.list(1).await.unwrap()[0].stored.stored_at.unwrap();
+    // Timestamps are milliseconds: purge "older than now" once now is past its millisecond.
+    while SystemTime::now() <= stamped + Duration::from_millis(1) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(dead.purge(Duration::ZERO).await.unwrap(), Some(1));
+    assert!(dead.list(100).await.unwrap().is_empty());
+    letters.close().await.unwrap();
+}
