@@ -123,7 +123,13 @@ impl KafkaAdmin {
             )
             .temporary(true)
         })?
-        .map_err(|e| failed(&self.config, e, format!("deleting records of Kafka topic `{topic}`")))?;
+        .map_err(|e| {
+            failed(
+                &self.config,
+                e,
+                format!("deleting records of Kafka topic `{topic}`"),
+            )
+        })?;
         let mut lows = BTreeMap::new();
         for element in done.elements_for_topic(topic) {
             let partition = element.partition();
@@ -321,7 +327,13 @@ fn inspect(
     report.exists = true;
     let listed = client
         .fetch_group_list(None, deadline.left())
-        .map_err(|e| failed(config, e, "listing the consumer groups of the Kafka cluster"))?;
+        .map_err(|e| {
+            failed(
+                config,
+                e,
+                "listing the consumer groups of the Kafka cluster",
+            )
+        })?;
     let mut groups = Vec::new();
     for group in listed.groups() {
         // Classic consumer groups, and groups that only ever committed offsets (no members,
@@ -339,8 +351,13 @@ fn inspect(
             Ok(committed) => committed,
             // A group these credentials may not describe is not reported, rather than
             // failing the report of every other group.
-            Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::GroupAuthorizationFailed) => {
-                tracing::debug!(group = group.name(), "not authorized to read the group's offsets");
+            Err(e)
+                if e.rdkafka_error_code() == Some(RDKafkaErrorCode::GroupAuthorizationFailed) =>
+            {
+                tracing::debug!(
+                    group = group.name(),
+                    "not authorized to read the group's offsets"
+                );
                 continue;
             }
             Err(e) => {
@@ -366,7 +383,15 @@ fn inspect(
     report.length = marks.iter().map(Marks::held).sum();
     report.partitions = marks
         .iter()
-        .map(|m| (m.partition as u32, m.low as u64, m.high as u64))
+        .map(|m| {
+            // Partition ids and watermarks of an existing partition are never negative.
+            let unsigned = |n: i64| u64::try_from(n).unwrap_or(0);
+            (
+                m.partition.unsigned_abs(),
+                unsigned(m.low),
+                unsigned(m.high),
+            )
+        })
         .collect();
     for (name, consumers, committed) in groups {
         let lag = marks
@@ -559,9 +584,13 @@ fn read(
         list.add_partition_offset(topic, partition, Offset::Offset(next[&partition]))
             .map_err(|e| failed(config, e, "listing the partitions to read"))?;
     }
-    reader
-        .assign(&list)
-        .map_err(|e| failed(config, e, format!("assigning Kafka topic `{topic}` to a reader")))?;
+    reader.assign(&list).map_err(|e| {
+        failed(
+            config,
+            e,
+            format!("assigning Kafka topic `{topic}` to a reader"),
+        )
+    })?;
     while !pending.is_empty() && messages.len() < max && !deadline.passed() {
         match reader.poll(deadline.left()) {
             None => {}
@@ -604,7 +633,7 @@ fn read(
             }
         }
     }
-    if messages.is_empty() && !pending.is_empty() && messages.len() < max {
+    if messages.is_empty() && !pending.is_empty() {
         // Nothing arrived from partitions that hold records: saying "nothing more" would
         // be wrong.
         let waiting: Vec<String> = pending.iter().map(i32::to_string).collect();
@@ -643,7 +672,13 @@ fn first_offsets_from(
     }
     let found = reader
         .offsets_for_times(list, deadline.left())
-        .map_err(|e| failed(config, e, format!("offsets by time of Kafka topic `{topic}`")))?;
+        .map_err(|e| {
+            failed(
+                config,
+                e,
+                format!("offsets by time of Kafka topic `{topic}`"),
+            )
+        })?;
     let mut firsts = BTreeMap::new();
     for m in marks {
         let offset = found
@@ -652,7 +687,11 @@ fn first_offsets_from(
                 element
                     .error()
                     .map_err(|e| {
-                        failed(config, e, format!("offsets by time of Kafka topic `{topic}`"))
+                        failed(
+                            config,
+                            e,
+                            format!("offsets by time of Kafka topic `{topic}`"),
+                        )
                     })
                     .map(|()| element.offset())
             })
@@ -807,7 +846,10 @@ mod tests {
         subscription.extend_from_slice(&1i32.to_be_bytes());
         string(&mut subscription, "orders");
         subscription.extend_from_slice(&(-1i32).to_be_bytes());
-        assert_eq!(subscribed_topics(&subscription).unwrap(), ["orders".to_owned()]);
+        assert_eq!(
+            subscribed_topics(&subscription).unwrap(),
+            ["orders".to_owned()]
+        );
         assert_eq!(subscribed_topics(&[]), None);
     }
 }

@@ -319,7 +319,10 @@ impl Binder for KafkaBinder {
     async fn admin(&self) -> Result<Arc<dyn stream_core::admin::Admin>> {
         self.check_open()?;
         let client = self.topic_admin().await?.client();
-        Ok(Arc::new(inspect::KafkaAdmin::new(self.config.clone(), client)))
+        Ok(Arc::new(inspect::KafkaAdmin::new(
+            self.config.clone(),
+            client,
+        )))
     }
 
     /// Flushes the shared producer. Afterwards no new producer or consumer is made (they

@@ -24,7 +24,10 @@ fn binder(brokers: &str) -> KafkaBinder {
 }
 
 async fn admin(binder: &KafkaBinder) -> Arc<dyn Admin> {
-    binder.admin().await.expect("the Kafka binder has admin access")
+    binder
+        .admin()
+        .await
+        .expect("the Kafka binder has admin access")
 }
 
 /// Message `id`: its payload, one of five keys, and two headers.
@@ -36,10 +39,7 @@ fn numbered(id: u64) -> Message {
 }
 
 /// Publishes messages `ids` and returns where each landed: id -> (partition, offset).
-async fn publish(
-    producer: &dyn Producer,
-    ids: std::ops::Range<u64>,
-) -> BTreeMap<u64, (u32, i64)> {
+async fn publish(producer: &dyn Producer, ids: std::ops::Range<u64>) -> BTreeMap<u64, (u32, i64)> {
     let landed = producer
         .send_batch(ids.clone().map(numbered).collect())
         .await
@@ -135,7 +135,10 @@ async fn a_missing_topic_is_reported_missing_and_left_alone() {
     assert!(report.partitions.is_empty() && report.groups.is_empty());
     let read = admin.read(&topic, &ReadFrom::Earliest, 10).await.unwrap();
     assert!(read.messages.is_empty());
-    assert_eq!(admin.purge(&topic, SystemTime::now()).await.unwrap(), Some(0));
+    assert_eq!(
+        admin.purge(&topic, SystemTime::now()).await.unwrap(),
+        Some(0)
+    );
     admin.remove(&topic, &[position(0, 3)]).await.unwrap();
     // Asking neither made the topic.
     assert!(!admin.inspect(&topic).await.unwrap().exists);
@@ -155,12 +158,19 @@ async fn a_partitioned_topic_reports_its_watermarks_and_length() {
     assert!(report.exists);
     assert_eq!(report.length, 30);
     let counts = per_partition(&landed);
-    assert!(counts.len() > 1, "five keys spread over partitions: {counts:?}");
+    assert!(
+        counts.len() > 1,
+        "five keys spread over partitions: {counts:?}"
+    );
     let expected: BTreeMap<u32, (u64, u64)> = (0..PARTITIONS as u32)
         .map(|p| (p, (0, counts.get(&p).copied().unwrap_or(0))))
         .collect();
     assert_eq!(watermarks(&report), expected);
-    assert!(report.groups.is_empty(), "nobody reads it: {:?}", report.groups);
+    assert!(
+        report.groups.is_empty(),
+        "nobody reads it: {:?}",
+        report.groups
+    );
     producer.close().await.unwrap();
 }
 
@@ -186,7 +196,11 @@ async fn a_group_that_consumed_part_is_reported_with_its_lag() {
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while got.len() < 20 {
-        assert!(Instant::now() < deadline, "20 deliveries; got {}", got.len());
+        assert!(
+            Instant::now() < deadline,
+            "20 deliveries; got {}",
+            got.len()
+        );
         got.extend(member.receive(20 - got.len()).await.unwrap());
     }
     let tags: Vec<_> = got
@@ -210,7 +224,11 @@ async fn a_group_that_consumed_part_is_reported_with_its_lag() {
     })
     .await;
     let report = last.into_inner().unwrap();
-    assert!(reached, "lag {expected_lag} for {group}: {:?}", report.groups);
+    assert!(
+        reached,
+        "lag {expected_lag} for {group}: {:?}",
+        report.groups
+    );
     let reported = report.groups.iter().find(|g| g.name == group).unwrap();
     assert_eq!(reported.pending, None, "Kafka does not tell");
     assert_eq!(reported.consumers.len(), 1, "{:?}", reported.consumers);
@@ -233,7 +251,9 @@ async fn a_group_that_consumed_part_is_reported_with_its_lag() {
         }
     })
     .await;
-    let reported = last.into_inner().expect("the group is still reported by its commits");
+    let reported = last
+        .into_inner()
+        .expect("the group is still reported by its commits");
     assert!(left, "member gone: {reported:?}");
     assert_eq!(reported.lag, Some(expected_lag));
     producer.close().await.unwrap();
@@ -281,7 +301,12 @@ async fn reading_from_earliest_in_pages_returns_everything_once() {
         assert!(sent_from <= at && at <= sent_until, "{at:?}");
     }
     let ends: Vec<String> = (0..PARTITIONS as u32)
-        .map(|p| format!("{p}={}", per_partition(&landed).get(&p).copied().unwrap_or(0)))
+        .map(|p| {
+            format!(
+                "{p}={}",
+                per_partition(&landed).get(&p).copied().unwrap_or(0)
+            )
+        })
         .collect();
     assert_eq!(cursor.0, ends.join(","), "the cursor is at every end");
     // Nothing more: an empty read that stays where it is.
@@ -358,7 +383,10 @@ async fn removing_up_to_a_position_deletes_exactly_that_prefix() {
         .collect();
     assert_eq!(ids, (0..30).filter(|id| !removed.contains(id)).collect());
     // Gone already: skipped.
-    admin.remove(&topic, &[position(partition, 0)]).await.unwrap();
+    admin
+        .remove(&topic, &[position(partition, 0)])
+        .await
+        .unwrap();
     assert_eq!(watermarks(&admin.inspect(&topic).await.unwrap()), expected);
     let err = admin
         .remove(&topic, &[position(partition, count as i64 + 5)])
@@ -428,7 +456,10 @@ async fn an_unreachable_cluster_fails_in_bounded_time_without_secrets() {
     assert!(!format!("{err} {err:?}").contains("topsecret"));
     assert!(took < Duration::from_secs(4), "took {took:?}");
     binder.close().await.unwrap();
-    assert_eq!(binder.admin().await.err().unwrap().kind(), ErrorKind::Closed);
+    assert_eq!(
+        binder.admin().await.err().unwrap().kind(),
+        ErrorKind::Closed
+    );
 }
 
 /// Core's dead-letter tools on Kafka: list, a filtered redrive refused (it would remove
@@ -500,7 +531,11 @@ async fn dead_letters_are_listed_redriven_and_purged() {
     for stored in &back {
         let headers = stored.message.headers();
         assert_eq!(headers.get(REDRIVE_COUNT), Some("1"));
-        assert_eq!(headers.get(header::ERROR), None, "dead-letter headers left behind");
+        assert_eq!(
+            headers.get(header::ERROR),
+            None,
+            "dead-letter headers left behind"
+        );
         assert_eq!(stored.message.key(), numbered(id_of(stored)).key());
     }
 
