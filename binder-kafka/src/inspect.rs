@@ -284,19 +284,14 @@ fn watermarks<C: rdkafka::ClientContext>(
         .collect()
 }
 
-/// The offsets `group` committed on `partitions` of `topic`; those without a commit are
-/// left out.
+/// The offsets committed on `partitions` of `topic` by the group of `reader` (a client with
+/// the group's `group.id`); those without a commit are left out.
 fn group_commits(
-    config: &KafkaConfig,
-    group: &str,
+    reader: &BaseConsumer,
     topic: &str,
     partitions: &[i32],
     deadline: Deadline,
 ) -> Result<BTreeMap<i32, i64>, KafkaError> {
-    let reader = reader(config, Some(group)).map_err(|e| {
-        // Made from settings that made the other clients: never expected.
-        KafkaError::ClientCreation(e.message().to_owned())
-    })?;
     let mut list = TopicPartitionList::with_capacity(partitions.len());
     for &partition in partitions {
         list.add_partition(topic, partition);
@@ -347,7 +342,8 @@ fn inspect(
             .filter(|member| reads_topic(member, topic))
             .map(member_report)
             .collect();
-        let committed = match group_commits(config, group.name(), topic, &partitions, deadline) {
+        let reader = reader(config, Some(group.name()))?;
+        let committed = match group_commits(&reader, topic, &partitions, deadline) {
             Ok(committed) => committed,
             // A group these credentials may not describe is not reported, rather than
             // failing the report of every other group.

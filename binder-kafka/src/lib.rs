@@ -50,6 +50,10 @@
 //!   the last acknowledgement. A reader client of the member's own, which never joins the
 //!   group, asks for it on a blocking thread (5 s at most); the poller is not involved. An
 //!   anonymous consumer commits nothing and reports `None`.
+//! * [`Binder::admin`] (operators' access: the dead-letter tools and the `stream` command
+//!   line) reports watermarks and consumer groups, reads without joining a group or
+//!   committing, and removes with `DeleteRecords`, which deletes only a partition's records
+//!   before an offset; Kafka does not tell what a member holds nor how long it was idle.
 //!
 //! The crate's README describes polling, revocation, attempts, payload limits, health and lag
 //! in full.
