@@ -260,6 +260,11 @@ impl Admin {
         }
     }
 
+    /// The admin client, for the operators' access ([`crate::inspect`]), which shares it.
+    pub(crate) fn client(&self) -> Arc<AdminClient<DefaultClientContext>> {
+        self.client.clone()
+    }
+
     /// Whether `topic` was seen ready before, so the first-use check can be skipped.
     pub(crate) fn is_ready(&self, topic: &str) -> bool {
         self.ready

@@ -183,7 +183,7 @@ fn committed(
 /// Where the group reads a partition next: its committed offset while the partition holds
 /// it, else the oldest retained message (`auto.offset.reset = earliest`, which the binder
 /// sets for every consumer).
-fn next_offset(committed: Option<i64>, low: i64, high: i64) -> i64 {
+pub(crate) fn next_offset(committed: Option<i64>, low: i64, high: i64) -> i64 {
     match committed {
         Some(offset) if (low..=high).contains(&offset) => offset,
         _ => low,

@@ -50,6 +50,10 @@
 //!   the last acknowledgement. A reader client of the member's own, which never joins the
 //!   group, asks for it on a blocking thread (5 s at most); the poller is not involved. An
 //!   anonymous consumer commits nothing and reports `None`.
+//! * [`Binder::admin`] (operators' access: the dead-letter tools and the `stream` command
+//!   line) reports watermarks and consumer groups, reads without joining a group or
+//!   committing, and removes with `DeleteRecords`, which deletes only a partition's records
+//!   before an offset; Kafka does not tell what a member holds nor how long it was idle.
 //!
 //! The crate's README describes polling, revocation, attempts, payload limits, health and lag
 //! in full.
@@ -112,6 +116,7 @@ mod admin;
 mod config;
 mod consumer;
 mod error;
+mod inspect;
 mod lag;
 mod offsets;
 mod poller;
@@ -204,7 +209,7 @@ impl KafkaBinder {
         Ok(())
     }
 
-    async fn admin(&self) -> Result<&Admin> {
+    async fn topic_admin(&self) -> Result<&Admin> {
         self.admin
             .get_or_try_init(|| async { Admin::new(self.config.clone()) })
             .await
@@ -235,7 +240,7 @@ impl Binder for KafkaBinder {
 
     async fn producer(&self, destination: &str) -> Result<Box<dyn stream_core::Producer>> {
         self.check_open()?;
-        let admin = self.admin().await?;
+        let admin = self.topic_admin().await?;
         if !admin.is_ready(destination) {
             admin.ensure_topic(destination).await?;
         }
@@ -249,7 +254,7 @@ impl Binder for KafkaBinder {
         options: &ConsumerOptions,
     ) -> Result<Box<dyn stream_core::Consumer>> {
         self.check_open()?;
-        let partitions = self.admin().await?.ensure_topic(destination).await?;
+        let partitions = self.topic_admin().await?.ensure_topic(destination).await?;
         let consumer =
             consumer::KafkaConsumer::open(&self.config, destination, &partitions, options).await?;
         Ok(Box::new(consumer))
@@ -288,7 +293,7 @@ impl Binder for KafkaBinder {
                 format!("{partitions} partitions are more than Kafka allows"),
             )
         })?;
-        self.admin()
+        self.topic_admin()
             .await?
             .ensure_partitioned_topic(destination, exactly)
             .await?;
@@ -304,7 +309,24 @@ impl Binder for KafkaBinder {
     async fn ping(&self) -> Result<()> {
         self.check_open()?;
         let bound = self.config.connect_timeout.min(MAX_PING_WAIT);
-        self.admin().await?.ping(bound).await
+        self.topic_admin().await?.ping(bound).await
+    }
+
+    /// Operators' access to topics ([`stream_core::admin::Admin`]) on the binder's admin
+    /// client (made now if nothing has made it yet): watermarks and consumer groups, reads
+    /// that join no group and commit nothing, and removal with `DeleteRecords`, which only
+    /// deletes a partition's records before an offset
+    /// ([`Removal::UpTo`](stream_core::admin::Removal::UpTo)). Kafka does not tell what a
+    /// member holds nor how long it has been idle. Positions are `PARTITION:OFFSET`, read
+    /// cursors `PARTITION=OFFSET,...`; every call finishes within `connect-timeout`. After
+    /// [`close`](Binder::close) it is [`ErrorKind::Closed`].
+    async fn admin(&self) -> Result<Arc<dyn stream_core::admin::Admin>> {
+        self.check_open()?;
+        let client = self.topic_admin().await?.client();
+        Ok(Arc::new(inspect::KafkaAdmin::new(
+            self.config.clone(),
+            client,
+        )))
     }
 
     /// Flushes the shared producer. Afterwards no new producer or consumer is made (they

@@ -18,21 +18,7 @@ use stream_core::{DeliveryTag, Headers, Message, Received};
 /// headers), for bounding what the consumer buffers.
 pub(crate) fn received(message: &BorrowedMessage<'_>, tag: DeliveryTag) -> (Received, usize) {
     let (partition, offset) = (message.partition(), message.offset());
-    let payload = message.payload().unwrap_or_default();
-    let mut size = payload.len();
-    let (headers, defect) = match message.headers() {
-        Some(native) => read_headers(native, &mut size),
-        None => (Headers::new(), None),
-    };
-    let mut out = Message::new(payload.to_vec())
-        .with_headers(headers)
-        .with_id(delivery_id(partition, offset))
-        // Never negative on a delivered message.
-        .with_partition(partition as u32);
-    if let Some(key) = message.key() {
-        size += key.len();
-        out = out.with_key(String::from_utf8_lossy(key));
-    }
+    let (out, defect, size) = converted(message);
     // Kafka keeps no count of deliveries per message (see the crate docs on attempts).
     let received = Received::new(out, tag, 1);
     let received = match defect {
@@ -42,6 +28,30 @@ pub(crate) fn received(message: &BorrowedMessage<'_>, tag: DeliveryTag) -> (Rece
         None => received,
     };
     (received, size)
+}
+
+/// `message` as a core [`Message`] (payload, headers, lossy key, id `partition@offset`,
+/// partition), the defect that keeps it from being handled as it is (a header name that is
+/// not UTF-8), and roughly the memory it takes. Shared by consumers and by the operators'
+/// reads ([`crate::inspect`]), so that both see a record as the same message.
+pub(crate) fn converted(message: &BorrowedMessage<'_>) -> (Message, Option<String>, usize) {
+    let (partition, offset) = (message.partition(), message.offset());
+    let payload = message.payload().unwrap_or_default();
+    let mut size = payload.len();
+    let (headers, defect) = match message.headers() {
+        Some(native) => read_headers(native, &mut size),
+        None => (Headers::new(), None),
+    };
+    let mut out = Message::new(payload.to_vec())
+        .with_headers(headers)
+        .with_id(delivery_id(partition, offset))
+        // Never negative on a fetched message.
+        .with_partition(partition as u32);
+    if let Some(key) = message.key() {
+        size += key.len();
+        out = out.with_key(String::from_utf8_lossy(key));
+    }
+    (out, defect, size)
 }
 
 /// The headers of a record as text, adding their bytes to `size`, and a defect when a header
