@@ -24,6 +24,7 @@ use stream_core::{
 use tokio::sync::{oneshot, Notify};
 
 use crate::config::KafkaConfig;
+use crate::election::through_election;
 use crate::error::{convert, kind_of};
 use crate::lag::LagReader;
 use crate::offsets::{Delivery, OffsetTracker};
@@ -498,11 +499,9 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .map_err(|e| Error::new(ErrorKind::Broker, "blocking Kafka call failed").with_source(e))
 }
 
-/// The high watermark (offset of the next message) of each partition.
-///
-/// A topic created a moment ago may have partitions without a leader yet: their watermarks
-/// are asked again, with a short pause, until the leader answers or [`CALL_TIMEOUT`] ran out.
-/// Runs on a blocking thread (see [`blocking`]), where pausing holds up nothing else.
+/// The high watermark (offset of the next message) of each partition, asked again while a
+/// partition's leader is being elected (a topic created a moment ago), within
+/// [`CALL_TIMEOUT`].
 pub(crate) fn ends<C: ConsumerContext, K: rdkafka::consumer::Consumer<C>>(
     consumer: &K,
     topic: &str,
@@ -511,31 +510,14 @@ pub(crate) fn ends<C: ConsumerContext, K: rdkafka::consumer::Consumer<C>>(
     let deadline = Instant::now() + CALL_TIMEOUT;
     partitions
         .iter()
-        .map(|&partition| loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match consumer.fetch_watermarks(topic, partition, left) {
-                Ok((_, high)) => return Ok((partition, high)),
-                Err(e) if leader_moving(&e) && Instant::now() + LEADER_PAUSE < deadline => {
-                    std::thread::sleep(LEADER_PAUSE);
-                }
-                Err(e) => return Err(convert(e, format!("end offsets of Kafka topic `{topic}`"))),
-            }
+        .map(|&partition| {
+            through_election(deadline, |left| {
+                consumer.fetch_watermarks(topic, partition, left)
+            })
+            .map(|(_, high)| (partition, high))
+            .map_err(|e| convert(e, format!("end offsets of Kafka topic `{topic}`")))
         })
         .collect()
-}
-
-/// How long [`ends`] waits before asking a partition without a leader again.
-const LEADER_PAUSE: Duration = Duration::from_millis(50);
-
-/// Whether a metadata error says a partition's leader is being elected or moved, which
-/// goes away by itself.
-fn leader_moving(error: &KafkaError) -> bool {
-    matches!(
-        error,
-        KafkaError::MetadataFetch(
-            RDKafkaErrorCode::NotLeaderForPartition | RDKafkaErrorCode::LeaderNotAvailable
-        )
-    )
 }
 
 /// Makes "latest" mean the end at the time the group is created, not whenever librdkafka

@@ -44,6 +44,7 @@ use stream_core::admin::{
 use stream_core::{Error, ErrorKind, Result};
 
 use crate::config::KafkaConfig;
+use crate::election::through_election;
 use crate::error::kind_of;
 use crate::lag::next_offset;
 
@@ -274,7 +275,9 @@ fn watermarks<C: rdkafka::ClientContext>(
     partitions
         .iter()
         .map(|&partition| {
-            let (low, high) = client.fetch_watermarks(topic, partition, deadline.left())?;
+            let (low, high) = through_election(deadline.0, |left| {
+                client.fetch_watermarks(topic, partition, left)
+            })?;
             Ok(Marks {
                 partition,
                 low,
@@ -311,6 +314,7 @@ fn inspect(
     config: &KafkaConfig,
     client: &Client<DefaultClientContext>,
     topic: &str,
+    known_groups: &[String],
     deadline: Deadline,
 ) -> Result<DestinationReport> {
     let mut report = DestinationReport::default();
@@ -342,6 +346,11 @@ fn inspect(
             .filter(|member| reads_topic(member, topic))
             .map(member_report)
             .collect();
+        // Each group's commits take a client of its own: only the groups known to read the
+        // topic and those with members on it, not every group of the cluster.
+        if members.is_empty() && !known_groups.iter().any(|known| known == group.name()) {
+            continue;
+        }
         let reader = reader(config, Some(group.name()))?;
         let committed = match group_commits(&reader, topic, &partitions, deadline) {
             Ok(committed) => committed,
@@ -704,11 +713,15 @@ fn first_offsets_from(
 
 #[async_trait]
 impl Admin for KafkaAdmin {
-    async fn inspect(&self, destination: &str) -> Result<DestinationReport> {
+    async fn inspect(
+        &self,
+        destination: &str,
+        known_groups: &[String],
+    ) -> Result<DestinationReport> {
         let deadline = self.deadline();
         let (config, client) = (self.config.clone(), self.client.clone());
-        let topic = destination.to_owned();
-        blocking(move || inspect(&config, client.inner(), &topic, deadline)).await?
+        let (topic, known) = (destination.to_owned(), known_groups.to_vec());
+        blocking(move || inspect(&config, client.inner(), &topic, &known, deadline)).await?
     }
 
     async fn read(&self, destination: &str, from: &ReadFrom, max: usize) -> Result<Read> {

@@ -34,6 +34,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use stream_core::{Error, ErrorKind, Result};
 
 use crate::config::KafkaConfig;
+use crate::election::through_election;
 
 /// The longest one sample takes, all its requests together.
 pub(crate) const LAG_TIMEOUT: Duration = Duration::from_secs(5);
@@ -151,7 +152,9 @@ fn measure(reader: &BaseConsumer, topic: &str, deadline: Instant) -> Result<u64,
     let committed = committed(reader, topic, &partitions, left())?;
     let mut lag = 0u64;
     for partition in partitions {
-        let (low, high) = reader.fetch_watermarks(topic, partition, left())?;
+        let (low, high) = through_election(deadline, |left| {
+            reader.fetch_watermarks(topic, partition, left)
+        })?;
         let next = next_offset(committed.get(&partition).copied(), low, high);
         lag = lag.saturating_add(u64::try_from(high - next).unwrap_or(0));
     }

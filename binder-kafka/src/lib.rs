@@ -115,6 +115,7 @@
 mod admin;
 mod config;
 mod consumer;
+mod election;
 mod error;
 mod inspect;
 mod lag;

@@ -129,7 +129,7 @@ async fn a_missing_topic_is_reported_missing_and_left_alone() {
     let binder = binder(&brokers);
     let admin = admin(&binder).await;
     let topic = unique("admin-missing");
-    let report = admin.inspect(&topic).await.unwrap();
+    let report = admin.inspect(&topic, &[]).await.unwrap();
     assert!(!report.exists);
     assert_eq!(report.length, 0);
     assert!(report.partitions.is_empty() && report.groups.is_empty());
@@ -141,7 +141,7 @@ async fn a_missing_topic_is_reported_missing_and_left_alone() {
     );
     admin.remove(&topic, &[position(0, 3)]).await.unwrap();
     // Asking neither made the topic.
-    assert!(!admin.inspect(&topic).await.unwrap().exists);
+    assert!(!admin.inspect(&topic, &[]).await.unwrap().exists);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,7 +154,7 @@ async fn a_partitioned_topic_reports_its_watermarks_and_length() {
     let producer = binder.producer(&topic).await.unwrap();
     let landed = publish(&*producer, 0..30).await;
     let admin = admin(&binder).await;
-    let report = admin.inspect(&topic).await.unwrap();
+    let report = admin.inspect(&topic, &[]).await.unwrap();
     assert!(report.exists);
     assert_eq!(report.length, 30);
     let counts = per_partition(&landed);
@@ -215,7 +215,10 @@ async fn a_group_that_consumed_part_is_reported_with_its_lag() {
     let reached = eventually(Duration::from_secs(20), || {
         let (admin, topic, group, last) = (&admin, &topic, &group, &last);
         async move {
-            let report = admin.inspect(topic).await.unwrap();
+            let report = admin
+                .inspect(topic, std::slice::from_ref(group))
+                .await
+                .unwrap();
             let found = report.groups.iter().find(|g| &g.name == group);
             let done = found.is_some_and(|g| g.lag == Some(expected_lag));
             *last.borrow_mut() = Some(report);
@@ -243,7 +246,10 @@ async fn a_group_that_consumed_part_is_reported_with_its_lag() {
     let left = eventually(Duration::from_secs(20), || {
         let (admin, topic, group, last) = (&admin, &topic, &group, &last);
         async move {
-            let report = admin.inspect(topic).await.unwrap();
+            let report = admin
+                .inspect(topic, std::slice::from_ref(group))
+                .await
+                .unwrap();
             let found = report.groups.into_iter().find(|g| &g.name == group);
             let done = found.as_ref().is_some_and(|g| g.consumers.is_empty());
             *last.borrow_mut() = found;
@@ -317,7 +323,7 @@ async fn reading_from_earliest_in_pages_returns_everything_once() {
     assert!(again.messages.is_empty());
     assert_eq!(again.next, cursor);
     // Reading made no group and committed nothing.
-    assert!(admin.inspect(&topic).await.unwrap().groups.is_empty());
+    assert!(admin.inspect(&topic, &[]).await.unwrap().groups.is_empty());
     assert_eq!(reader_groups(&brokers).await, Vec::<String>::new());
     let bad = admin
         .read(&topic, &ReadFrom::Cursor(Cursor("0:4".into())), 7)
@@ -363,13 +369,13 @@ async fn removing_up_to_a_position_deletes_exactly_that_prefix() {
     let counts = per_partition(&landed);
     let (&partition, &count) = counts.iter().max_by_key(|(_, &n)| n).unwrap();
     assert!(count >= 3, "{counts:?}");
-    let before = watermarks(&admin.inspect(&topic).await.unwrap());
+    let before = watermarks(&admin.inspect(&topic, &[]).await.unwrap());
     // Two positions of the partition: the newer one counts.
     admin
         .remove(&topic, &[position(partition, 0), position(partition, 1)])
         .await
         .unwrap();
-    let after = admin.inspect(&topic).await.unwrap();
+    let after = admin.inspect(&topic, &[]).await.unwrap();
     assert_eq!(after.length, 28);
     let mut expected = before.clone();
     expected.insert(partition, (2, count));
@@ -387,7 +393,10 @@ async fn removing_up_to_a_position_deletes_exactly_that_prefix() {
         .remove(&topic, &[position(partition, 0)])
         .await
         .unwrap();
-    assert_eq!(watermarks(&admin.inspect(&topic).await.unwrap()), expected);
+    assert_eq!(
+        watermarks(&admin.inspect(&topic, &[]).await.unwrap()),
+        expected
+    );
     let err = admin
         .remove(&topic, &[position(partition, count as i64 + 5)])
         .await
@@ -423,7 +432,7 @@ async fn purging_by_time_removes_only_older_records() {
     }
     publish(&*producer, 12..20).await;
     assert_eq!(admin.purge(&topic, cut).await.unwrap(), Some(12));
-    let report = admin.inspect(&topic).await.unwrap();
+    let report = admin.inspect(&topic, &[]).await.unwrap();
     assert_eq!(report.length, 8);
     let (left, _) = read_all(&*admin, &topic, ReadFrom::Earliest, 100).await;
     let ids: BTreeSet<u64> = left.iter().map(id_of).collect();
@@ -432,7 +441,7 @@ async fn purging_by_time_removes_only_older_records() {
     assert_eq!(admin.purge(&topic, cut).await.unwrap(), Some(0));
     let later = SystemTime::now() + Duration::from_secs(3600);
     assert_eq!(admin.purge(&topic, later).await.unwrap(), Some(8));
-    assert_eq!(admin.inspect(&topic).await.unwrap().length, 0);
+    assert_eq!(admin.inspect(&topic, &[]).await.unwrap().length, 0);
     producer.close().await.unwrap();
 }
 
@@ -446,7 +455,7 @@ async fn an_unreachable_cluster_fails_in_bounded_time_without_secrets() {
     let binder = KafkaBinder::new(settings).unwrap();
     let admin = admin(&binder).await;
     let started = Instant::now();
-    let err = admin.inspect("anything").await.unwrap_err();
+    let err = admin.inspect("anything", &[]).await.unwrap_err();
     let took = started.elapsed();
     assert!(
         matches!(err.kind(), ErrorKind::Connection | ErrorKind::Timeout),
@@ -524,7 +533,7 @@ async fn dead_letters_are_listed_redriven_and_purged() {
     assert_eq!(summary.redriven, 6);
     assert!(dead.list(100).await.unwrap().is_empty());
     let admin = binder.admin().await.unwrap();
-    assert_eq!(admin.inspect(&dlq).await.unwrap().length, 0);
+    assert_eq!(admin.inspect(&dlq, &[]).await.unwrap().length, 0);
     let (back, _) = read_all(&*admin, &destination, ReadFrom::Earliest, 100).await;
     let ids: BTreeSet<u64> = back.iter().map(id_of).collect();
     assert_eq!(ids, (0..6).collect());

@@ -116,7 +116,12 @@ fn malformed(destination: &str, e: impl std::fmt::Display) -> Error {
 
 #[async_trait]
 impl Admin for RedisAdmin {
-    async fn inspect(&self, destination: &str) -> Result<DestinationReport> {
+    /// Every group of the stream, from `XINFO GROUPS`: `known_groups` adds nothing.
+    async fn inspect(
+        &self,
+        destination: &str,
+        _known_groups: &[String],
+    ) -> Result<DestinationReport> {
         let exists: bool = self
             .query("EXISTS", redis::cmd("EXISTS").arg(destination))
             .await?;

@@ -104,12 +104,24 @@ fn named(binding: &str, e: Error) -> Error {
 
 async fn inspect(streams: &Streams, binding: &str) -> Result<()> {
     let (admin, destination) = admin(streams, binding).await?;
+    // The groups of every binding on this destination: Kafka reports only those and the
+    // groups with live members, not every group of its cluster.
+    let known: Vec<String> = streams
+        .config()
+        .bindings
+        .values()
+        .filter(|b| b.destination == destination)
+        .filter_map(|b| b.group.clone())
+        .collect();
     let report = admin
-        .inspect(&destination)
+        .inspect(&destination, &known)
         .await
         .map_err(|e| named(binding, e))?;
     let dlq = streams.channel(binding)?.config().dead_letter_destination();
-    let dead = admin.inspect(&dlq).await.map_err(|e| named(binding, e))?;
+    let dead = admin
+        .inspect(&dlq, &[])
+        .await
+        .map_err(|e| named(binding, e))?;
     show::report(binding, &destination, &report, &dlq, &dead);
     Ok(())
 }

@@ -114,8 +114,15 @@ pub enum Removal {
 /// Administrative access to a binder's broker. See the [module](self) documentation.
 #[async_trait]
 pub trait Admin: Send + Sync + 'static {
-    /// What the broker knows about `destination`.
-    async fn inspect(&self, destination: &str) -> Result<DestinationReport>;
+    /// What the broker knows about `destination`. `known_groups` are groups the caller
+    /// knows read it (the configuration's bindings): a broker that cannot list a
+    /// destination's groups cheaply (Kafka, where each group's commits take a client of
+    /// their own) reports those and the groups with live members on it, and no others.
+    async fn inspect(
+        &self,
+        destination: &str,
+        known_groups: &[String],
+    ) -> Result<DestinationReport>;
 
     /// Reads up to `max` messages of `destination` from `from`, in order (per partition),
     /// without joining any group and without acknowledging anything for anyone. An empty

@@ -1,0 +1,42 @@
+//! Partition leader elections, which make metadata requests fail for a moment: right after a
+//! topic is created, or while a broker of a cluster restarts.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::types::RDKafkaErrorCode;
+
+/// How long to wait before asking a partition without a leader again.
+const PAUSE: Duration = Duration::from_millis(50);
+
+/// Whether a metadata error says a partition's leader is being elected or moved, which goes
+/// away by itself.
+pub(crate) fn leader_moving(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::MetadataFetch(
+            RDKafkaErrorCode::NotLeaderForPartition | RDKafkaErrorCode::LeaderNotAvailable
+        )
+    )
+}
+
+/// Calls `request` (given the time left) until it gets an answer other than a leader
+/// election, or `deadline` passes. Blocking: call it from a blocking thread, where the short
+/// pauses hold up nothing else.
+pub(crate) fn through_election<T>(
+    deadline: Instant,
+    mut request: impl FnMut(Duration) -> KafkaResult<T>,
+) -> KafkaResult<T> {
+    loop {
+        // librdkafka takes a zero timeout as "do not wait at all".
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        match request(left) {
+            Err(e) if leader_moving(&e) && Instant::now() + PAUSE < deadline => {
+                std::thread::sleep(PAUSE);
+            }
+            answer => return answer,
+        }
+    }
+}
