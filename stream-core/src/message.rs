@@ -31,6 +31,14 @@ pub mod header {
     /// Processor output header: the id of the message a
     /// [`processor`](crate::Streams::processor) consumed to produce this one.
     pub const INPUT_ID: &str = "x-input-id";
+    /// The message's own id, set by its producer once and kept wherever the message goes:
+    /// redeliveries, the dead-letter copy, a redrive. A [`Source`](crate::Source) sets a
+    /// UUIDv7 on send unless the message has one (see
+    /// [`Source::identified_by`](crate::Source::identified_by)); a
+    /// [`processor`](crate::Streams::processor) gives its outputs ids made from its input's,
+    /// so the outputs of an input processed twice have the same ids. Unlike the broker's
+    /// [`Message::id`], it is the same on every binder and across a redrive.
+    pub const MESSAGE_ID: &str = "x-message-id";
     /// When the message was sent, in milliseconds since the Unix epoch, set by every
     /// [`Source`](crate::Source) send; consumers measure end-to-end latency from it.
     pub const SENT_AT: &str = "x-sent-at";
@@ -64,15 +72,6 @@ impl Headers {
             *shared = Arc::new(copy);
         }
         Arc::get_mut(shared).expect("just made unique")
-    }
-
-    /// Whether both share one storage (so hold the same headers).
-    pub(crate) fn shares_storage_with(&self, other: &Headers) -> bool {
-        match (&self.0, &other.0) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
-        }
     }
 
     fn as_slice(&self) -> &[Entry] {
@@ -203,6 +202,11 @@ impl Message {
     pub fn with_headers(mut self, headers: Headers) -> Self {
         self.headers = headers;
         self
+    }
+
+    /// The producer-assigned id ([`header::MESSAGE_ID`]), where the message has one.
+    pub fn message_id(&self) -> Option<&str> {
+        self.headers.get(header::MESSAGE_ID)
     }
 
     /// The id the broker gave the message (a Redis entry id, `partition@offset` on Kafka, an

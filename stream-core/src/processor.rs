@@ -15,11 +15,14 @@ use crate::{BoxError, Error, Message, Result, Streams};
 /// One message a processor publishes, with a key or headers of its own.
 ///
 /// Without [`key`](Output::key), the output keeps the key of the input it came from, so a
-/// key's order carries across the hop.
+/// key's order carries across the hop. Without [`id`](Output::id), its message id is the
+/// input's followed by `/` and its index among the outputs: processing an input twice gives
+/// the same ids.
 #[derive(Debug, Clone)]
 pub struct Output<O> {
     value: O,
     key: Option<String>,
+    id: Option<String>,
     headers: Headers,
 }
 
@@ -29,6 +32,7 @@ impl<O> Output<O> {
         Output {
             value,
             key: None,
+            id: None,
             headers: Headers::new(),
         }
     }
@@ -36,6 +40,13 @@ impl<O> Output<O> {
     /// Publishes under `key` instead of the input's key.
     pub fn key(mut self, key: impl Into<String>) -> Self {
         self.key = Some(key.into());
+        self
+    }
+
+    /// Publishes with this message id ([`header::MESSAGE_ID`]) instead of the one made from
+    /// the input's.
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
         self
     }
 
@@ -159,13 +170,24 @@ impl<I: Send + 'static> Sink<I> {
         self.subscribe_envelope(move |envelope: Envelope<I>| {
             let source = source.clone();
             let input_id: Arc<str> = envelope.message().id().into();
+            let input_message_id: Arc<str> = envelope
+                .message()
+                .message_id()
+                .unwrap_or_else(|| envelope.message().id())
+                .into();
             let input_key = envelope.message().key().map(str::to_owned);
             let outputs = f(envelope);
             async move {
                 let outputs = outputs.await.map_err(Into::into)?;
                 let mut messages = outputs
                     .into_iter()
-                    .map(|output| encode(&source, output, &input_id, input_key.as_deref()))
+                    .enumerate()
+                    .map(|(index, output)| {
+                        // Made from the input's id, so that processing an input again gives
+                        // its outputs the same ids, which an idempotent consumer drops.
+                        let id = format!("{input_message_id}/{index}");
+                        encode(&source, output, &input_id, input_key.as_deref(), id)
+                    })
                     .collect::<Result<Vec<_>>>()
                     .map_err(HandlerError::reject)?;
                 let sent = match messages.len() {
@@ -195,8 +217,11 @@ fn encode<O: 'static>(
     output: Output<O>,
     input_id: &Arc<str>,
     input_key: Option<&str>,
+    derived_id: String,
 ) -> std::result::Result<Message, Error> {
     let mut message = source.encode(&output.value)?;
+    let id = output.id.unwrap_or(derived_id);
+    message.headers_mut().insert(header::MESSAGE_ID, id);
     if let Some(key) = output.key.as_deref().or(input_key) {
         message = message.with_key(key);
     }

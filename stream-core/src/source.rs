@@ -27,9 +27,12 @@ pub struct Source<T> {
     headers: Headers,
     /// Gives values sent without an explicit key theirs.
     key_of: Option<Arc<KeyFn<T>>>,
-    /// [`header::SENT_AT`], made once: a `&str` name would be copied into a new string on
-    /// every send.
+    /// Gives values their message id instead of a generated one.
+    id_of: Option<Arc<KeyFn<T>>>,
+    /// [`header::SENT_AT`] and [`header::MESSAGE_ID`], made once: a `&str` name would be
+    /// copied into a new string on every send.
     sent_at_name: Arc<str>,
+    message_id_name: Arc<str>,
 }
 
 type KeyFn<T> = dyn Fn(&T) -> String + Send + Sync;
@@ -45,7 +48,9 @@ impl<T> Clone for Source<T> {
             max_payload_bytes: self.max_payload_bytes,
             headers: self.headers.clone(),
             key_of: self.key_of.clone(),
+            id_of: self.id_of.clone(),
             sent_at_name: self.sent_at_name.clone(),
+            message_id_name: self.message_id_name.clone(),
         }
     }
 }
@@ -77,7 +82,9 @@ impl<T: 'static> Source<T> {
             max_payload_bytes,
             headers,
             key_of: None,
+            id_of: None,
             sent_at_name: header::SENT_AT.into(),
+            message_id_name: header::MESSAGE_ID.into(),
         }
     }
 
@@ -96,6 +103,15 @@ impl<T: 'static> Source<T> {
         self
     }
 
+    /// Gives every value [`send`](Source::send) and [`send_batch`](Source::send_batch)
+    /// publish the message id `id_of(value)` ([`header::MESSAGE_ID`]) instead of a generated
+    /// one: an id from the domain (the order id and the event) makes a value published twice
+    /// (a retried request, a replayed job) the same message to an idempotent consumer.
+    pub fn identified_by(mut self, id_of: impl Fn(&T) -> String + Send + Sync + 'static) -> Self {
+        self.id_of = Some(Arc::new(id_of));
+        self
+    }
+
     /// The destination this source publishes to.
     pub fn destination(&self) -> &str {
         &self.destination
@@ -106,7 +122,10 @@ impl<T: 'static> Source<T> {
     /// before [`send_message`](Source::send_message).
     pub fn encode(&self, value: &T) -> Result<Message> {
         let payload = self.codec.encode(value)?;
-        let message = Message::new(payload).with_headers(self.headers.clone());
+        let mut message = Message::new(payload).with_headers(self.headers.clone());
+        if let Some(id_of) = &self.id_of {
+            message = message.with_header(header::MESSAGE_ID, id_of(value));
+        }
         Ok(match &self.key_of {
             Some(key_of) => message.with_key(key_of(value)),
             None => message,
@@ -164,22 +183,8 @@ impl<T: 'static> Source<T> {
             }
         }
         let sent_at = now_millis();
-        // Messages that carry just the source's own headers (those `encode` made) get one
-        // stamped copy of them: the batch shares its send time and span, so that copy is
-        // made once, not once per message.
-        let mut stamped: Option<Headers> = None;
         for message in &mut messages {
-            if message.headers().shares_storage_with(&self.headers) {
-                let shared = stamped.get_or_insert_with(|| {
-                    let mut template =
-                        Message::new(bytes::Bytes::new()).with_headers(self.headers.clone());
-                    self.stamp(&span, &mut template, &sent_at);
-                    template.headers().clone()
-                });
-                *message.headers_mut() = shared.clone();
-            } else {
-                self.stamp(&span, message, &sent_at);
-            }
+            self.stamp(&span, message, &sent_at);
         }
         let count = messages.len();
         match self
@@ -196,10 +201,15 @@ impl<T: 'static> Source<T> {
         }
     }
 
-    /// Sets the send time (shared by the messages of one batch: one clock read and one
-    /// allocation per batch) and, with the `opentelemetry` feature, the trace context.
+    /// Sets the message id unless the message has one, the send time (shared by the
+    /// messages of one batch: one clock read per batch) and, with the `opentelemetry`
+    /// feature, the trace context.
     fn stamp(&self, span: &tracing::Span, message: &mut Message, sent_at: &Arc<str>) {
+        let id = message.message_id().is_none().then(new_message_id);
         let headers = message.headers_mut();
+        if let Some(id) = id {
+            headers.append(self.message_id_name.clone(), id);
+        }
         headers.insert(self.sent_at_name.clone(), sent_at.clone());
         trace::inject(span, headers);
     }
@@ -234,4 +244,10 @@ impl<T: 'static> Source<T> {
         }
         Ok(())
     }
+}
+
+/// A new message id: a UUIDv7, whose leading milliseconds make ids sort by creation time.
+pub(crate) fn new_message_id() -> Arc<str> {
+    let mut text = uuid::Uuid::encode_buffer();
+    Arc::from(&*uuid::Uuid::now_v7().hyphenated().encode_lower(&mut text))
 }

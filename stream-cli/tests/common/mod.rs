@@ -200,11 +200,18 @@ pub async fn a_dead_letter_is_listed_sent_back_and_handled_once_the_handler_is_f
         "{listed}"
     );
 
+    let original_id = setup.held(&streams, &dlq).await[0]
+        .message_id()
+        .map(str::to_owned);
+    assert!(
+        original_id.is_some(),
+        "the dead letter keeps the message id"
+    );
     let redriven = stdout(&setup.run(&["dlq", "redrive", "orders-in"]));
     assert!(redriven.contains("sent back 1 dead letters"), "{redriven}");
 
     // The fixed handler takes it now.
-    type Seen = (Option<String>, u32, Option<String>, bool);
+    type Seen = (Option<String>, u32, Option<String>, bool, Option<String>);
     let seen: Arc<std::sync::Mutex<Vec<Seen>>> = Arc::default();
     let s = seen.clone();
     let fixed = sink
@@ -215,6 +222,7 @@ pub async fn a_dead_letter_is_listed_sent_back_and_handled_once_the_handler_is_f
                 order.attempt(),
                 headers.get("x-redrive-count").map(str::to_owned),
                 headers.get(header::ERROR).is_some(),
+                order.message().message_id().map(str::to_owned),
             ));
             async { Ok::<(), std::io::Error>(()) }
         })
@@ -229,8 +237,15 @@ pub async fn a_dead_letter_is_listed_sent_back_and_handled_once_the_handler_is_f
     let seen = seen.lock().unwrap().clone();
     assert_eq!(
         seen,
-        vec![(Some("o-1".to_owned()), 1, Some("1".to_owned()), false)],
-        "handled once, key kept, attempts from 1, the redrive recorded, the error headers gone"
+        vec![(
+            Some("o-1".to_owned()),
+            1,
+            Some("1".to_owned()),
+            false,
+            original_id
+        )],
+        "handled once, key and message id kept, attempts from 1, the redrive recorded, the \
+         error headers gone"
     );
     let listed = stdout(&setup.run(&["dlq", "list", "orders-in"]));
     assert!(listed.contains("no dead letters"), "{listed}");

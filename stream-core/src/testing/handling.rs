@@ -611,11 +611,14 @@ pub async fn processor_publishes_then_acknowledges(h: &dyn Harness) {
         .await
         .unwrap();
     let attempts: Arc<Mutex<Vec<(u64, u32)>>> = Arc::default();
-    let a = attempts.clone();
+    let input_ids: Arc<Mutex<HashMap<u64, String>>> = Arc::default();
+    let (a, i) = (attempts.clone(), input_ids.clone());
     let sub = channel(&binder, in_config.clone())
         .sink::<Event>()
         .process_envelope(out_source, move |e: Envelope<Event>| {
             a.lock().unwrap().push((e.payload().n, e.attempt()));
+            let id = e.message().message_id().expect("a source sets message ids");
+            i.lock().unwrap().insert(e.payload().n, id.to_owned());
             let n = e.payload().n;
             async move {
                 // Odd inputs give nothing; even ones two outputs, the second keyed anew.
@@ -673,6 +676,12 @@ pub async fn processor_publishes_then_acknowledges(h: &dyn Harness) {
             format!("order-{input}")
         };
         assert_eq!(message.key(), Some(key.as_str()));
+        let index = n % 10;
+        assert_eq!(
+            message.message_id().map(str::to_owned),
+            Some(format!("{}/{index}", input_ids.lock().unwrap()[&input])),
+            "an output's message id is its input's and its index: the same if processed again"
+        );
     }
     let mut numbers: Vec<u64> = outputs.keys().copied().collect();
     numbers.sort_unstable();
@@ -756,4 +765,79 @@ pub async fn pulled_deliveries_can_be_rejected(h: &dyn Harness) {
         assert_eq!(letter.headers().get(header::ERROR), Some(want));
     }
     tally.assert_complete("pulled_deliveries_can_be_rejected", [2]);
+}
+
+/// A message keeps the id its producer gave it ([`header::MESSAGE_ID`]) through every
+/// attempt and onto its dead-letter copy; a source gives each message its own, or the one
+/// [`Source::identified_by`](crate::Source::identified_by) makes.
+pub async fn message_ids_stay_with_their_message(h: &dyn Harness) {
+    let caps = h.capabilities();
+    let binder = h.binder().await;
+    let dest = unique("message-id");
+    let config = test_binding(&dest, &caps).group(unique("g"));
+    // Per delivery: the number, the attempt and the message id.
+    type Seen = Arc<Mutex<Vec<(u64, u32, Option<String>)>>>;
+    let seen: Seen = Arc::default();
+    let s = seen.clone();
+    let sub = channel(&binder, config.clone())
+        .sink::<Event>()
+        .subscribe_envelope(move |e: Envelope<Event>| {
+            let (n, attempt) = (e.payload().n, e.attempt());
+            s.lock()
+                .unwrap()
+                .push((n, attempt, e.message().message_id().map(str::to_owned)));
+            async move {
+                // 0 never succeeds, 1 succeeds on its second attempt.
+                if n == 0 || (n == 1 && attempt == 1) {
+                    Err("not yet")
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await
+        .unwrap();
+    let source = channel(&binder, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap();
+    source.send(&ev(0)).await.unwrap();
+    source.send(&ev(1)).await.unwrap();
+    let named = channel(&binder, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap()
+        .identified_by(|e: &Event| format!("event-{}", e.n));
+    named.send(&ev(2)).await.unwrap();
+    let dead = dead_letters(h, &binder, &config.dead_letter_destination(), 1).await;
+    wait_until(caps.patience, "1 and 2 are handled", || {
+        let seen = seen.lock().unwrap();
+        seen.iter().any(|(n, a, _)| *n == 1 && *a == 2) && seen.iter().any(|(n, _, _)| *n == 2)
+    })
+    .await;
+    sub.shutdown().await.unwrap();
+
+    let seen = seen.lock().unwrap().clone();
+    let ids_of = |m: u64| {
+        seen.iter()
+            .filter(|(n, _, _)| *n == m)
+            .map(|(_, _, id)| id.clone().expect("every delivery has a message id"))
+            .collect::<Vec<_>>()
+    };
+    for m in [0, 1] {
+        let ids = ids_of(m);
+        assert!(ids.len() >= 2, "{m} was attempted more than once: {seen:?}");
+        assert!(
+            ids.iter().all(|id| id == &ids[0]),
+            "one id across attempts: {ids:?}"
+        );
+        assert_eq!(ids[0].len(), 36, "a UUID: {}", ids[0]);
+    }
+    assert_ne!(ids_of(0)[0], ids_of(1)[0], "each message has its own id");
+    assert_eq!(ids_of(2), vec!["event-2".to_owned()]);
+    assert_eq!(
+        dead[0].message_id(),
+        Some(ids_of(0)[0].as_str()),
+        "the dead letter keeps it"
+    );
 }

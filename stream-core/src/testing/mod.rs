@@ -212,6 +212,7 @@ macro_rules! conformance_suite {
                 pulled_deliveries_can_be_rejected,
                 admin_reads_without_joining_a_group,
                 dead_letters_are_listed_and_sent_back,
+                message_ids_stay_with_their_message,
             );
         }
     };
