@@ -139,3 +139,19 @@ fn a_zero_handler_timeout_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn a_dedup_store_that_is_no_store_is_named() {
+    let streams = load(
+        "default-binder = \"mem\"\n[binders.mem]\ntype = \"memory\"\n\
+         [bindings.in]\ndestination = \"d\"\ngroup = \"g\"\ndedup = { store = \"mem\" }\n",
+    )
+    .expect("the file loads");
+    let err = streams.sink::<String>("in").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(err.message().contains("dedup store `mem`"), "{err}");
+    let err =
+        load("[bindings.in]\ndestination = \"d\"\ndedup = { store = \"memory\", tll = \"1h\" }\n")
+            .unwrap_err();
+    assert!(err.message().contains("tll"), "{err}");
+}

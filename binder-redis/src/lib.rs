@@ -184,6 +184,7 @@ mod cleanup;
 mod config;
 mod connection;
 mod consumer;
+mod dedup;
 mod entry;
 mod holdings;
 mod lag;
@@ -419,6 +420,13 @@ impl Binder for RedisBinder {
         tokio::time::timeout(bound, ping)
             .await
             .unwrap_or_else(|_| Err(endpoint.ping_unanswered(bound)))
+    }
+
+    /// Handled ids as keys with a TTL (`SET PX`, `EXISTS`), on the command connection.
+    fn dedup_store(&self) -> Option<Arc<dyn stream_core::dedup::DedupStore>> {
+        Some(Arc::new(dedup::RedisDedup {
+            binder: self.clone(),
+        }))
     }
 
     /// `XINFO`, `XRANGE`, `XDEL` and `XTRIM` on the command connection.

@@ -67,6 +67,12 @@ pub trait Binder: Send + Sync + 'static {
         Ok(())
     }
 
+    /// A store of handled message ids for idempotent consumers (binding key `dedup` naming
+    /// this binder), if the broker can keep one. The default keeps none.
+    fn dedup_store(&self) -> Option<Arc<dyn crate::dedup::DedupStore>> {
+        None
+    }
+
     /// Administrative access to the broker, for operators and the `stream` command line
     /// ([`Admin`](crate::admin::Admin)). The default fails with
     /// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported).
@@ -112,6 +118,9 @@ impl<B: Binder + ?Sized> Binder for Arc<B> {
     }
     async fn ping(&self) -> Result<()> {
         (**self).ping().await
+    }
+    fn dedup_store(&self) -> Option<Arc<dyn crate::dedup::DedupStore>> {
+        (**self).dedup_store()
     }
     async fn admin(&self) -> Result<Arc<dyn crate::admin::Admin>> {
         (**self).admin().await

@@ -23,17 +23,33 @@ pub struct Channel {
     /// Where subscriptions register for [`Streams::health`](crate::Streams::health); none for
     /// a channel built in code.
     pub(crate) subscriptions: Option<Arc<Subscriptions>>,
+    /// The binding's `dedup` store, once resolved.
+    pub(crate) dedup: Option<Arc<dyn crate::dedup::DedupStore>>,
 }
 
 impl Channel {
     /// A binding without a configuration file, for code and tests that build their own.
     pub fn new(name: &str, binder: Arc<dyn Binder>, config: BindingConfig) -> Channel {
+        let dedup = match &config.dedup {
+            Some(dedup) if dedup.store == "memory" => {
+                Some(crate::dedup::MEMORY.clone() as Arc<dyn crate::dedup::DedupStore>)
+            }
+            _ => None,
+        };
         Channel {
             name: name.into(),
             binder,
             config: Arc::new(config),
             subscriptions: None,
+            dedup,
         }
+    }
+
+    /// Uses `store` for the binding's `dedup` (the store a configuration file names is set
+    /// by [`Streams`](crate::Streams); a channel built in code sets its own).
+    pub fn dedup_store(mut self, store: Arc<dyn crate::dedup::DedupStore>) -> Self {
+        self.dedup = Some(store);
+        self
     }
 
     /// The binding's name.

@@ -136,6 +136,10 @@ pub struct BindingConfig {
     /// arrived by then goes as a smaller batch. Default: 100 ms.
     #[serde(default = "defaults::batch_wait", with = "duration")]
     pub batch_wait: Duration,
+    /// Drops deliveries whose message id ([`header::MESSAGE_ID`](crate::header::MESSAGE_ID))
+    /// the binding's group already handled: see [`DedupConfig`]. Default: none.
+    #[serde(default)]
+    pub dedup: Option<DedupConfig>,
     /// How long a graceful shutdown waits for in-flight handlers before giving up on them;
     /// what they did not finish stays un-acknowledged and is delivered again. Default: 30 s.
     #[serde(default = "defaults::shutdown_timeout", with = "duration")]
@@ -176,6 +180,7 @@ impl BindingConfig {
             claim_idle: defaults::claim_idle(),
             lag_interval: defaults::lag_interval(),
             handler_timeout: None,
+            dedup: None,
             batch_size: defaults::batch_size(),
             batch_wait: defaults::batch_wait(),
             shutdown_timeout: defaults::shutdown_timeout(),
@@ -255,6 +260,15 @@ impl BindingConfig {
     pub fn batch(mut self, size: usize, wait: Duration) -> Self {
         self.batch_size = size;
         self.batch_wait = wait;
+        self
+    }
+
+    /// Makes the consumer idempotent: ids handled within `ttl` are not handled again.
+    pub fn dedup(mut self, store: impl Into<String>, ttl: Duration) -> Self {
+        self.dedup = Some(DedupConfig {
+            store: store.into(),
+            ttl,
+        });
         self
     }
 
@@ -419,6 +433,9 @@ pub(crate) mod defaults {
     pub fn shutdown_timeout() -> Duration {
         Duration::from_secs(30)
     }
+    pub fn dedup_ttl() -> Duration {
+        Duration::from_secs(24 * 3600)
+    }
     pub fn batch_size() -> usize {
         100
     }
@@ -440,6 +457,25 @@ pub(crate) mod defaults {
     pub fn multiplier() -> f64 {
         2.0
     }
+}
+
+/// An idempotent consumer (`dedup = { store = "...", ttl = "24h" }` on a binding): a
+/// delivery whose message id the group handled successfully within `ttl` is acknowledged
+/// without calling the handler.
+///
+/// The id is marked after the handler succeeded, so a process that dies between the two
+/// handles the message again when it comes back: the store removes duplicates of handled
+/// messages, not the at-least-once window of one handling.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct DedupConfig {
+    /// Where handled ids are kept: `memory` (this process only; tests and single instances)
+    /// or the name of a binder in `[binders]` that keeps them (Redis: `SET` with a TTL,
+    /// shared by every instance). Required.
+    pub store: String,
+    /// How long an id is remembered. Default: 24 h.
+    #[serde(default = "defaults::dedup_ttl", with = "duration")]
+    pub ttl: Duration,
 }
 
 /// Durations written as `"250ms"`, `"5s"`, `"1m 30s"` (humantime syntax).

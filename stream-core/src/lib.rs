@@ -53,6 +53,7 @@ mod channel;
 mod codec;
 pub mod config;
 mod dead_letter;
+pub mod dedup;
 mod deliveries;
 pub mod dlq;
 mod engine;
@@ -77,7 +78,7 @@ pub use binder::{
 };
 pub use channel::Channel;
 pub use codec::{Codec, Json, Raw};
-pub use config::{BindingConfig, Config, RetryConfig};
+pub use config::{BindingConfig, Config, DedupConfig, RetryConfig};
 pub use deliveries::{Deliveries, Delivery};
 pub use error::{BoxError, Error, ErrorKind, Result};
 pub use handler::{handler_fn, Action, HandlerError, HandlerFn};

@@ -37,7 +37,8 @@ pub mod header {
     /// [`Source::identified_by`](crate::Source::identified_by)); a
     /// [`processor`](crate::Streams::processor) gives its outputs ids made from its input's,
     /// so the outputs of an input processed twice have the same ids. Unlike the broker's
-    /// [`Message::id`], it is the same on every binder and across a redrive.
+    /// [`Message::id`](crate::Message::id), it is the same on every binder and across a
+    /// redrive.
     pub const MESSAGE_ID: &str = "x-message-id";
     /// When the message was sent, in milliseconds since the Unix epoch, set by every
     /// [`Source`](crate::Source) send; consumers measure end-to-end latency from it.

@@ -11,6 +11,7 @@ use tower_service::Service;
 use crate::batch::Batch;
 use crate::channel::Channel;
 use crate::codec::Codec;
+use crate::dedup::Dedup;
 use crate::deliveries::Deliveries;
 use crate::engine::batch::{dispatch_batches, BatchWorker};
 use crate::engine::dispatch::{dispatch, Feed};
@@ -197,6 +198,7 @@ impl<T: Send + 'static> Sink<T> {
         let config = &self.channel.config;
         let handler = layered(handler, config.handler_timeout);
         let inbound = Inbound::open(&self.channel).await?;
+        let handler = self.deduplicated(handler, &inbound)?;
         let worker = Arc::new(Worker {
             codec: self.codec.clone(),
             handler,
@@ -210,6 +212,33 @@ impl<T: Send + 'static> Sink<T> {
         let concurrency = config.concurrency;
         Ok(Subscription::start(inbound, config.prefetch, move |feed| {
             dispatch(worker, feed, concurrency)
+        }))
+    }
+
+    /// The handler behind the binding's `dedup` layer, when it has one.
+    fn deduplicated(
+        &self,
+        handler: Arc<dyn Handle<Envelope<T>>>,
+        inbound: &Inbound,
+    ) -> Result<Arc<dyn Handle<Envelope<T>>>> {
+        let Some(dedup) = &self.channel.config.dedup else {
+            return Ok(handler);
+        };
+        let Some(store) = self.channel.dedup.clone() else {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "bindings.{}: dedup store `{}` is not set up on this channel",
+                    self.channel.name, dedup.store
+                ),
+            ));
+        };
+        let names = &inbound.names;
+        Ok(Arc::new(Dedup {
+            inner: handler,
+            store,
+            scope: format!("{}/{}", names.group, names.destination).into(),
+            ttl: dedup.ttl,
         }))
     }
 

@@ -93,6 +93,23 @@ impl Streams {
             })?;
         let mut channel = Channel::new(binding, binder, config.clone());
         channel.subscriptions = Some(inner.subscriptions.clone());
+        if let Some(dedup) = config.dedup.as_ref().filter(|d| d.store != "memory") {
+            let store = inner
+                .binders
+                .get(&dedup.store)
+                .and_then(|binder| binder.dedup_store())
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "bindings.{binding} in {}: dedup store `{}` is neither `memory` nor \
+                             a binder that keeps message ids (Redis)",
+                            inner.origin, dedup.store
+                        ),
+                    )
+                })?;
+            channel = channel.dedup_store(store);
+        }
         Ok(channel)
     }
 

@@ -18,10 +18,11 @@ use crate::{header, Binder, ErrorKind, Message, RetryConfig, StartFrom};
 
 pub use super::handling::{
     batch_handler_gets_full_batches_in_key_order, batch_items_fail_alone_and_keys_stay_in_order,
-    failed_batches_dead_letter_each_message, handler_timeout_fails_the_attempt,
-    message_ids_stay_with_their_message, processor_publishes_then_acknowledges,
-    pulled_deliveries_can_be_rejected, rejected_message_skips_its_remaining_attempts,
-    retry_after_replaces_the_backoff, service_handlers_run_inside_their_middleware,
+    dedup_skips_ids_its_group_handled, failed_batches_dead_letter_each_message,
+    handler_timeout_fails_the_attempt, message_ids_stay_with_their_message,
+    processor_publishes_then_acknowledges, pulled_deliveries_can_be_rejected,
+    rejected_message_skips_its_remaining_attempts, retry_after_replaces_the_backoff,
+    service_handlers_run_inside_their_middleware,
 };
 pub use super::operations::{
     admin_reads_without_joining_a_group, dead_letters_are_listed_and_sent_back,

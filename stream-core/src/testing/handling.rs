@@ -841,3 +841,69 @@ pub async fn message_ids_stay_with_their_message(h: &dyn Harness) {
         "the dead letter keeps it"
     );
 }
+
+/// An idempotent consumer (`dedup`) skips a message whose id its group already handled,
+/// while a failed attempt is no handling (the retry runs), on the process's memory store
+/// and on the binder's own store where it has one.
+pub async fn dedup_skips_ids_its_group_handled(h: &dyn Harness) {
+    let binder = h.binder().await;
+    let mut stores: Vec<(&str, Arc<dyn crate::dedup::DedupStore>)> =
+        vec![("memory", crate::dedup::MEMORY.clone())];
+    if let Some(store) = binder.dedup_store() {
+        stores.push((binder.kind(), store));
+    }
+    for (name, store) in stores {
+        dedup_on(h, &binder, name, store).await;
+    }
+}
+
+async fn dedup_on(
+    h: &dyn Harness,
+    binder: &Arc<dyn Binder>,
+    name: &str,
+    store: Arc<dyn crate::dedup::DedupStore>,
+) {
+    let caps = h.capabilities();
+    let dest = unique("dedup");
+    let config = test_binding(&dest, &caps)
+        .group(unique("g"))
+        .dedup(name, Duration::from_secs(3600));
+    let handled: Arc<Mutex<Vec<(u64, u32)>>> = Arc::default();
+    let seen = handled.clone();
+    let sub = channel(binder, config.clone())
+        .dedup_store(store)
+        .sink::<Event>()
+        .subscribe_envelope(move |e: Envelope<Event>| {
+            let (n, attempt) = (e.payload().n, e.attempt());
+            seen.lock().unwrap().push((n, attempt));
+            async move {
+                if n == 3 && attempt == 1 {
+                    Err("not yet")
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await
+        .unwrap();
+    // 1 and 2 share an id, as do 3 and 4: 2 and 4 are copies of handled messages.
+    let source = channel(binder, config.clone())
+        .source::<Event>()
+        .await
+        .unwrap()
+        .identified_by(|e: &Event| format!("order-{}", e.n.div_ceil(2)));
+    for n in 1..=5 {
+        source.send_keyed("k", &ev(n)).await.unwrap();
+    }
+    wait_until(caps.patience, "the last message is handled", || {
+        handled.lock().unwrap().iter().any(|(n, _)| *n == 5)
+    })
+    .await;
+    sub.shutdown().await.unwrap();
+    let handled = handled.lock().unwrap().clone();
+    assert_eq!(
+        handled,
+        vec![(1, 1), (3, 1), (3, 2), (5, 1)],
+        "on the {name} store: copies of handled ids skipped, the failed attempt retried"
+    );
+}

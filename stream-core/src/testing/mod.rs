@@ -213,6 +213,7 @@ macro_rules! conformance_suite {
                 admin_reads_without_joining_a_group,
                 dead_letters_are_listed_and_sent_back,
                 message_ids_stay_with_their_message,
+                dedup_skips_ids_its_group_handled,
             );
         }
     };
