@@ -19,9 +19,12 @@
 #   STREAM_TEST_KAFKA_BROKERS   127.0.0.1:PORT
 #   STREAM_TEST_KAFKA_RESTART   shell command that kill -9s the broker and starts it again on
 #                               the same ports and log dirs
+#   STREAM_TEST_POSTGRES_URL    postgres://postgres@127.0.0.1:PORT/postgres (trust auth)
+#   STREAM_TEST_POSTGRES_RESTART  shell command that kill -9s PostgreSQL and starts it again
+#                               on the same port and data
 # Restarts hit the one shared broker, so tests that use them disturb concurrent tests.
 #
-# Stage 2 exports instead (the four variables above are unset there):
+# Stage 2 exports instead (the variables above are unset there):
 #   STREAM_TEST_REDIS_CLUSTER_URLS      redis://127.0.0.1:P1,redis://127.0.0.1:P2,redis://...:P3
 #                                       (the three masters, no replicas; 16384 slots split)
 #   STREAM_TEST_REDIS_CLUSTER_RESTART   shell command prefix, ending in a space: append a node
@@ -74,6 +77,7 @@ cleanup() {
   say "stopping services..."
   "$SCRIPTS/kafka.sh" stop "$STATE/kafka" >/dev/null 2>&1 || true
   "$SCRIPTS/redis.sh" stop "$STATE/redis" >/dev/null 2>&1 || true
+  "$SCRIPTS/postgres.sh" stop "$STATE/postgres" >/dev/null 2>&1 || true
   "$SCRIPTS/kafka-cluster.sh" stop "$STATE/kafka-cluster" >/dev/null 2>&1 || true
   "$SCRIPTS/redis-cluster.sh" stop "$STATE/redis-cluster" >/dev/null 2>&1 || true
   if [ "${STREAM_TEST_KEEP_STATE:-}" = 1 ]; then
@@ -94,6 +98,13 @@ say "redis ready at $redis_url"
 export STREAM_TEST_REDIS_URL=$redis_url
 STREAM_TEST_REDIS_RESTART="$(shq "$SCRIPTS/redis.sh") restart $(shq "$STATE/redis")"
 export STREAM_TEST_REDIS_RESTART
+
+say "starting PostgreSQL..."
+postgres_url=$("$SCRIPTS/postgres.sh" start "$STATE/postgres" | tail -n 1)
+say "postgres ready at $postgres_url"
+export STREAM_TEST_POSTGRES_URL=$postgres_url
+STREAM_TEST_POSTGRES_RESTART="$(shq "$SCRIPTS/postgres.sh") restart $(shq "$STATE/postgres")"
+export STREAM_TEST_POSTGRES_RESTART
 
 if [ "${STREAM_TEST_SKIP_KAFKA:-}" = 1 ]; then
   say "STREAM_TEST_SKIP_KAFKA=1: not starting Kafka; Kafka suites will be skipped"
@@ -134,8 +145,9 @@ fi
 say "cluster stage: stopping the single-node services..."
 "$SCRIPTS/kafka.sh" stop "$STATE/kafka" >/dev/null 2>&1 || true
 "$SCRIPTS/redis.sh" stop "$STATE/redis" >/dev/null 2>&1 || true
+"$SCRIPTS/postgres.sh" stop "$STATE/postgres" >/dev/null 2>&1 || true
 unset STREAM_TEST_REDIS_URL STREAM_TEST_REDIS_RESTART STREAM_TEST_KAFKA_BROKERS \
-  STREAM_TEST_KAFKA_RESTART
+  STREAM_TEST_KAFKA_RESTART STREAM_TEST_POSTGRES_URL STREAM_TEST_POSTGRES_RESTART
 
 say "starting a three-master Redis Cluster..."
 redis_cluster_urls=$("$SCRIPTS/redis-cluster.sh" start "$STATE/redis-cluster" | tail -n 1)
