@@ -1,5 +1,6 @@
-//! Partition leader elections, which make metadata requests fail for a moment: right after a
-//! topic is created, or while a broker of a cluster restarts.
+//! Partition leader and group coordinator elections, which make requests fail for a moment:
+//! right after a topic is created, on a broker that just started (its group coordinator is
+//! still loading), or while a broker of a cluster restarts.
 
 use std::time::{Duration, Instant};
 
@@ -9,13 +10,16 @@ use rdkafka::types::RDKafkaErrorCode;
 /// How long to wait before asking a partition without a leader again.
 const PAUSE: Duration = Duration::from_millis(50);
 
-/// Whether a metadata error says a partition's leader is being elected or moved, which goes
-/// away by itself.
+/// Whether an error says a partition's leader or a group coordinator is being elected,
+/// moved or loaded, which goes away by itself.
 pub(crate) fn leader_moving(error: &KafkaError) -> bool {
     matches!(
-        error,
-        KafkaError::MetadataFetch(
-            RDKafkaErrorCode::NotLeaderForPartition | RDKafkaErrorCode::LeaderNotAvailable
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::CoordinatorLoadInProgress
+                | RDKafkaErrorCode::CoordinatorNotAvailable
         )
     )
 }

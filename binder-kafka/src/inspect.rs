@@ -324,9 +324,8 @@ fn inspect(
         return Ok(report);
     };
     report.exists = true;
-    let listed = client
-        .fetch_group_list(None, deadline.left())
-        .map_err(|e| {
+    let listed =
+        through_election(deadline.0, |left| client.fetch_group_list(None, left)).map_err(|e| {
             failed(
                 config,
                 e,

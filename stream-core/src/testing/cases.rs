@@ -345,7 +345,7 @@ pub async fn retry_then_dead_letter_while_others_flow(h: &dyn Harness) {
 }
 
 /// Reads `count` messages from a dead-letter destination with a fresh group.
-async fn read_dead_letters(
+pub(super) async fn read_dead_letters(
     h: &dyn Harness,
     binder: &Arc<dyn Binder>,
     dlq: &str,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
-use super::cases::Event;
+use super::cases::{read_dead_letters, Event};
 use super::{
     ack_all, channel, raw_consumer, receive_at_least, test_binding, unique, wait_until,
     FailingSends, Harness, Tally, SEND_FAILURE,
@@ -21,22 +21,6 @@ use crate::{
 
 fn ev(n: u64) -> Event {
     Event { n }
-}
-
-/// Reads `count` messages from a dead-letter destination with a fresh group.
-async fn dead_letters(
-    h: &dyn Harness,
-    binder: &Arc<dyn Binder>,
-    dlq: &str,
-    count: usize,
-) -> Vec<Message> {
-    let caps = h.capabilities();
-    let consumer = raw_consumer(binder, dlq, &unique("dlq-reader"), &caps).await;
-    let got = receive_at_least(&*consumer, count, caps.patience).await;
-    assert_eq!(got.len(), count, "dead-letter destination holds {count}");
-    ack_all(&*consumer, &got).await;
-    consumer.close().await.unwrap();
-    got.into_iter().map(|r| r.message).collect()
 }
 
 fn number(message: &Message) -> u64 {
@@ -101,7 +85,7 @@ pub async fn rejected_message_skips_its_remaining_attempts(h: &dyn Harness) {
     source.send_keyed("k", &ev(0)).await.unwrap();
     source.send_keyed("k", &ev(1)).await.unwrap();
     source.send_keyed("other", &ev(2)).await.unwrap();
-    let dead = dead_letters(h, &binder, &config.dead_letter_destination(), 1).await;
+    let dead = read_dead_letters(h, &binder, &config.dead_letter_destination(), 1).await;
     wait_until(caps.patience, "the other messages are handled", || {
         tally.has_all([1, 2])
     })
@@ -226,7 +210,7 @@ pub async fn handler_timeout_fails_the_attempt(h: &dyn Harness) {
     source.send_keyed("a", &ev(1)).await.unwrap();
     source.send_keyed("b", &ev(2)).await.unwrap();
     source.send_keyed("c", &ev(3)).await.unwrap();
-    let dead = dead_letters(h, &binder, &config.dead_letter_destination(), 1).await;
+    let dead = read_dead_letters(h, &binder, &config.dead_letter_destination(), 1).await;
     wait_until(caps.patience, "1 and 3 are handled", || {
         tally.has_all([1, 3])
     })
@@ -333,7 +317,7 @@ pub async fn service_handlers_run_inside_their_middleware(h: &dyn Harness) {
         .unwrap()
         .with_header("x-poison", "yes");
     source.send_message(poison).await.unwrap();
-    let dead = dead_letters(h, &binder, &config.dead_letter_destination(), 1).await;
+    let dead = read_dead_letters(h, &binder, &config.dead_letter_destination(), 1).await;
     wait_until(caps.patience, "the 20 are handled", || tally.has_all(0..20)).await;
     sub.shutdown().await.unwrap();
     assert_eq!(number(&dead[0]), 99);
@@ -477,7 +461,7 @@ pub async fn batch_items_fail_alone_and_keys_stay_in_order(h: &dyn Harness) {
         })
         .await
         .unwrap();
-    let dead = dead_letters(h, &binder, &config.dead_letter_destination(), 1).await;
+    let dead = read_dead_letters(h, &binder, &config.dead_letter_destination(), 1).await;
     let expected: Vec<u64> = (0..20).filter(|n| *n != 7).collect();
     wait_until(caps.patience, "every item but 7 succeeded", || {
         let reported = reported.lock().unwrap();
@@ -576,7 +560,7 @@ pub async fn failed_batches_dead_letter_each_message(h: &dyn Harness) {
         })
         .await
         .unwrap();
-    let dead = dead_letters(h, &binder, &config.dead_letter_destination(), 3).await;
+    let dead = read_dead_letters(h, &binder, &config.dead_letter_destination(), 3).await;
     sub.shutdown().await.unwrap();
     let mut numbers: Vec<u64> = dead.iter().map(number).collect();
     numbers.sort_unstable();
@@ -747,7 +731,7 @@ pub async fn pulled_deliveries_can_be_rejected(h: &dyn Harness) {
             }
         }
     }
-    let dead = dead_letters(h, &binder, &config.dead_letter_destination(), 2).await;
+    let dead = read_dead_letters(h, &binder, &config.dead_letter_destination(), 2).await;
     deliveries.close().await.unwrap();
     assert_eq!(
         attempts.iter().filter(|(n, _)| *n < 2).count(),
