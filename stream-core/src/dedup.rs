@@ -27,6 +27,12 @@ pub trait DedupStore: Send + Sync + 'static {
     async fn mark(&self, scope: &str, id: &str, ttl: Duration) -> Result<()>;
 }
 
+/// The scope under which a group's handled ids are kept: ids are remembered per group
+/// and destination, so two groups of one destination each handle every message once.
+pub fn scope(group: &str, destination: &str) -> String {
+    format!("{group}/{destination}")
+}
+
 /// Ids kept in this process's memory: for tests and single-instance services. Shared by
 /// every binding of the process that names `store = "memory"`.
 #[derive(Debug, Default)]

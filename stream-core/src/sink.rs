@@ -91,6 +91,11 @@ impl<T: Send + 'static> Sink<T> {
         Sink { channel, codec }
     }
 
+    /// The binding this sink consumes.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
     /// Runs `handler` for every message until the returned [`Subscription`] is shut down.
     ///
     /// `Ok` acknowledges the message. Any error is a failed attempt, retried with the
@@ -237,7 +242,7 @@ impl<T: Send + 'static> Sink<T> {
         Ok(Arc::new(Dedup {
             inner: handler,
             store,
-            scope: format!("{}/{}", names.group, names.destination).into(),
+            scope: crate::dedup::scope(&names.group, &names.destination).into(),
             ttl: dedup.ttl,
         }))
     }

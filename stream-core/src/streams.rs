@@ -10,6 +10,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::binder::Binder;
 use crate::channel::Channel;
 use crate::config::{nearest, Config};
+use crate::dedup::DedupStore;
 use crate::health::{BinderHealth, Health, Subscriptions};
 use crate::registry::{BinderSettings, Registry};
 use crate::sink::Sink;
@@ -47,6 +48,7 @@ struct Inner {
     origin: String,
     config: Config,
     binders: BTreeMap<String, Arc<dyn Binder>>,
+    dedup_stores: BTreeMap<String, Arc<dyn DedupStore>>,
     closed: std::sync::atomic::AtomicBool,
     subscriptions: Arc<Subscriptions>,
 }
@@ -93,21 +95,9 @@ impl Streams {
             })?;
         let mut channel = Channel::new(binding, binder, config.clone());
         channel.subscriptions = Some(inner.subscriptions.clone());
-        if let Some(dedup) = config.dedup.as_ref().filter(|d| d.store != "memory") {
-            let store = inner
-                .binders
-                .get(&dedup.store)
-                .and_then(|binder| binder.dedup_store())
-                .ok_or_else(|| {
-                    Error::new(
-                        ErrorKind::Config,
-                        format!(
-                            "bindings.{binding} in {}: dedup store `{}` is neither `memory` nor \
-                             a binder that keeps message ids (Redis)",
-                            inner.origin, dedup.store
-                        ),
-                    )
-                })?;
+        if let Some(dedup) = &config.dedup {
+            let store = dedup_store(&inner.dedup_stores, &inner.binders, &dedup.store)
+                .ok_or_else(|| unknown_dedup_store(&inner.origin, binding, &dedup.store))?;
             channel = channel.dedup_store(store);
         }
         Ok(channel)
@@ -208,6 +198,7 @@ fn binder_of<'a>(config: &'a Config, named: Option<&'a str>) -> Option<&'a str> 
 pub struct StreamsBuilder {
     registry: Registry,
     instances: BTreeMap<String, Arc<dyn Binder>>,
+    dedup_stores: BTreeMap<String, Arc<dyn DedupStore>>,
     env: Option<Vec<(String, String)>>,
 }
 
@@ -222,6 +213,14 @@ impl StreamsBuilder {
     /// Tests use this to keep a handle on an in-memory binder.
     pub fn binder(mut self, name: impl Into<String>, binder: impl Binder) -> Self {
         self.instances.insert(name.into(), Arc::new(binder));
+        self
+    }
+
+    /// Names a store of handled message ids, for the `dedup = { store = "NAME" }` of
+    /// bindings: a store that is not a binder's, such as the PostgreSQL one of
+    /// `stream-outbox`.
+    pub fn dedup_store(mut self, name: impl Into<String>, store: impl DedupStore) -> Self {
+        self.dedup_stores.insert(name.into(), Arc::new(store));
         self
     }
 
@@ -318,16 +317,50 @@ impl StreamsBuilder {
                     .map_err(|e| Error::new(e.kind(), format!("{origin}: {}", e.message())))?;
             }
         }
+        for (binding, declared) in &config.bindings {
+            if let Some(dedup) = &declared.dedup {
+                if dedup_store(&self.dedup_stores, &binders, &dedup.store).is_none() {
+                    return Err(unknown_dedup_store(origin, binding, &dedup.store));
+                }
+            }
+        }
         Ok(Streams {
             inner: Arc::new(Inner {
                 origin: origin.to_owned(),
                 config,
                 binders,
+                dedup_stores: self.dedup_stores,
                 closed: Default::default(),
                 subscriptions: Arc::default(),
             }),
         })
     }
+}
+
+/// The store a binding's `dedup` names: `memory`, a store given to the builder, or a
+/// binder that keeps ids.
+fn dedup_store(
+    stores: &BTreeMap<String, Arc<dyn DedupStore>>,
+    binders: &BTreeMap<String, Arc<dyn Binder>>,
+    name: &str,
+) -> Option<Arc<dyn DedupStore>> {
+    if name == "memory" {
+        return Some(crate::dedup::MEMORY.clone());
+    }
+    stores
+        .get(name)
+        .cloned()
+        .or_else(|| binders.get(name)?.dedup_store())
+}
+
+fn unknown_dedup_store(origin: &str, binding: &str, store: &str) -> Error {
+    Error::new(
+        ErrorKind::Config,
+        format!(
+            "{origin}: bindings.{binding}: dedup store `{store}` is neither `memory`, a store \
+             given to `StreamsBuilder::dedup_store`, nor a binder that keeps message ids (Redis)"
+        ),
+    )
 }
 
 fn list(items: &[&str]) -> String {
