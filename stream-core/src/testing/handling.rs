@@ -793,7 +793,7 @@ pub async fn message_ids_stay_with_their_message(h: &dyn Harness) {
         .unwrap()
         .identified_by(|e: &Event| format!("event-{}", e.n));
     named.send(&ev(2)).await.unwrap();
-    let dead = dead_letters(h, &binder, &config.dead_letter_destination(), 1).await;
+    let dead = read_dead_letters(h, &binder, &config.dead_letter_destination(), 1).await;
     wait_until(caps.patience, "1 and 2 are handled", || {
         let seen = seen.lock().unwrap();
         seen.iter().any(|(n, a, _)| *n == 1 && *a == 2) && seen.iter().any(|(n, _, _)| *n == 2)
@@ -837,16 +837,14 @@ pub async fn dedup_skips_ids_its_group_handled(h: &dyn Harness) {
         stores.push((binder.kind(), store));
     }
     for (name, store) in stores {
-        dedup_on(h, &binder, name, store).await;
+        dedup_on_store(h, name, store).await;
     }
 }
 
-async fn dedup_on(
-    h: &dyn Harness,
-    binder: &Arc<dyn Binder>,
-    name: &str,
-    store: Arc<dyn crate::dedup::DedupStore>,
-) {
+/// The case of [`dedup_skips_ids_its_group_handled`] on a given store (named `name` in the
+/// binding's `dedup`), for store crates to run on every binder.
+pub async fn dedup_on_store(h: &dyn Harness, name: &str, store: Arc<dyn crate::dedup::DedupStore>) {
+    let binder = &h.binder().await;
     let caps = h.capabilities();
     let dest = unique("dedup");
     let config = test_binding(&dest, &caps)

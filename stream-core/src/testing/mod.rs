@@ -45,6 +45,7 @@ pub mod observe;
 mod operations;
 
 pub use counting::CountingBinder;
+pub use handling::dedup_on_store;
 pub use faults::{
     FailingSends, Refusal, RefusingDeadLetters, ShortReceives, REFUSAL, SEND_FAILURE,
 };
