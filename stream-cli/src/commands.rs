@@ -33,10 +33,45 @@ pub async fn run(cli: Cli) -> Result<()> {
             json,
         } => publish(&streams, &binding, key, &headers, file, json).await,
         Command::Dlq { command } => dlq(&streams, command).await,
+        Command::Relay {
+            postgres,
+            table,
+            batch_size,
+        } => relay(&streams, &postgres, &table, batch_size).await,
     };
     // Sends made by the command are accepted already; closing releases the connections.
     let closed = streams.close().await;
     outcome.and(closed)
+}
+
+async fn relay(streams: &Streams, postgres: &str, table: &str, batch_size: usize) -> Result<()> {
+    let outbox = stream_outbox::Outbox::with_table(table)?;
+    let relay = stream_outbox::Relay::new(outbox.reader(postgres)?, streams.clone())
+        .with_config(stream_outbox::RelayConfig {
+            batch_size,
+            ..Default::default()
+        })
+        .spawn();
+    eprintln!("relaying outbox table {table}; Ctrl-C or SIGTERM stops");
+    stopped().await;
+    eprintln!("stopping: finishing the batch in hand");
+    relay.shutdown().await
+}
+
+/// Ctrl-C or SIGTERM (what a container runtime sends on stop).
+async fn stopped() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn load(path: Option<&std::path::Path>) -> Result<Streams> {

@@ -89,6 +89,24 @@ enum Command {
         json: Option<String>,
     },
 
+    /// Publishes the events of a PostgreSQL transactional outbox (`stream-outbox`) through
+    /// the bindings they name, until Ctrl-C or SIGTERM; the batch in hand is finished first.
+    /// Several relays may run on one table.
+    #[command(
+        after_help = "Example:\n  stream --config streams.toml relay --postgres postgres://app@db/orders"
+    )]
+    Relay {
+        /// The database (`postgres://user:password@host:port/db`).
+        #[arg(long, env = "STREAM_OUTBOX_POSTGRES", value_name = "URL", hide_env_values = true)]
+        postgres: String,
+        /// The outbox table.
+        #[arg(long, default_value = stream_outbox::DEFAULT_TABLE)]
+        table: String,
+        /// Events claimed per batch.
+        #[arg(long, default_value_t = 500)]
+        batch_size: usize,
+    },
+
     /// Dead letters: list, send back, purge.
     #[command(after_help = "Example:\n  stream dlq list payments-in")]
     Dlq {

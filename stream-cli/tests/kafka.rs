@@ -33,3 +33,11 @@ async fn a_redrive_killed_half_way_and_run_again_loses_nothing() {
         common::a_redrive_killed_half_way_and_run_again_loses_nothing(&setup).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_mid_run_loses_nothing() {
+    let (Some(setup), Some(url)) = (kafka(), common::postgres()) else {
+        return;
+    };
+    common::a_relay_killed_mid_run_loses_nothing(&setup, &url).await;
+}

@@ -99,3 +99,11 @@ async fn publish_tail_and_redrive_on_a_redis_cluster() {
     );
     streams.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_mid_run_loses_nothing() {
+    let (Some(setup), Some(url)) = (redis(), common::postgres()) else {
+        return;
+    };
+    common::a_relay_killed_mid_run_loses_nothing(&setup, &url).await;
+}

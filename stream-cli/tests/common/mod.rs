@@ -37,6 +37,9 @@ impl Setup {
                 destination = "{destination}"
                 group = "payments"
                 retry = {{ max-attempts = 2, initial-backoff = "10ms", max-backoff = "20ms", multiplier = 2.0 }}
+                [bindings.audit]
+                destination = "{destination}"
+                group = "audit"
                 "#
             ),
         )
@@ -337,4 +340,199 @@ where
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The database of the outbox scenarios, from `STREAM_TEST_POSTGRES_URL` (skipped with a
+/// message without it; a failure under `CI=true`).
+pub fn postgres() -> Option<String> {
+    stream_core::testing::service_env("STREAM_TEST_POSTGRES_URL")
+}
+
+async fn pg(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Placed {
+    key: String,
+    n: u64,
+}
+
+/// What the audit group saw: deliveries per message id, each key's sequence in arrival order.
+#[derive(Default)]
+struct Audit {
+    by_id: std::collections::HashMap<String, usize>,
+    by_key: std::collections::HashMap<String, Vec<u64>>,
+}
+
+/// 10,000 events written in transactions while a `stream relay` process publishes them; the
+/// relay is killed with SIGKILL part-way and started again. Every committed event arrives
+/// (lost 0), each key's in commit order; the copies of the batch in flight at the kill are
+/// counted, and a consumer deduplicating on PostgreSQL makes one effect per event.
+pub async fn a_relay_killed_mid_run_loses_nothing(setup: &Setup, url: &str) {
+    const EVENTS: u64 = 10_000;
+    const KEYS: u64 = 50;
+    const PER_TRANSACTION: u64 = 100;
+    const HEAD_START: u64 = 5_000;
+    const BATCH: usize = 1_000;
+    let streams = setup.streams();
+    let run = stream_core::unique_suffix();
+    let table = format!("outbox_{run}");
+    let effects = format!("effects_{run}");
+    let outbox = stream_outbox::Outbox::with_table(&table).unwrap();
+    let mut client = pg(url).await;
+    outbox.install(&client).await.unwrap();
+    client
+        .batch_execute(&format!("CREATE TABLE {effects} (message_id text NOT NULL)"))
+        .await
+        .unwrap();
+
+    let audit = Arc::new(std::sync::Mutex::new(Audit::default()));
+    let recorder = audit.clone();
+    let audited = streams
+        .sink::<Placed>("audit")
+        .unwrap()
+        .subscribe_envelope(move |e: stream_core::Envelope<Placed>| {
+            let mut audit = recorder.lock().unwrap();
+            let id = e.message().message_id().unwrap().to_owned();
+            *audit.by_id.entry(id).or_default() += 1;
+            let event = e.payload();
+            audit.by_key.entry(event.key.clone()).or_default().push(event.n);
+            async { Ok::<(), std::io::Error>(()) }
+        })
+        .await
+        .unwrap();
+    let dedup = stream_outbox::PgDedup::connect_with(
+        url,
+        stream_outbox::PgDedupConfig {
+            table: format!("dedup_{run}"),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let insert = format!("INSERT INTO {effects} (message_id) VALUES ($1)");
+    let payments = dedup
+        .subscribe(
+            &streams.sink::<Placed>("orders-in").unwrap(),
+            Duration::from_secs(3600),
+            move |e: stream_core::Envelope<Placed>, tx: stream_outbox::Tx| {
+                let insert = insert.clone();
+                async move {
+                    let id = e.message().message_id().unwrap().to_owned();
+                    tx.execute(&insert, &[&id]).await?;
+                    Ok::<(), stream_core::BoxError>(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+
+    let relay = |setup: &Setup| {
+        setup
+            .command(&["relay", "--postgres", url, "--table", &table, "--batch-size", &BATCH.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // Part of the run is written before the relay starts, so that it publishes full
+    // batches back to back and the kill most likely lands inside one; the rest is written
+    // while it runs.
+    let (written, mut head) = tokio::sync::mpsc::channel::<()>(1);
+    let writer = tokio::spawn(async move {
+        let mut next = [0u64; KEYS as usize];
+        for t in 0..EVENTS / PER_TRANSACTION {
+            let tx = client.transaction().await.unwrap();
+            for i in 0..PER_TRANSACTION {
+                let k = ((t * PER_TRANSACTION + i) * 7 % KEYS) as usize;
+                let event = Placed {
+                    key: format!("k{k}"),
+                    n: next[k],
+                };
+                next[k] += 1;
+                outbox
+                    .send(&tx, "orders-out", &event.key, &event)
+                    .await
+                    .unwrap();
+            }
+            tx.commit().await.unwrap();
+            if (t + 1) * PER_TRANSACTION == HEAD_START {
+                written.send(()).await.unwrap();
+            }
+        }
+        client
+    });
+    head.recv().await.unwrap();
+    let mut first = relay(setup);
+    let distinct = |audit: &Arc<std::sync::Mutex<Audit>>| audit.lock().unwrap().by_id.len();
+    let patience = tokio::time::Instant::now() + Duration::from_secs(120);
+    while distinct(&audit) < EVENTS as usize * 3 / 10 {
+        assert!(tokio::time::Instant::now() < patience, "the relay publishes nothing");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    first.kill().unwrap(); // SIGKILL, mid-run
+    first.wait().unwrap();
+    let at_kill = distinct(&audit);
+    assert!(at_kill < EVENTS as usize, "killed part-way: {at_kill} of {EVENTS} arrived");
+    let client = writer.await.unwrap();
+
+    let second = relay(setup);
+    while distinct(&audit) < EVENTS as usize {
+        assert!(
+            tokio::time::Instant::now() < patience,
+            "{} of {EVENTS} events arrived",
+            distinct(&audit)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let count = |sql: String| {
+        let client = &client;
+        async move { client.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    while count(format!("SELECT count(*) FROM {effects}")).await < EVENTS as i64 {
+        assert!(tokio::time::Instant::now() < patience, "the payments lag behind");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A graceful stop of the second relay: SIGTERM, then it exits on its own.
+    let stopped = Command::new("kill")
+        .arg("-TERM")
+        .arg(second.id().to_string())
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let exit = second.wait_with_output().unwrap();
+    assert!(exit.status.success(), "the relay exits cleanly on SIGTERM");
+    payments.shutdown().await.unwrap();
+    audited.shutdown().await.unwrap();
+
+    let audit = audit.lock().unwrap();
+    let duplicates: usize = audit.by_id.values().map(|n| n - 1).sum();
+    for (key, ns) in &audit.by_key {
+        let mut next = 0;
+        for &n in ns {
+            assert!(n <= next, "key {key}: {n} arrived before {next}");
+            if n == next {
+                next += 1;
+            }
+        }
+    }
+    let effects_total = count(format!("SELECT count(*) FROM {effects}")).await;
+    let effects_distinct = count(format!("SELECT count(DISTINCT message_id) FROM {effects}")).await;
+    let unsent = count(format!("SELECT count(*) FROM {table} WHERE sent_at IS NULL")).await;
+    eprintln!(
+        "relay killed with {at_kill} of {EVENTS} events delivered: lost {}, duplicates \
+         delivered {duplicates}, effects {effects_total} ({effects_distinct} distinct)",
+        EVENTS as usize - audit.by_id.len()
+    );
+    assert_eq!(audit.by_id.len(), EVENTS as usize, "lost events");
+    assert!(duplicates <= BATCH, "at most the batch in flight at the kill is published twice");
+    assert_eq!(effects_total, EVENTS as i64, "one effect per event: duplicates removed");
+    assert_eq!(effects_distinct, EVENTS as i64);
+    assert_eq!(unsent, 0, "every row is marked sent");
+    streams.close().await.unwrap();
 }
