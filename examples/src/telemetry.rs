@@ -138,10 +138,11 @@ mod otel {
             .with_threads(false)
             .with_tracked_inactivity(false)
             .with_target(false)
-            // stream-core's `stream.send` and `stream.handle` spans are DEBUG so that
-            // services logging at INFO pay nothing for them; this layer wants them, and the
-            // services' own INFO spans, whatever RUST_LOG says about log lines.
-            .with_filter(EnvFilter::new("info,stream_core=debug"));
+            // stream-core's `stream.send` and `stream.handle` spans (and stream-outbox's
+            // `stream.outbox`) are DEBUG so that services logging at INFO pay nothing for
+            // them; this layer wants them, and the services' own INFO spans, whatever
+            // RUST_LOG says about log lines.
+            .with_filter(EnvFilter::new("info,stream_core=debug,stream_outbox=debug"));
         (layer, provider)
     }
 

@@ -12,12 +12,15 @@ use stream_examples::orders::OrderService;
 use stream_examples::payments::PaymentService;
 
 async fn saga_in_one_process(file: &str, env: Vec<(String, String)>) {
-    let streams = stream_examples::config::builder()
-        .env(env)
-        .load_file(config_file(file))
+    let services = stream_examples::config::open_file(&config_file(file), env)
+        .await
         .expect("configuration loads");
+    let streams = services.streams;
     let payments = PaymentService::new(10_000);
-    let orders = OrderService::new(&streams).await.unwrap();
+    let orders = OrderService::open(&streams, services.database.as_deref())
+        .await
+        .unwrap();
+    let run = stream_core::unique_suffix();
     let running = [
         payments.start(&streams).await.unwrap(),
         orders.start(&streams).await.unwrap(),
@@ -25,7 +28,7 @@ async fn saga_in_one_process(file: &str, env: Vec<(String, String)>) {
     let amounts: Vec<u64> = (0..30).map(|i| 500 + (i * 2_900) % 20_000).collect();
     for (i, amount) in amounts.iter().enumerate() {
         orders
-            .place_order(&format!("o-{i}"), "ada", *amount)
+            .place_order(&format!("o-{run}-{i}"), "ada", *amount)
             .await
             .unwrap();
     }
@@ -35,6 +38,7 @@ async fn saga_in_one_process(file: &str, env: Vec<(String, String)>) {
     for subscription in running {
         subscription.shutdown().await.unwrap();
     }
+    orders.stop().await.unwrap();
     let over_limit = amounts.iter().filter(|a| **a > 10_000).count();
     assert_eq!(orders.summary().cancelled, over_limit);
     assert_eq!(orders.summary().paid, amounts.len() - over_limit);
@@ -124,4 +128,40 @@ fn saga_across_processes_on_kafka() {
         return;
     };
     saga_in_two_processes("kafka.toml", isolated_env("kafka", "BROKERS", &brokers));
+}
+
+/// The saga of `examples/config/redis-postgres.toml`: orders in PostgreSQL, `OrderCreated`
+/// through the transactional outbox, the payment service deduplicating in PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saga_on_redis_and_postgres() {
+    let (Some(url), Some(database)) = (
+        service_env("STREAM_TEST_REDIS_URL"),
+        service_env("STREAM_TEST_POSTGRES_URL"),
+    ) else {
+        return;
+    };
+    let mut env = isolated_env("redis", "URL", &url);
+    env.push((
+        "DATABASE_URL".into(),
+        common::isolated_database(&database).await,
+    ));
+    saga_in_one_process("redis-postgres.toml", env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saga_across_processes_on_redis_and_postgres() {
+    let (Some(url), Some(database)) = (
+        service_env("STREAM_TEST_REDIS_URL"),
+        service_env("STREAM_TEST_POSTGRES_URL"),
+    ) else {
+        return;
+    };
+    let mut env = isolated_env("redis", "URL", &url);
+    env.push((
+        "DATABASE_URL".into(),
+        common::isolated_database(&database).await,
+    ));
+    tokio::task::spawn_blocking(move || saga_in_two_processes("redis-postgres.toml", env))
+        .await
+        .unwrap();
 }

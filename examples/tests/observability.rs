@@ -352,9 +352,10 @@ fn one_trace_crosses_both_services_on_redis() {
             move |s: &Span| s.get("parent_id") == id
         };
 
-        // order-service: place_order -> stream.send of OrderCreated
-        let order_created = one(&order_spans, "send of OrderCreated", |s| {
-            in_trace(s) && s.is("stream.send", Some("order-events-out")) && child_of(place)(s)
+        // order-service: place_order -> stream.outbox, the write of OrderCreated in the
+        // order's transaction (the relay publishes it later, keeping this context)
+        let order_created = one(&order_spans, "outbox write of OrderCreated", |s| {
+            in_trace(s) && s.is("stream.outbox", Some("order-events-out")) && child_of(place)(s)
         });
         assert_eq!(order_created.get("message.key"), place.get("order_id"));
         // payment-service: stream.handle, whose parent is that send, in the other process

@@ -97,7 +97,12 @@ enum Command {
     )]
     Relay {
         /// The database (`postgres://user:password@host:port/db`).
-        #[arg(long, env = "STREAM_OUTBOX_POSTGRES", value_name = "URL", hide_env_values = true)]
+        #[arg(
+            long,
+            env = "STREAM_OUTBOX_POSTGRES",
+            value_name = "URL",
+            hide_env_values = true
+        )]
         postgres: String,
         /// The outbox table.
         #[arg(long, default_value = stream_outbox::DEFAULT_TABLE)]

@@ -141,10 +141,7 @@ impl PgDedup {
         });
         let dedup = PgDedup { inner };
         dedup.install(&table).await?;
-        tokio::spawn(sweep(
-            Arc::downgrade(&dedup.inner),
-            config.cleanup_interval,
-        ));
+        tokio::spawn(sweep(Arc::downgrade(&dedup.inner), config.cleanup_interval));
         Ok(dedup)
     }
 
@@ -273,7 +270,11 @@ impl PgDedup {
             let claimed = tx
                 .query_typed(
                     &self.inner.claim,
-                    &[(&scope, Type::TEXT), (&id, Type::TEXT), (&ttl_ms, Type::FLOAT8)],
+                    &[
+                        (&scope, Type::TEXT),
+                        (&id, Type::TEXT),
+                        (&ttl_ms, Type::FLOAT8),
+                    ],
                 )
                 .await
                 .map_err(|e| pg_error("claiming a message id", e))?;
@@ -325,7 +326,11 @@ impl DedupStore for PgDedup {
         let ttl_ms = ttl.as_secs_f64() * 1000.0;
         conn.query_typed(
             &self.inner.mark,
-            &[(&scope, Type::TEXT), (&id, Type::TEXT), (&ttl_ms, Type::FLOAT8)],
+            &[
+                (&scope, Type::TEXT),
+                (&id, Type::TEXT),
+                (&ttl_ms, Type::FLOAT8),
+            ],
         )
         .await
         .map_err(|e| pg_error("marking a message id handled", e))?;

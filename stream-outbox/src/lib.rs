@@ -68,6 +68,20 @@ fn json_message<T: Serialize + ?Sized>(event: &T) -> Result<Message> {
     Ok(Message::new(payload).with_header(header::CONTENT_TYPE, "application/json"))
 }
 
+/// The `stream.outbox` span of writing `message`: the trace context it carries to the
+/// consumers is this span's, a child of the caller's (the transaction that wrote it), not
+/// the relay's.
+fn write_span(binding: &str, message: &mut Message, message_id: &str) -> tracing::Span {
+    let span = tracing::debug_span!(
+        "stream.outbox",
+        binding = %binding,
+        message.key = message.key().map(tracing::field::display),
+        message.id = %message_id,
+    );
+    stream_core::telemetry::inject_context(&span, message.headers_mut());
+    span
+}
+
 /// The message's own id, or a new UUIDv7.
 fn message_id_of(message: &Message) -> String {
     match message.message_id() {

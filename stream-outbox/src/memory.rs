@@ -104,8 +104,9 @@ impl MemoryTransaction {
     }
 
     /// Like [`Outbox::send_message`](crate::Outbox::send_message).
-    pub fn send_message(&mut self, binding: &str, message: Message) -> String {
+    pub fn send_message(&mut self, binding: &str, mut message: Message) -> String {
         let id = crate::message_id_of(&message);
+        let _ = crate::write_span(binding, &mut message, &id);
         let message = if message.message_id().is_none() {
             message.with_header(stream_core::header::MESSAGE_ID, id.clone())
         } else {

@@ -4,6 +4,7 @@ use serde::Serialize;
 use stream_core::{header, Message, Result};
 use tokio_postgres::types::Type;
 use tokio_postgres::GenericClient;
+use tracing::Instrument;
 
 use crate::postgres::{parse_config, pg_error, TableName};
 use crate::reader::OutboxReader;
@@ -149,7 +150,9 @@ impl Outbox {
         binding: &str,
         message: Message,
     ) -> Result<String> {
+        let mut message = message;
         let message_id = crate::message_id_of(&message);
+        let span = crate::write_span(binding, &mut message, &message_id);
         let (_, key, headers, payload) = message.into_parts();
         let (names, values): (Vec<&str>, Vec<&str>) = headers
             .iter()
@@ -167,6 +170,7 @@ impl Outbox {
                     (&payload.as_ref(), Type::BYTEA),
                 ],
             )
+            .instrument(span)
             .await
             .map_err(|e| pg_error("writing to the outbox", e))?;
         Ok(message_id)

@@ -174,7 +174,11 @@ impl OutboxStore for OutboxReader {
                 return Ok(0);
             }
             let hashes: Vec<i32> = claimed.iter().map(|row| row.get(0)).collect();
-            let upto: i64 = claimed.iter().map(|row| row.get::<_, i64>(1)).max().unwrap_or(0);
+            let upto: i64 = claimed
+                .iter()
+                .map(|row| row.get::<_, i64>(1))
+                .max()
+                .unwrap_or(0);
             let rows = tx
                 .query_typed(
                     &self.fetch,

@@ -85,19 +85,24 @@ async fn a_handler_writes_in_the_transaction_that_marks_its_message() {
         );
         let sink = streams.sink::<Placed>("orders-in").unwrap();
         let subscription = dedup
-            .subscribe(&sink, Duration::from_secs(3600), move |e: Envelope<Placed>, tx: Tx| {
-                let insert = insert.clone();
-                let call = counted.fetch_add(1, Ordering::SeqCst);
-                async move {
-                    let event = e.payload();
-                    tx.execute(&insert, &[&event.key, &(event.n as i64)]).await?;
-                    // The first attempt at n = 1 fails after writing: its row must vanish.
-                    if event.n == 1 && e.attempt() == 1 {
-                        return Err::<(), BoxError>(format!("call {call} fails").into());
+            .subscribe(
+                &sink,
+                Duration::from_secs(3600),
+                move |e: Envelope<Placed>, tx: Tx| {
+                    let insert = insert.clone();
+                    let call = counted.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        let event = e.payload();
+                        tx.execute(&insert, &[&event.key, &(event.n as i64)])
+                            .await?;
+                        // The first attempt at n = 1 fails after writing: its row must vanish.
+                        if event.n == 1 && e.attempt() == 1 {
+                            return Err::<(), BoxError>(format!("call {call} fails").into());
+                        }
+                        Ok(())
                     }
-                    Ok(())
-                }
-            })
+                },
+            )
             .await
             .unwrap();
         let source = streams
@@ -118,7 +123,11 @@ async fn a_handler_writes_in_the_transaction_that_marks_its_message() {
             if rows == 5 {
                 break;
             }
-            assert!(tokio::time::Instant::now() < deadline, "{}: {rows} effects", broker.name);
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: {rows} effects",
+                broker.name
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // Every delivery has been taken: five first copies (one retried), five copies.
@@ -153,25 +162,35 @@ async fn copies_handled_at_once_make_one_effect() {
     let sink = streams.sink::<Placed>("orders-in").unwrap();
     let (counted, opened, done) = (calls.clone(), gate.clone(), handled.clone());
     let subscription = dedup
-        .subscribe(&sink, Duration::from_secs(3600), move |e: Envelope<Placed>, _tx: Tx| {
-            let (counted, opened, done) = (counted.clone(), opened.clone(), done.clone());
-            async move {
-                counted.fetch_add(1, Ordering::SeqCst);
-                // Holds its transaction open until the test has seen the copy wait.
-                opened.notified().await;
-                done.lock().unwrap().push(e.payload().n);
-                Ok::<(), BoxError>(())
-            }
-        })
+        .subscribe(
+            &sink,
+            Duration::from_secs(3600),
+            move |e: Envelope<Placed>, _tx: Tx| {
+                let (counted, opened, done) = (counted.clone(), opened.clone(), done.clone());
+                async move {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    // Holds its transaction open until the test has seen the copy wait.
+                    opened.notified().await;
+                    done.lock().unwrap().push(e.payload().n);
+                    Ok::<(), BoxError>(())
+                }
+            },
+        )
         .await
         .unwrap();
     let source = streams.source::<Placed>("orders-out").await.unwrap();
     let message = source
-        .encode(&Placed { key: "k".into(), n: 7 })
+        .encode(&Placed {
+            key: "k".into(),
+            n: 7,
+        })
         .unwrap()
         .with_header(stream_core::header::MESSAGE_ID, "same-id");
     // Different keys, so the two copies are dispatched concurrently.
-    source.send_message(message.clone().with_key("a")).await.unwrap();
+    source
+        .send_message(message.clone().with_key("a"))
+        .await
+        .unwrap();
     source.send_message(message.with_key("b")).await.unwrap();
     wait_for(PATIENCE, "the first copy reaches the handler", || {
         calls.load(Ordering::SeqCst) == 1
@@ -190,7 +209,10 @@ async fn copies_handled_at_once_make_one_effect() {
         if waiting > 0 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the copy never waited");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the copy never waited"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     gate.notify_one();

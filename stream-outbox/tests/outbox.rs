@@ -48,13 +48,29 @@ async fn a_rolled_back_write_is_never_published() {
 
         let tx = client.transaction().await.unwrap();
         let rolled_back = outbox
-            .send(&tx, "orders-out", "a", &Placed { key: "a".into(), n: 0 })
+            .send(
+                &tx,
+                "orders-out",
+                "a",
+                &Placed {
+                    key: "a".into(),
+                    n: 0,
+                },
+            )
             .await
             .unwrap();
         tx.rollback().await.unwrap();
         let tx = client.transaction().await.unwrap();
         let committed = outbox
-            .send(&tx, "orders-out", "b", &Placed { key: "b".into(), n: 0 })
+            .send(
+                &tx,
+                "orders-out",
+                "b",
+                &Placed {
+                    key: "b".into(),
+                    n: 0,
+                },
+            )
             .await
             .unwrap();
         tx.commit().await.unwrap();
@@ -107,7 +123,15 @@ async fn a_second_writer_of_a_key_waits_so_events_go_out_in_commit_order() {
 
     let first = first_client.transaction().await.unwrap();
     outbox
-        .send(&first, "orders-out", "k", &Placed { key: "k".into(), n: 0 })
+        .send(
+            &first,
+            "orders-out",
+            "k",
+            &Placed {
+                key: "k".into(),
+                n: 0,
+            },
+        )
         .await
         .unwrap();
     let committed_second = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -117,7 +141,15 @@ async fn a_second_writer_of_a_key_waits_so_events_go_out_in_commit_order() {
             let mut client = connect(&url).await;
             let tx = client.transaction().await.unwrap();
             outbox
-                .send(&tx, "orders-out", "k", &Placed { key: "k".into(), n: 1 })
+                .send(
+                    &tx,
+                    "orders-out",
+                    "k",
+                    &Placed {
+                        key: "k".into(),
+                        n: 1,
+                    },
+                )
                 .await
                 .unwrap();
             tx.commit().await.unwrap();
@@ -135,7 +167,10 @@ async fn a_second_writer_of_a_key_waits_so_events_go_out_in_commit_order() {
         if waiting > 0 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the second writer never waited");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the second writer never waited"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(!committed_second.load(std::sync::atomic::Ordering::SeqCst));
@@ -145,7 +180,10 @@ async fn a_second_writer_of_a_key_waits_so_events_go_out_in_commit_order() {
     let (streams, _) = common::streams(broker);
     let (seen, subscription) = record(&streams, "audit").await;
     let relay = Relay::new(outbox.reader(&url).unwrap(), streams.clone()).spawn();
-    wait_for(PATIENCE, "both events arrive", || seen.lock().unwrap().distinct() == 2).await;
+    wait_for(PATIENCE, "both events arrive", || {
+        seen.lock().unwrap().distinct() == 2
+    })
+    .await;
     relay.shutdown().await.unwrap();
     subscription.shutdown().await.unwrap();
     assert_eq!(seen.lock().unwrap().by_key["k"], vec![0, 1]);
@@ -210,8 +248,11 @@ async fn two_relays_publish_each_event_once_and_in_order() {
             .unwrap_or_else(|e| panic!("{}: {e}", broker.name));
         let table = outbox.table();
         assert_eq!(
-            count_rows(&client, &format!("SELECT count(*) FROM {table} WHERE sent_at IS NULL"))
-                .await,
+            count_rows(
+                &client,
+                &format!("SELECT count(*) FROM {table} WHERE sent_at IS NULL")
+            )
+            .await,
             0,
             "{}",
             broker.name
@@ -232,13 +273,32 @@ async fn an_event_that_can_never_be_published_is_kept_failed_and_holds_up_nothin
     let (seen, subscription) = record(&streams, "audit").await;
     let tx = client.transaction().await.unwrap();
     outbox
-        .send(&tx, "no-such-binding", "k", &Placed { key: "k".into(), n: 0 })
+        .send(
+            &tx,
+            "no-such-binding",
+            "k",
+            &Placed {
+                key: "k".into(),
+                n: 0,
+            },
+        )
         .await
         .unwrap();
     let oversized = stream_core::Message::new(vec![b'x'; 2 << 20]).with_key("k");
-    outbox.send_message(&tx, "orders-out", oversized).await.unwrap();
+    outbox
+        .send_message(&tx, "orders-out", oversized)
+        .await
+        .unwrap();
     let fine = outbox
-        .send(&tx, "orders-out", "k", &Placed { key: "k".into(), n: 0 })
+        .send(
+            &tx,
+            "orders-out",
+            "k",
+            &Placed {
+                key: "k".into(),
+                n: 0,
+            },
+        )
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -293,7 +353,10 @@ async fn sent_events_are_removed_on_schedule() {
     let count = format!("SELECT count(*) FROM {}", outbox.table());
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while count_rows(&client, &count).await > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "sent rows were never removed");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sent rows were never removed"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     relay.shutdown().await.unwrap();
@@ -310,12 +373,20 @@ async fn the_memory_outbox_publishes_committed_events_in_order() {
     let relay = Relay::new(outbox.clone(), streams.clone()).spawn();
     let mut dropped = outbox.transaction();
     let never = dropped
-        .send("orders-out", "k", &Placed { key: "k".into(), n: 0 })
+        .send(
+            "orders-out",
+            "k",
+            &Placed {
+                key: "k".into(),
+                n: 0,
+            },
+        )
         .unwrap();
     drop(dropped);
     for n in 0..100 {
         let mut tx = outbox.transaction();
-        tx.send("orders-out", "k", &Placed { key: "k".into(), n }).unwrap();
+        tx.send("orders-out", "k", &Placed { key: "k".into(), n })
+            .unwrap();
         tx.commit();
     }
     wait_for(PATIENCE, "every event arrives", || {

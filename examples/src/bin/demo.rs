@@ -28,7 +28,8 @@ async fn main() {
 async fn run(args: &Args) -> stream_core::Result<()> {
     let orders_to_place = args.number("orders", 20);
     let limit = args.number("limit", 10_000);
-    let streams = config::load(args.config().as_deref())?;
+    let services = config::open(args.config().as_deref()).await?;
+    let streams = services.streams;
     let run_id = stream_core::unique_suffix();
 
     // Anonymous consumers of the dead-letter destinations, only to count them.
@@ -49,7 +50,7 @@ async fn run(args: &Args) -> stream_core::Result<()> {
     }
 
     let payments = PaymentService::new(limit);
-    let orders = OrderService::new(&streams).await?;
+    let orders = OrderService::open(&streams, services.database.as_deref()).await?;
     let running = [
         payments.start(&streams).await?,
         orders.start(&streams).await?,
@@ -71,6 +72,7 @@ async fn run(args: &Args) -> stream_core::Result<()> {
     for subscription in running.into_iter().chain(watchers) {
         subscription.shutdown().await?;
     }
+    orders.stop().await?;
     let summary = orders.summary();
     println!("orders placed:        {orders_to_place}");
     println!("orders paid:          {}", summary.paid);

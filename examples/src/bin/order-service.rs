@@ -45,8 +45,9 @@ async fn run(args: &Args) -> stream_core::Result<bool> {
         Some(_) => Some(telemetry::install_prometheus()?),
         None => None,
     };
-    let streams = config::load(args.config().as_deref())?;
-    let orders = OrderService::new(&streams).await?;
+    let services = config::open(args.config().as_deref()).await?;
+    let streams = services.streams;
+    let orders = OrderService::open(&streams, services.database.as_deref()).await?;
     let subscription = orders.start(&streams).await?;
     let server = match (http_addr, metrics) {
         (Some(addr), Some(metrics)) => {
@@ -73,6 +74,7 @@ async fn run(args: &Args) -> stream_core::Result<bool> {
         .await
         .is_ok();
     subscription.shutdown().await?;
+    orders.stop().await?;
     streams.close().await?;
     if let Some(server) = server {
         server.abort();

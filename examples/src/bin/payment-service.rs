@@ -34,7 +34,8 @@ async fn run(args: &Args) -> stream_core::Result<()> {
         Some(_) => Some(telemetry::install_prometheus()?),
         None => None,
     };
-    let streams = config::load(args.config().as_deref())?;
+    let services = config::open(args.config().as_deref()).await?;
+    let streams = services.streams;
     let payments = PaymentService::new(args.number("limit", 10_000));
     let mut subscription = payments.start(&streams).await?;
     let server = match (http_addr, metrics) {

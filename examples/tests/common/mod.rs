@@ -226,3 +226,20 @@ pub fn config_file(name: &str) -> std::path::PathBuf {
         .join("config")
         .join(name)
 }
+
+/// A schema of its own in the database at `url`, and the URL that makes it the connection's
+/// search path: the services' tables (orders, outbox, handled ids) of one test are not
+/// another's, so one test's relay never publishes another's events.
+pub async fn isolated_database(url: &str) -> String {
+    let schema = format!("saga_{}", stream_core::unique_suffix());
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("the test database answers");
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .unwrap();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}options=-c%20search_path%3D{schema}")
+}

@@ -387,7 +387,9 @@ pub async fn a_relay_killed_mid_run_loses_nothing(setup: &Setup, url: &str) {
     let mut client = pg(url).await;
     outbox.install(&client).await.unwrap();
     client
-        .batch_execute(&format!("CREATE TABLE {effects} (message_id text NOT NULL)"))
+        .batch_execute(&format!(
+            "CREATE TABLE {effects} (message_id text NOT NULL)"
+        ))
         .await
         .unwrap();
 
@@ -401,7 +403,11 @@ pub async fn a_relay_killed_mid_run_loses_nothing(setup: &Setup, url: &str) {
             let id = e.message().message_id().unwrap().to_owned();
             *audit.by_id.entry(id).or_default() += 1;
             let event = e.payload();
-            audit.by_key.entry(event.key.clone()).or_default().push(event.n);
+            audit
+                .by_key
+                .entry(event.key.clone())
+                .or_default()
+                .push(event.n);
             async { Ok::<(), std::io::Error>(()) }
         })
         .await
@@ -434,7 +440,15 @@ pub async fn a_relay_killed_mid_run_loses_nothing(setup: &Setup, url: &str) {
 
     let relay = |setup: &Setup| {
         setup
-            .command(&["relay", "--postgres", url, "--table", &table, "--batch-size", &BATCH.to_string()])
+            .command(&[
+                "relay",
+                "--postgres",
+                url,
+                "--table",
+                &table,
+                "--batch-size",
+                &BATCH.to_string(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -472,13 +486,19 @@ pub async fn a_relay_killed_mid_run_loses_nothing(setup: &Setup, url: &str) {
     let distinct = |audit: &Arc<std::sync::Mutex<Audit>>| audit.lock().unwrap().by_id.len();
     let patience = tokio::time::Instant::now() + Duration::from_secs(120);
     while distinct(&audit) < EVENTS as usize * 3 / 10 {
-        assert!(tokio::time::Instant::now() < patience, "the relay publishes nothing");
+        assert!(
+            tokio::time::Instant::now() < patience,
+            "the relay publishes nothing"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     first.kill().unwrap(); // SIGKILL, mid-run
     first.wait().unwrap();
     let at_kill = distinct(&audit);
-    assert!(at_kill < EVENTS as usize, "killed part-way: {at_kill} of {EVENTS} arrived");
+    assert!(
+        at_kill < EVENTS as usize,
+        "killed part-way: {at_kill} of {EVENTS} arrived"
+    );
     let client = writer.await.unwrap();
 
     let second = relay(setup);
@@ -495,7 +515,10 @@ pub async fn a_relay_killed_mid_run_loses_nothing(setup: &Setup, url: &str) {
         async move { client.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0) }
     };
     while count(format!("SELECT count(*) FROM {effects}")).await < EVENTS as i64 {
-        assert!(tokio::time::Instant::now() < patience, "the payments lag behind");
+        assert!(
+            tokio::time::Instant::now() < patience,
+            "the payments lag behind"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // A graceful stop of the second relay: SIGTERM, then it exits on its own.
@@ -523,15 +546,24 @@ pub async fn a_relay_killed_mid_run_loses_nothing(setup: &Setup, url: &str) {
     }
     let effects_total = count(format!("SELECT count(*) FROM {effects}")).await;
     let effects_distinct = count(format!("SELECT count(DISTINCT message_id) FROM {effects}")).await;
-    let unsent = count(format!("SELECT count(*) FROM {table} WHERE sent_at IS NULL")).await;
+    let unsent = count(format!(
+        "SELECT count(*) FROM {table} WHERE sent_at IS NULL"
+    ))
+    .await;
     eprintln!(
         "relay killed with {at_kill} of {EVENTS} events delivered: lost {}, duplicates \
          delivered {duplicates}, effects {effects_total} ({effects_distinct} distinct)",
         EVENTS as usize - audit.by_id.len()
     );
     assert_eq!(audit.by_id.len(), EVENTS as usize, "lost events");
-    assert!(duplicates <= BATCH, "at most the batch in flight at the kill is published twice");
-    assert_eq!(effects_total, EVENTS as i64, "one effect per event: duplicates removed");
+    assert!(
+        duplicates <= BATCH,
+        "at most the batch in flight at the kill is published twice"
+    );
+    assert_eq!(
+        effects_total, EVENTS as i64,
+        "one effect per event: duplicates removed"
+    );
     assert_eq!(effects_distinct, EVENTS as i64);
     assert_eq!(unsent, 0, "every row is marked sent");
     streams.close().await.unwrap();

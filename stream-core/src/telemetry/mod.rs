@@ -61,3 +61,13 @@ pub(crate) mod measure;
 pub(crate) mod trace;
 
 pub use measure::names;
+
+/// Writes the trace context of `span` into `headers` (W3C `traceparent`/`tracestate`,
+/// through the global propagator) unless they carry one already; a no-op without the
+/// `opentelemetry` feature. For messages that reach a broker later, by another way than a
+/// [`Source`](crate::Source) send in this span: an outbox event keeps the context of the
+/// transaction that wrote it, and a [`Source`](crate::Source) that publishes it later keeps
+/// that context instead of its own.
+pub fn inject_context(span: &tracing::Span, headers: &mut crate::Headers) {
+    trace::inject(span, headers);
+}

@@ -88,8 +88,8 @@ impl AttemptOutcome {
     }
 }
 
-/// Writes the trace context of `span` into `headers` (a no-op without the `opentelemetry`
-/// feature).
+/// Writes the trace context of `span` into `headers`, unless they carry one already (a
+/// no-op without the `opentelemetry` feature).
 #[cfg(feature = "opentelemetry")]
 pub(crate) fn inject(span: &Span, headers: &mut Headers) {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -101,6 +101,11 @@ pub(crate) fn inject(span: &Span, headers: &mut Headers) {
         }
     }
 
+    // A message that carries a context already keeps it: an outbox event carries the
+    // context of the transaction that wrote it, a redriven dead letter its original one.
+    if headers.get("traceparent").is_some() {
+        return;
+    }
     let context = span.context();
     opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.inject_context(&context, &mut Injector(headers));

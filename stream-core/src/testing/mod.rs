@@ -45,10 +45,10 @@ pub mod observe;
 mod operations;
 
 pub use counting::CountingBinder;
-pub use handling::dedup_on_store;
 pub use faults::{
     FailingSends, Refusal, RefusingDeadLetters, ShortReceives, REFUSAL, SEND_FAILURE,
 };
+pub use handling::dedup_on_store;
 
 /// What a binder under test can do; cases that need more are skipped with a message.
 #[derive(Debug, Clone)]
