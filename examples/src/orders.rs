@@ -42,6 +42,8 @@ pub struct OrderSummary {
 }
 
 /// Where orders and their events are written.
+// One per service, behind an `Arc`: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Store {
     Memory(MemoryOutbox),
     Postgres {

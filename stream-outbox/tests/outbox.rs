@@ -81,13 +81,15 @@ async fn a_rolled_back_write_is_never_published() {
         .await;
         relay.shutdown().await.unwrap();
         subscription.shutdown().await.unwrap();
-        let seen = seen.lock().unwrap();
-        assert!(
-            !seen.by_id.contains_key(&rolled_back),
-            "{}: the rolled-back event was published",
-            broker.name
-        );
-        assert_eq!(seen.distinct(), 1, "{}", broker.name);
+        {
+            let seen = seen.lock().unwrap();
+            assert!(
+                !seen.by_id.contains_key(&rolled_back),
+                "{}: the rolled-back event was published",
+                broker.name
+            );
+            assert_eq!(seen.distinct(), 1, "{}", broker.name);
+        }
         let table = outbox.table();
         assert_eq!(
             count_rows(&client, &format!("SELECT count(*) FROM {table}")).await,
@@ -241,11 +243,13 @@ async fn two_relays_publish_each_event_once_and_in_order() {
             relay.shutdown().await.unwrap();
         }
         subscription.shutdown().await.unwrap();
-        let seen = seen.lock().unwrap();
-        assert_eq!(seen.distinct(), total, "{}: lost", broker.name);
-        assert_eq!(seen.duplicates(), 0, "{}: published twice", broker.name);
-        seen.first_arrivals_in_order()
-            .unwrap_or_else(|e| panic!("{}: {e}", broker.name));
+        {
+            let seen = seen.lock().unwrap();
+            assert_eq!(seen.distinct(), total, "{}: lost", broker.name);
+            assert_eq!(seen.duplicates(), 0, "{}: published twice", broker.name);
+            seen.first_arrivals_in_order()
+                .unwrap_or_else(|e| panic!("{}: {e}", broker.name));
+        }
         let table = outbox.table();
         assert_eq!(
             count_rows(
