@@ -142,12 +142,12 @@ fn a_zero_handler_timeout_is_refused() {
 
 #[test]
 fn a_dedup_store_that_is_no_store_is_named() {
-    let streams = load(
+    // Refused when the file is loaded, not when a consumer starts.
+    let err = load(
         "default-binder = \"mem\"\n[binders.mem]\ntype = \"memory\"\n\
          [bindings.in]\ndestination = \"d\"\ngroup = \"g\"\ndedup = { store = \"mem\" }\n",
     )
-    .expect("the file loads");
-    let err = streams.sink::<String>("in").unwrap_err();
+    .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config);
     assert!(err.message().contains("dedup store `mem`"), "{err}");
     let err =

@@ -463,15 +463,20 @@ pub(crate) mod defaults {
 /// delivery whose message id the group handled successfully within `ttl` is acknowledged
 /// without calling the handler.
 ///
-/// The id is marked after the handler succeeded, so a process that dies between the two
-/// handles the message again when it comes back: the store removes duplicates of handled
-/// messages, not the at-least-once window of one handling.
+/// The id is checked before the handler and marked after it succeeded, so a process that
+/// dies between the two handles the message again when it comes back, and two copies
+/// handled at the same moment by two members may both run: the store removes duplicates of
+/// handled messages, not the at-least-once window of one handling. For effects in a
+/// PostgreSQL database, `stream_outbox::PgDedup::subscribe` closes that window (the handler
+/// writes in the transaction that marks the id).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct DedupConfig {
-    /// Where handled ids are kept: `memory` (this process only; tests and single instances)
-    /// or the name of a binder in `[binders]` that keeps them (Redis: `SET` with a TTL,
-    /// shared by every instance). Required.
+    /// Where handled ids are kept: `memory` (this process only; tests and single instances),
+    /// the name of a binder in `[binders]` that keeps them (Redis: a key with a TTL per id,
+    /// shared by every instance), or a store named in code with
+    /// [`StreamsBuilder::dedup_store`](crate::StreamsBuilder::dedup_store) (PostgreSQL:
+    /// `stream_outbox::PgDedup`). Required.
     pub store: String,
     /// How long an id is remembered. Default: 24 h.
     #[serde(default = "defaults::dedup_ttl", with = "duration")]

@@ -75,7 +75,7 @@ pub fn binder(brokers: &str) -> Arc<dyn Binder> {
     streams.binder("kafka").expect("declared")
 }
 
-fn raw_producer(brokers: &str) -> FutureProducer {
+pub fn raw_producer(brokers: &str) -> FutureProducer {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
@@ -158,7 +158,7 @@ async fn produce(producer: &FutureProducer, topic: &str, n: usize, payload: impl
     }
 }
 
-async fn publish_raw(
+pub async fn publish_raw(
     binder: &Arc<dyn Binder>,
     producer: &FutureProducer,
     n: usize,

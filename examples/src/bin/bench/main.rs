@@ -16,6 +16,7 @@
 
 mod kafka;
 mod memory;
+mod outbox;
 mod redis;
 mod report;
 mod telemetry;
@@ -96,6 +97,69 @@ async fn main() {
             }
             Err(_) => eprintln!("SKIPPED kafka: STREAM_TEST_KAFKA_BROKERS is not set"),
         }
+    }
+    let postgres = std::env::var("STREAM_TEST_POSTGRES_URL").ok();
+    let (redis_url, kafka_brokers) = (
+        std::env::var("STREAM_TEST_REDIS_URL")
+            .ok()
+            .filter(|_| wants("redis")),
+        std::env::var("STREAM_TEST_KAFKA_BROKERS")
+            .ok()
+            .filter(|_| wants("kafka")),
+    );
+    if settings.wants("outbox") {
+        match &postgres {
+            Some(pg) => {
+                let n = if quick { 10_000 } else { 50_000 };
+                let value = report::Payload::of_size(64);
+                if let Some(url) = &redis_url {
+                    eprintln!("outbox through redis...");
+                    let conn = ::redis::Client::open(url.as_str())
+                        .unwrap()
+                        .get_multiplexed_async_connection_with_config(&redis::no_timeout())
+                        .await
+                        .unwrap();
+                    outbox::outbox_row(
+                        &settings,
+                        &mut report,
+                        "redis",
+                        redis::binder(url),
+                        pg,
+                        n,
+                        |n| redis::publish_raw(conn.clone(), n, &value),
+                    )
+                    .await;
+                }
+                if let Some(brokers) = &kafka_brokers {
+                    eprintln!("outbox through kafka...");
+                    let binder = kafka::binder(brokers);
+                    let producer = kafka::raw_producer(brokers);
+                    outbox::outbox_row(
+                        &settings,
+                        &mut report,
+                        "kafka",
+                        binder.clone(),
+                        pg,
+                        n,
+                        |n| {
+                            let (binder, producer, value) =
+                                (binder.clone(), producer.clone(), value.clone());
+                            async move { kafka::publish_raw(&binder, &producer, n, &value).await }
+                        },
+                    )
+                    .await;
+                }
+                lap("outbox");
+            }
+            None => eprintln!("SKIPPED outbox: STREAM_TEST_POSTGRES_URL is not set"),
+        }
+    }
+    if settings.wants("dedup") {
+        eprintln!("dedup...");
+        let n = if quick { 20_000 } else { 100_000 };
+        let redis = redis_url.as_deref().map(|url| (redis::binder(url), url));
+        outbox::dedup_rows(&settings, &mut report, redis, postgres.as_deref(), n).await;
+        lap("dedup");
     }
     report.print();
     if let Some(path) = value_of("--json") {

@@ -65,7 +65,7 @@ pub async fn run(settings: &Settings, report: &mut Report, url: &str) {
 
 /// Pipelines of thousands of commands on a loaded machine outlast redis-rs's default
 /// response timeout; the benchmark waits instead of failing.
-fn no_timeout() -> redis::AsyncConnectionConfig {
+pub fn no_timeout() -> redis::AsyncConnectionConfig {
     redis::AsyncConnectionConfig::new().set_response_timeout(None)
 }
 
@@ -111,7 +111,7 @@ async fn publish_ours(
     (n, elapsed)
 }
 
-async fn publish_raw(
+pub async fn publish_raw(
     mut conn: MultiplexedConnection,
     n: usize,
     value: &Payload,
