@@ -37,7 +37,15 @@ pub fn scope(group: &str, destination: &str) -> String {
 /// every binding of the process that names `store = "memory"`.
 #[derive(Debug, Default)]
 pub struct MemoryDedup {
-    ids: Mutex<HashMap<(String, String), Instant>>,
+    ids: Mutex<Ids>,
+}
+
+#[derive(Debug, Default)]
+struct Ids {
+    until: HashMap<(String, String), Instant>,
+    /// The size at which expired ids are next swept out: twice what the last sweep left,
+    /// so that sweeping costs O(1) per mark however many ids are kept.
+    sweep_at: usize,
 }
 
 /// The process's [`MemoryDedup`].
@@ -51,7 +59,10 @@ impl DedupStore for MemoryDedup {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let key = (scope.to_owned(), id.to_owned());
-        Ok(ids.get(&key).is_some_and(|until| *until > Instant::now()))
+        Ok(ids
+            .until
+            .get(&key)
+            .is_some_and(|until| *until > Instant::now()))
     }
 
     async fn mark(&self, scope: &str, id: &str, ttl: Duration) -> Result<()> {
@@ -61,10 +72,12 @@ impl DedupStore for MemoryDedup {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = Instant::now();
         // Expired ids go when new ones come, so the map holds about `ttl` worth of ids.
-        if ids.len() % 1024 == 1023 {
-            ids.retain(|_, until| *until > now);
+        if ids.until.len() >= ids.sweep_at {
+            ids.until.retain(|_, until| *until > now);
+            ids.sweep_at = (2 * ids.until.len()).max(1024);
         }
-        ids.insert((scope.to_owned(), id.to_owned()), now + ttl);
+        ids.until
+            .insert((scope.to_owned(), id.to_owned()), now + ttl);
         Ok(())
     }
 }

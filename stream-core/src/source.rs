@@ -246,8 +246,12 @@ impl<T: 'static> Source<T> {
     }
 }
 
-/// A new message id: a UUIDv7, whose leading milliseconds make ids sort by creation time.
-pub(crate) fn new_message_id() -> Arc<str> {
+/// A new message id, as [`Arc<str>`] for the header.
+fn new_message_id() -> Arc<str> {
     let mut text = uuid::Uuid::encode_buffer();
-    Arc::from(&*uuid::Uuid::now_v7().hyphenated().encode_lower(&mut text))
+    Arc::from(
+        &*crate::message::message_uuid()
+            .hyphenated()
+            .encode_lower(&mut text),
+    )
 }

@@ -86,6 +86,6 @@ fn write_span(binding: &str, message: &mut Message, message_id: &str) -> tracing
 fn message_id_of(message: &Message) -> String {
     match message.message_id() {
         Some(id) => id.to_owned(),
-        None => uuid::Uuid::now_v7().to_string(),
+        None => stream_core::new_message_id(),
     }
 }

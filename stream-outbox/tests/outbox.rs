@@ -404,3 +404,74 @@ async fn the_memory_outbox_publishes_committed_events_in_order() {
     assert_eq!(seen.by_key["k"], (0..100).collect::<Vec<_>>());
     assert_eq!(outbox.unsent(), 0);
 }
+
+/// `send_all`: one statement, rows numbered in the order given, locks taken in one order
+/// (a second writer of the same keys waits, whatever order it lists them in), and a
+/// rollback takes every row back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_all_keeps_order_waits_for_the_keys_and_rolls_back_whole() {
+    let Some(url) = postgres() else { return };
+    let mut first_client = connect(&url).await;
+    let watcher = connect(&url).await;
+    let outbox = Outbox::with_table(&unique_table("outbox")).unwrap();
+    outbox.install(&first_client).await.unwrap();
+    let event = |key: &str, n| Placed { key: key.into(), n };
+
+    let rolled_back = first_client.transaction().await.unwrap();
+    let (x0, x1) = (event("x", 0), event("x", 1));
+    let never = outbox
+        .send_all(&rolled_back, "orders-out", [("x", &x0), ("x", &x1)])
+        .await
+        .unwrap();
+    rolled_back.rollback().await.unwrap();
+
+    let first = first_client.transaction().await.unwrap();
+    let (b0, a0, a1) = (event("b", 0), event("a", 0), event("a", 1));
+    outbox
+        .send_all(&first, "orders-out", [("b", &b0), ("a", &a0), ("a", &a1)])
+        .await
+        .unwrap();
+    let second = tokio::spawn({
+        let (url, outbox) = (url.clone(), outbox.clone());
+        async move {
+            let mut client = connect(&url).await;
+            let tx = client.transaction().await.unwrap();
+            let (a2, b1) = (event("a", 2), event("b", 1));
+            outbox
+                .send_all(&tx, "orders-out", [("a", &a2), ("b", &b1)])
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+    });
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while count_rows(
+        &watcher,
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'",
+    )
+    .await
+        == 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the second writer never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.commit().await.unwrap();
+    second.await.unwrap();
+
+    let (streams, _) = common::streams(&common::brokers()[0]);
+    let (seen, subscription) = record(&streams, "audit").await;
+    let relay = Relay::new(outbox.reader(&url).unwrap(), streams.clone()).spawn();
+    wait_for(PATIENCE, "five events arrive", || {
+        seen.lock().unwrap().distinct() == 5
+    })
+    .await;
+    relay.shutdown().await.unwrap();
+    subscription.shutdown().await.unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.by_key["a"], vec![0, 1, 2]);
+    assert_eq!(seen.by_key["b"], vec![0, 1]);
+    assert!(never.iter().all(|id| !seen.by_id.contains_key(id)));
+}

@@ -18,6 +18,9 @@ use crate::report::{compare_timed, subscribe_counting, Payload, Report, Row, Set
 const PER_TRANSACTION: usize = 100;
 /// Payload size of these rows.
 const SIZE: usize = 64;
+/// Handlers at once in the dedup rows (and ids in flight in their store rows): a store is a
+/// round trip away, so a consumer that deduplicates runs several handlers at once.
+const CONCURRENCY: usize = 16;
 
 async fn connect(url: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
@@ -50,23 +53,49 @@ pub async fn outbox_row<P, PF>(
     P: FnMut(usize) -> PF,
     PF: Future<Output = (usize, Duration)>,
 {
-    let (ours, raw) = compare_timed(
-        settings.runs,
-        || outbox_end_to_end(binder.clone(), postgres, n),
-        || {
-            let publish = raw_publish(n);
-            async move {
-                let (_, inserts) = raw_inserts(postgres, n).await;
-                let (_, published) = publish.await;
-                (n, inserts.max(published))
-            }
-        },
-    )
-    .await;
-    report.add(Row::ratio(name, "outbox end to end", SIZE, ours, raw));
+    for (metric, writer) in [
+        ("outbox send, end to end", Writer::OneByOne),
+        ("outbox send_all, end to end", Writer::PerTransaction),
+        ("outbox relay, backlog", Writer::Before),
+    ] {
+        let (ours, raw) = compare_timed(
+            settings.runs,
+            || outbox_end_to_end(binder.clone(), postgres, n, writer),
+            || {
+                let publish = raw_publish(n);
+                async move {
+                    let (_, published) = publish.await;
+                    if writer == Writer::Before {
+                        // The rows are written before the clock starts: only the broker.
+                        return (n, published);
+                    }
+                    let (_, inserts) = raw_inserts(postgres, n).await;
+                    (n, inserts.max(published))
+                }
+            },
+        )
+        .await;
+        report.add(Row::ratio(name, metric, SIZE, ours, raw));
+    }
 }
 
-async fn outbox_end_to_end(binder: Arc<dyn Binder>, postgres: &str, n: usize) -> (usize, Duration) {
+/// How the events of an outbox run are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writer {
+    /// `Outbox::send` per event, one await each, while the relay runs.
+    OneByOne,
+    /// `Outbox::send_all` per transaction, while the relay runs.
+    PerTransaction,
+    /// All committed before the relay starts (and the clock with it): the relay alone.
+    Before,
+}
+
+async fn outbox_end_to_end(
+    binder: Arc<dyn Binder>,
+    postgres: &str,
+    n: usize,
+    writer: Writer,
+) -> (usize, Duration) {
     let mut client = connect(postgres).await;
     let outbox = Outbox::with_table(&fresh("bench_outbox")).unwrap();
     outbox.install(&client).await.unwrap();
@@ -79,19 +108,39 @@ async fn outbox_end_to_end(binder: Arc<dyn Binder>, postgres: &str, n: usize) ->
              [bindings.in]\nbinder = \"broker\"\ndestination = \"{destination}\"\ngroup = \"g\"\n"
         ))
         .unwrap();
-    let (subscription, done) = subscribe_counting(&streams.channel("in").unwrap(), n, |_| {}).await;
+    // One message through first, untimed: a Kafka consumer joins its group, and the relay's
+    // producer finds its topic, before the clock starts.
+    let warmed = Arc::new(tokio::sync::Notify::new());
+    let first = warmed.clone();
+    let (subscription, done) =
+        subscribe_counting(&streams.channel("in").unwrap(), n + 1, move |count| {
+            if count == 1 {
+                first.notify_one();
+            }
+        })
+        .await;
+    let value = Payload::of_size(SIZE);
+    write(
+        &mut client,
+        &outbox,
+        &["warm-up".to_owned()],
+        &value,
+        Writer::OneByOne,
+    )
+    .await;
+    let warming = Relay::new(outbox.reader(postgres).unwrap(), streams.clone()).spawn();
+    warmed.notified().await;
+    warming.shutdown().await.unwrap();
+    let keys: Vec<String> = (0..n).map(|i| (i % 64).to_string()).collect();
+    if writer == Writer::Before {
+        write(&mut client, &outbox, &keys, &value, writer).await;
+    }
+    let start = Instant::now();
     let relay = Relay::new(outbox.reader(postgres).unwrap(), streams.clone())
         .with_config(RelayConfig::default())
         .spawn();
-    let value = Payload::of_size(SIZE);
-    let start = Instant::now();
-    for t in 0..n / PER_TRANSACTION {
-        let tx = client.transaction().await.unwrap();
-        for i in 0..PER_TRANSACTION {
-            let key = ((t * PER_TRANSACTION + i) % 64).to_string();
-            outbox.send(&tx, "out", &key, &value).await.unwrap();
-        }
-        tx.commit().await.unwrap();
+    if writer != Writer::Before {
+        write(&mut client, &outbox, &keys, &value, writer).await;
     }
     done.notified().await;
     let elapsed = start.elapsed();
@@ -101,8 +150,30 @@ async fn outbox_end_to_end(binder: Arc<dyn Binder>, postgres: &str, n: usize) ->
         .batch_execute(&format!("DROP TABLE {}", outbox.table()))
         .await
         .unwrap();
-    streams.close().await.unwrap();
+    // The binder is the caller's, shared by every run: not closed here.
     (n, elapsed)
+}
+
+/// Writes one event per key, [`PER_TRANSACTION`] per transaction.
+async fn write(
+    client: &mut Client,
+    outbox: &Outbox,
+    keys: &[String],
+    value: &Payload,
+    writer: Writer,
+) {
+    for chunk in keys.chunks(PER_TRANSACTION) {
+        let tx = client.transaction().await.unwrap();
+        if writer == Writer::PerTransaction {
+            let events = chunk.iter().map(|key| (key.as_str(), value));
+            outbox.send_all(&tx, "out", events).await.unwrap();
+        } else {
+            for key in chunk {
+                outbox.send(&tx, "out", key, value).await.unwrap();
+            }
+        }
+        tx.commit().await.unwrap();
+    }
 }
 
 /// The database half of the ceiling: the outbox's columns, INSERTed by tokio-postgres with
@@ -230,12 +301,14 @@ pub async fn dedup_rows(
     }
 }
 
-/// `n` messages published to a memory destination, then consumed by a no-op handler with
-/// the binding's defaults (concurrency included), behind `store` if given.
+/// `n` messages published to a memory destination, then consumed by a no-op handler,
+/// [`CONCURRENCY`] at once, behind `store` if given.
 async fn consume(n: usize, store: Option<Arc<dyn DedupStore>>) -> (usize, Duration) {
     let binder: Arc<dyn Binder> = Arc::new(MemoryBinder::new());
     let destination = format!("bench-dedup-{}", stream_core::unique_suffix());
-    let mut config = BindingConfig::new(&destination).group("g");
+    let mut config = BindingConfig::new(&destination)
+        .group("g")
+        .concurrency(CONCURRENCY);
     if store.is_some() {
         config = config.dedup("bench", Duration::from_secs(3600));
     }
@@ -256,7 +329,10 @@ async fn consume(n: usize, store: Option<Arc<dyn DedupStore>>) -> (usize, Durati
 async fn consume_in_transactions(dedup: &PgDedup, n: usize) -> (usize, Duration) {
     let binder: Arc<dyn Binder> = Arc::new(MemoryBinder::new());
     let destination = format!("bench-dedup-{}", stream_core::unique_suffix());
-    let channel = Channel::new("bench", binder, BindingConfig::new(&destination).group("g"));
+    let config = BindingConfig::new(&destination)
+        .group("g")
+        .concurrency(CONCURRENCY);
+    let channel = Channel::new("bench", binder, config);
     publish(&channel, n).await;
     let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let done = Arc::new(tokio::sync::Notify::new());
@@ -292,8 +368,8 @@ async fn publish(channel: &Channel, n: usize) {
     }
 }
 
-/// The store as the dedup layer drives it: per id a check, then a mark, 16 ids at a time
-/// (the binding's default concurrency).
+/// The store as the dedup layer drives it: per id a check, then a mark, [`CONCURRENCY`]
+/// ids at a time.
 async fn store_ops(store: Arc<dyn DedupStore>, n: usize) -> (usize, Duration) {
     use futures::StreamExt;
     let scope = fresh("bench");
@@ -310,7 +386,7 @@ async fn store_ops(store: Arc<dyn DedupStore>, n: usize) -> (usize, Duration) {
                     .unwrap();
             }
         })
-        .buffer_unordered(16)
+        .buffer_unordered(CONCURRENCY)
         .collect::<Vec<()>>()
         .await;
     (n, start.elapsed())
