@@ -74,9 +74,25 @@ url() {
   echo "postgres://postgres@127.0.0.1:$(cat "$STATE/port")/postgres"
 }
 
+# The server runs as `postgres` under root: every directory above STATE must let that user
+# through, and the one `scripts/test.sh` makes with mktemp is 0700. Grants passage only
+# (o+x, not listing) to the directories that lack it.
+open_path() {
+  [ "$(id -u)" -eq 0 ] || return 0
+  local dir=$STATE
+  while [ "$dir" != "/" ]; do
+    dir=$(dirname "$dir")
+    if ! runuser -u postgres -- test -x "$dir"; then
+      log "letting the postgres user through $dir (chmod o+x)"
+      chmod o+x "$dir"
+    fi
+  done
+}
+
 start() {
   mkdir -p "$STATE"
   ensure_postgres
+  open_path
   local bin port
   bin=$(bin_dir)
   if [ ! -f "$STATE/data/PG_VERSION" ]; then

@@ -43,9 +43,23 @@ async fn store(url: &str) -> PgDedup {
     .unwrap()
 }
 
+/// Every store (memory, Redis, PostgreSQL) on every broker (memory, Redis, Kafka): a copy of
+/// a handled message is dropped, a failed attempt is no handling.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_postgres_store_drops_redeliveries_on_every_broker() {
+async fn every_store_drops_redeliveries_on_every_broker() {
     let Some(url) = postgres() else { return };
+    let mut stores: Vec<(&str, Arc<dyn stream_core::dedup::DedupStore>)> = vec![
+        (
+            "memory",
+            Arc::new(stream_core::dedup::MemoryDedup::default()),
+        ),
+        ("postgres", Arc::new(store(&url).await)),
+    ];
+    if let Some(redis) = stream_core::testing::service_env("STREAM_TEST_REDIS_URL") {
+        let binder =
+            binder_redis::RedisBinder::new(binder_redis::RedisConfig::with_url(redis)).unwrap();
+        stores.push(("redis", binder.dedup_store().expect("Redis keeps ids")));
+    }
     for broker in common::brokers() {
         let (streams, _) = common::streams(&broker);
         let capabilities = match broker.name {
@@ -58,7 +72,10 @@ async fn the_postgres_store_drops_redeliveries_on_every_broker() {
             streams,
             capabilities,
         };
-        dedup_on_store(&harness, "postgres", Arc::new(store(&url).await)).await;
+        for (name, store) in &stores {
+            eprintln!("dedup store {name} on broker {}", broker.name);
+            dedup_on_store(&harness, name, store.clone()).await;
+        }
     }
 }
 
