@@ -111,11 +111,19 @@ pub struct RedisConfig {
     pub tls_key_file: Option<PathBuf>,
 }
 
-/// `XADD` trimming: `trim = { max-len = N }` or `trim = { max-age = "24h" }`.
+/// How much of a stream is kept: `trim = { acknowledged = true }` (what every group has
+/// acknowledged goes), a bound (`max-len = N` or `max-age = "24h"`), or both.
 ///
-/// Trimming removes entries whatever the groups did with them: an entry a lagging group has
-/// not read yet is gone for that group, and one that is pending is acknowledged and reported
-/// when its consumer or a claimer meets it.
+/// `acknowledged`: every `interval`, each producer trims its stream to the oldest entry
+/// some group still needs (unread, or read and pending), in one round trip; nothing a group
+/// has not acknowledged goes. A stream without groups is not trimmed by it.
+///
+/// A bound is applied by every `XADD` and removes entries whatever the groups did with
+/// them: an entry a lagging group has not read yet is gone for that group, and one that is
+/// pending is acknowledged and reported when its consumer or a claimer meets it. Beside
+/// `acknowledged` it is a safety valve for a group that stops reading: when it removes
+/// entries a group still needed, the next retention run logs a warning and counts
+/// `stream_redis_retention_unread_dropped_total{destination, group}`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct TrimConfig {
@@ -130,6 +138,15 @@ pub struct TrimConfig {
     /// exactly (`=`). Default: true.
     #[serde(default = "defaults::approximate")]
     pub approximate: bool,
+    /// Trim what every group has acknowledged, every `interval`. Default: false.
+    #[serde(default)]
+    pub acknowledged: bool,
+    /// How often `acknowledged` trims. Default: 10 s.
+    #[serde(
+        default = "defaults::retention_interval",
+        with = "stream_core::config::duration"
+    )]
+    pub interval: Duration,
 }
 
 /// What trimming a validated [`TrimConfig`] asks for.
@@ -140,15 +157,22 @@ pub(crate) enum Trim {
 }
 
 impl TrimConfig {
-    pub(crate) fn strategy(&self) -> Result<Trim> {
+    /// The bound every `XADD` applies, if any.
+    pub(crate) fn strategy(&self) -> Result<Option<Trim>> {
+        if self.acknowledged && self.interval.is_zero() {
+            return Err(config_error("`trim.interval` must be longer than zero"));
+        }
         match (self.max_len, self.max_age) {
-            (Some(n), None) => Ok(Trim::MaxLen(n)),
-            (None, Some(age)) if !age.is_zero() => Ok(Trim::MaxAge(age)),
+            (Some(n), None) => Ok(Some(Trim::MaxLen(n))),
+            (None, Some(age)) if !age.is_zero() => Ok(Some(Trim::MaxAge(age))),
             (None, Some(_)) => Err(config_error("`trim.max-age` must be longer than zero")),
             (Some(_), Some(_)) => Err(config_error(
                 "`trim` takes one of `max-len` and `max-age`, not both (XADD trims by one)",
             )),
-            (None, None) => Err(config_error("`trim` needs `max-len` or `max-age`")),
+            (None, None) if self.acknowledged => Ok(None),
+            (None, None) => Err(config_error(
+                "`trim` needs `acknowledged = true`, `max-len` or `max-age`",
+            )),
         }
     }
 }
@@ -443,6 +467,9 @@ mod defaults {
     pub(super) fn approximate() -> bool {
         true
     }
+    pub(super) fn retention_interval() -> Duration {
+        Duration::from_secs(10)
+    }
 }
 
 #[cfg(test)]
@@ -489,10 +516,23 @@ mod tests {
         let trim = config.trim.as_ref().unwrap();
         assert_eq!(
             trim.strategy().unwrap(),
-            Trim::MaxAge(Duration::from_secs(3600))
+            Some(Trim::MaxAge(Duration::from_secs(3600)))
         );
         assert!(!trim.approximate);
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn acknowledged_retention_with_and_without_a_bound() {
+        let config = parse("trim = { acknowledged = true }").unwrap();
+        let trim = config.trim.as_ref().unwrap();
+        assert_eq!(trim.strategy().unwrap(), None);
+        assert_eq!(trim.interval, Duration::from_secs(10));
+        let config =
+            parse("trim = { acknowledged = true, max-len = 1000, interval = \"2s\" }").unwrap();
+        let trim = config.trim.as_ref().unwrap();
+        assert_eq!(trim.strategy().unwrap(), Some(Trim::MaxLen(1000)));
+        assert_eq!(trim.interval, Duration::from_secs(2));
     }
 
     #[test]
@@ -516,6 +556,7 @@ mod tests {
             "consumer-expiry = \"10ms\"",
             "trim = {}",
             "trim = { max-len = 5, max-age = \"1h\" }",
+            "trim = { acknowledged = true, interval = \"0s\" }",
             "url = \"redis://h\"\ntls-ca-file = \"/ca.pem\"",
             "url = \"rediss://h\"\ntls-cert-file = \"/client.pem\"",
         ] {

@@ -189,6 +189,7 @@ mod entry;
 mod holdings;
 mod lag;
 mod producer;
+mod retention;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -203,9 +204,16 @@ use tokio::sync::OnceCell;
 
 pub use config::{RedisConfig, TrimConfig};
 
+/// The metrics this binder records beside stream-core's (`stream_core::telemetry::names`).
+pub mod names {
+    pub use crate::retention::{
+        TRIMMED as RETENTION_TRIMMED, UNREAD_DROPPED as RETENTION_UNREAD_DROPPED,
+    };
+}
+
 use connection::{Conn, Endpoint};
 use consumer::{ReadSettings, RedisConsumer};
-use producer::{RedisProducer, TrimRule};
+use producer::{RedisProducer, Retention, TrimRule};
 
 /// The binder `type` this crate registers.
 pub const KIND: &str = "redis";
@@ -239,6 +247,7 @@ struct Inner {
     config: RedisConfig,
     endpoint: Endpoint,
     trim: Option<TrimRule>,
+    retention: Option<Retention>,
     /// Publishing, acks and group administration of every producer and consumer, multiplexed
     /// on one connection; made on first use.
     commands: OnceCell<Conn>,
@@ -250,18 +259,25 @@ impl RedisBinder {
     pub fn new(config: RedisConfig) -> Result<RedisBinder> {
         config.validate()?;
         let endpoint = Endpoint::new(&config)?;
-        let trim = match &config.trim {
-            Some(trim) => Some(TrimRule {
-                trim: trim.strategy()?,
-                approximate: trim.approximate,
-            }),
-            None => None,
+        let (trim, retention) = match &config.trim {
+            Some(trim) => (
+                trim.strategy()?.map(|bound| TrimRule {
+                    trim: bound,
+                    approximate: trim.approximate,
+                }),
+                trim.acknowledged.then_some(Retention {
+                    interval: trim.interval,
+                    approximate: trim.approximate,
+                }),
+            ),
+            None => (None, None),
         };
         Ok(RedisBinder {
             inner: Arc::new(Inner {
                 config,
                 endpoint,
                 trim,
+                retention,
                 commands: OnceCell::new(),
                 closed: AtomicBool::new(false),
             }),
@@ -325,17 +341,19 @@ impl Binder for RedisBinder {
             conn,
             destination,
             self.inner.trim,
+            self.inner.retention,
             self.inner.config.command_timeout,
         )))
     }
 
     async fn dead_letter_producer(&self, destination: &str) -> Result<Box<dyn Producer>> {
         let conn = self.commands().await?;
-        // No trim rule: dead letters stay until someone handles them, however many
-        // messages the binder's streams keep.
+        // No trim rule and no retention: dead letters stay until someone handles them,
+        // however many messages the binder's streams keep.
         Ok(Box::new(RedisProducer::new(
             conn,
             destination,
+            None,
             None,
             self.inner.config.command_timeout,
         )))

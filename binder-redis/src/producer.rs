@@ -27,6 +27,13 @@ use crate::config::Trim;
 use crate::connection::{command_error, is_transient_refusal, Conn};
 use crate::entry::{fields_size, write_fields};
 
+/// Retention by acknowledgement as configured ([`crate::retention`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Retention {
+    pub(crate) interval: Duration,
+    pub(crate) approximate: bool,
+}
+
 /// XADD trimming as configured, `~` or `=`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct TrimRule {
@@ -53,6 +60,8 @@ pub(crate) struct RedisProducer {
     /// How long a send keeps trying while Redis refuses it (restarting, loading its data).
     patience: Duration,
     closed: AtomicBool,
+    /// Keeps the retention task running; taken by `close`.
+    retention: std::sync::Mutex<Option<crate::retention::Alive>>,
 }
 
 impl RedisProducer {
@@ -60,14 +69,27 @@ impl RedisProducer {
         conn: Conn,
         stream: &str,
         trim: Option<TrimRule>,
+        retention: Option<Retention>,
         patience: Duration,
     ) -> Self {
+        let alive = retention.map(|retention| {
+            let alive = crate::retention::Alive::default();
+            tokio::spawn(crate::retention::run(
+                std::sync::Arc::downgrade(&alive),
+                conn.clone(),
+                stream.to_owned(),
+                retention.interval,
+                retention.approximate,
+            ));
+            alive
+        });
         RedisProducer {
             conn,
             stream: stream.to_owned(),
             trim,
             patience,
             closed: AtomicBool::new(false),
+            retention: std::sync::Mutex::new(alive),
         }
     }
 
@@ -203,6 +225,10 @@ impl Producer for RedisProducer {
     async fn close(&self) -> Result<()> {
         // Every send already waited for Redis to accept it: nothing is buffered here.
         self.closed.store(true, Ordering::Release);
+        self.retention
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         Ok(())
     }
 }
