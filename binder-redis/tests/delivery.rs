@@ -628,6 +628,8 @@ async fn dead_letters_are_not_trimmed() {
             max_len: Some(3),
             max_age: None,
             approximate: false,
+            acknowledged: false,
+            interval: Duration::from_secs(10),
         }),
         ..RedisConfig::with_url(&url)
     });

@@ -53,6 +53,8 @@ async fn entries_trimmed_while_pending_are_cleared_not_delivered() {
             max_len: Some(3),
             max_age: None,
             approximate: false,
+            acknowledged: false,
+            interval: Duration::from_secs(10),
         }),
         ..RedisConfig::with_url(&url)
     })
@@ -466,6 +468,8 @@ async fn xadd_trims_by_length_and_by_age() {
                 max_len,
                 max_age,
                 approximate: false,
+                acknowledged: false,
+                interval: Duration::from_secs(10),
             }),
             ..RedisConfig::with_url(&url)
         })
