@@ -65,7 +65,13 @@ for _, g in ipairs(groups) do
   if keep == nil or less(need, keep) then keep = need end
 end
 if keep ~= nil then
-  result[1] = redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1], keep)
+  if ARGV[1] == '~' then
+    -- Without LIMIT 0, an approximate trim stops after 100 nodes' worth of entries (10,000
+    -- by default): fewer than a busy stream gains in an interval.
+    result[1] = redis.call('XTRIM', KEYS[1], 'MINID', '~', keep, 'LIMIT', 0)
+  else
+    result[1] = redis.call('XTRIM', KEYS[1], 'MINID', '=', keep)
+  end
 end
 local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 if first[1] then result[2] = first[1][1] end

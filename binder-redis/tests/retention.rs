@@ -272,3 +272,62 @@ async fn the_bound_drops_the_oldest_and_names_the_group_that_lost_them() {
     }
     producer.close().await.unwrap();
 }
+
+/// On a Redis Cluster the script runs on the node that owns the stream: a group that reads
+/// later still gets every message, and once both groups acknowledged everything the stream
+/// is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_on_a_cluster_keeps_what_a_lagging_group_needs() {
+    let Some(urls) = stream_core::testing::service_env("STREAM_TEST_REDIS_CLUSTER_URLS") else {
+        return;
+    };
+    let nodes: Vec<String> = urls.split(',').map(|u| u.trim().to_owned()).collect();
+    let mut config = RedisConfig::with_nodes(nodes.clone());
+    config.trim = Some(TrimConfig {
+        max_len: None,
+        max_age: None,
+        approximate: false,
+        acknowledged: true,
+        interval: Duration::from_millis(100),
+    });
+    let binder: Arc<dyn Binder> = Arc::new(RedisBinder::new(config).unwrap());
+    let mut raw = redis::cluster::ClusterClient::new(nodes)
+        .unwrap()
+        .get_async_connection()
+        .await
+        .unwrap();
+    let stream = common::unique("retention-cluster");
+    for group in ["fast", "slow"] {
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&stream)
+            .arg(group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+    }
+    let producer = binder.producer(&stream).await.unwrap();
+    publish(&*producer, 500).await;
+    handle_all(&binder, &stream, "fast", 500).await;
+    // Retention ran every 100 ms while `slow` read nothing; it still reads all 500.
+    handle_all(&binder, &stream, "slow", 500).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let len: usize = redis::cmd("XLEN")
+            .arg(&stream)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        if len == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stream never shrank: {len}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    producer.close().await.unwrap();
+}

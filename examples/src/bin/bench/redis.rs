@@ -61,6 +61,139 @@ pub async fn run(settings: &Settings, report: &mut Report, url: &str) {
     if settings.wants("rss") {
         backlog_rss(settings, report, conn.clone()).await;
     }
+    if settings.wants("retention-cost") {
+        // Ours with `trim = { acknowledged = true, interval = "1s" }` against ours without, in
+        // the "raw" column: what retention costs publishing and consuming.
+        let retained = binder_with_retention(url);
+        let value = Payload::of_size(64);
+        let n = settings.redis_messages;
+        let (on, off) = compare_timed(
+            settings.runs,
+            || publish_ours(&retained, conn.clone(), n, &value),
+            || publish_ours(&binder, conn.clone(), n, &value),
+        )
+        .await;
+        report.add(Row::ratio(
+            "redis",
+            "publish, retention on/off",
+            64,
+            on,
+            off,
+        ));
+        let (on, off) = compare_timed(
+            settings.runs,
+            || consume_fresh(&retained, conn.clone(), n, &value),
+            || consume_fresh(&binder, conn.clone(), n, &value),
+        )
+        .await;
+        report.add(Row::ratio(
+            "redis",
+            "consume+ack, retention on/off",
+            64,
+            on,
+            off,
+        ));
+    }
+    if settings.wants("retention") {
+        retention_soak(settings, url, conn.clone()).await;
+    }
+}
+
+/// A backlog of its own, consumed by a new group while a producer of `binder` lives (so
+/// that, with retention on, it trims behind the group as it acknowledges).
+async fn consume_fresh(
+    binder: &Arc<dyn Binder>,
+    conn: MultiplexedConnection,
+    n: usize,
+    value: &Payload,
+) -> (usize, Duration) {
+    let dest = fresh("con-fresh");
+    prefill(&mut conn.clone(), &dest, n, value).await;
+    let producer = binder.producer(&dest).await.unwrap();
+    let result = consume_ours(binder, &dest, n).await;
+    producer.close().await.unwrap();
+    delete(conn, &dest).await;
+    result
+}
+
+fn binder_with_retention(url: &str) -> Arc<dyn Binder> {
+    let streams = stream_core::Streams::builder()
+        .register(binder_redis::register)
+        .env(Vec::<(String, String)>::new())
+        .load_str(&format!(
+            "[binders.redis]\ntype = \"redis\"\nurl = \"{url}\"\n\
+             trim = {{ acknowledged = true, interval = \"1s\" }}\n"
+        ))
+        .expect("bench configuration");
+    streams.binder("redis").expect("declared")
+}
+
+/// Redis memory while a service publishes at a steady rate and a group keeps up, with
+/// `trim = { acknowledged = true }`: printed every 10 s (`used_memory`, stream length).
+/// Five minutes in full mode, one in quick mode; 3,000 messages a second of 64 B.
+async fn retention_soak(settings: &Settings, url: &str, mut conn: MultiplexedConnection) {
+    const RATE: u64 = 3_000;
+    let minutes = if settings.quick { 1 } else { 5 };
+    let streams = stream_core::Streams::builder()
+        .register(binder_redis::register)
+        .env(Vec::<(String, String)>::new())
+        .load_str(&format!(
+            "[binders.redis]\ntype = \"redis\"\nurl = \"{url}\"\n\
+             trim = {{ acknowledged = true }}\n"
+        ))
+        .expect("bench configuration");
+    let binder = streams.binder("redis").expect("declared");
+    let dest = fresh("soak");
+    let channel = Channel::new(
+        "bench",
+        binder.clone(),
+        BindingConfig::new(&dest).group("soak"),
+    );
+    let (subscription, _) = subscribe_counting(&channel, usize::MAX, |_| {}).await;
+    let source = channel.source::<Payload>().await.unwrap();
+    let value = Payload::of_size(64);
+    let used = |conn: &mut MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            let info: String = redis::cmd("INFO")
+                .arg("memory")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            info.lines()
+                .find_map(|l| l.strip_prefix("used_memory:"))
+                .map_or(0, |v| v.trim().parse::<u64>().unwrap())
+        }
+    };
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut sent = 0u64;
+    let mut next_report = Duration::ZERO;
+    eprintln!("  retention soak: {RATE} msgs/s of 64 B for {minutes} min, trim = {{ acknowledged = true }}");
+    while start.elapsed() < Duration::from_secs(60 * minutes) {
+        tick.tick().await;
+        let due = start.elapsed().as_millis() as u64 * RATE / 1000;
+        let batch: Vec<Payload> = (sent..due).map(|_| value.clone()).collect();
+        if !batch.is_empty() {
+            source.send_batch(&batch).await.unwrap();
+            sent = due;
+        }
+        if start.elapsed() >= next_report {
+            let len: u64 = redis::cmd("XLEN")
+                .arg(&dest)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            eprintln!(
+                "    t={:>3}s sent {sent:>7} used_memory {:>9} B stream length {len}",
+                start.elapsed().as_secs(),
+                used(&mut conn).await
+            );
+            next_report += Duration::from_secs(10);
+        }
+    }
+    subscription.shutdown().await.unwrap();
+    delete(conn, &dest).await;
 }
 
 /// Pipelines of thousands of commands on a loaded machine outlast redis-rs's default
