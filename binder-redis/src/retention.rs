@@ -115,12 +115,12 @@ async fn trim_acknowledged(
         .arg(if approximate { "~" } else { "=" })
         .invoke_async(conn)
         .await?;
-    let mut reply = reply.into_iter().map(redis::from_redis_value::<String>);
-    let removed = reply
-        .next()
-        .transpose()?
-        .map_or(Ok(0), |n| n.parse())
-        .unwrap_or(0);
+    let mut reply = reply.into_iter();
+    let removed = match reply.next() {
+        Some(count) => redis::from_redis_value(count)?,
+        None => 0,
+    };
+    let mut reply = reply.map(redis::from_redis_value::<String>);
     let first = reply.next().transpose()?.and_then(|id| id.parse().ok());
     let mut needs = Vec::new();
     while let (Some(group), Some(need)) = (reply.next(), reply.next()) {

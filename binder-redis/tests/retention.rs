@@ -30,6 +30,19 @@ fn binder(url: &str, max_len: Option<u64>) -> Arc<dyn Binder> {
     Arc::new(RedisBinder::new(config).unwrap())
 }
 
+/// A group on `stream` (made if missing) that starts at its beginning.
+async fn create_group<C: redis::aio::ConnectionLike>(raw: &mut C, stream: &str, group: &str) {
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(raw)
+        .await
+        .unwrap();
+}
+
 async fn xlen(raw: &mut MultiplexedConnection, stream: &str) -> usize {
     redis::cmd("XLEN")
         .arg(stream)
@@ -137,15 +150,7 @@ async fn a_lagging_group_keeps_everything_it_has_not_acknowledged() {
     let stream = common::unique("retention");
     // Two groups from the start; `slow` reads nothing for now.
     for group in ["fast", "slow"] {
-        let _: () = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&stream)
-            .arg(group)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut raw)
-            .await
-            .unwrap();
+        create_group(&mut raw, &stream, group).await;
     }
     let producer = producer(&binder, &mut raw, &stream).await;
     publish(&*producer, 1000).await;
@@ -179,15 +184,7 @@ async fn pending_entries_are_kept_until_acknowledged() {
     let binder = binder(&url, None);
     let mut raw = common::raw(&url).await;
     let stream = common::unique("retention-pending");
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&stream)
-        .arg("g")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    create_group(&mut raw, &stream, "g").await;
     let producer = producer(&binder, &mut raw, &stream).await;
     publish(&*producer, 20).await;
     // A member reads ten and dies without acknowledging them: they stay pending.
@@ -245,15 +242,7 @@ async fn the_bound_drops_the_oldest_and_names_the_group_that_lost_them() {
     let binder = binder(&url, Some(100));
     let mut raw = common::raw(&url).await;
     let stream = common::unique("retention-bound");
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&stream)
-        .arg("slow")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    create_group(&mut raw, &stream, "slow").await;
     let producer = producer(&binder, &mut raw, &stream).await;
     publish(&*producer, 500).await;
     assert_eq!(
@@ -298,15 +287,7 @@ async fn retention_on_a_cluster_keeps_what_a_lagging_group_needs() {
         .unwrap();
     let stream = common::unique("retention-cluster");
     for group in ["fast", "slow"] {
-        let _: () = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&stream)
-            .arg(group)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut raw)
-            .await
-            .unwrap();
+        create_group(&mut raw, &stream, group).await;
     }
     let producer = binder.producer(&stream).await.unwrap();
     publish(&*producer, 500).await;

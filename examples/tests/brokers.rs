@@ -130,37 +130,34 @@ fn saga_across_processes_on_kafka() {
     saga_in_two_processes("kafka.toml", isolated_env("kafka", "BROKERS", &brokers));
 }
 
-/// The saga of `examples/config/redis-postgres.toml`: orders in PostgreSQL, `OrderCreated`
-/// through the transactional outbox, the payment service deduplicating in PostgreSQL.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn saga_on_redis_and_postgres() {
-    let (Some(url), Some(database)) = (
-        service_env("STREAM_TEST_REDIS_URL"),
-        service_env("STREAM_TEST_POSTGRES_URL"),
-    ) else {
-        return;
-    };
+/// Settings for `redis-postgres.toml` on destinations and a database schema of the test's
+/// own; `None` (after a skip message) without Redis or PostgreSQL.
+async fn redis_postgres_env() -> Option<Vec<(String, String)>> {
+    let url = service_env("STREAM_TEST_REDIS_URL")?;
+    let database = service_env("STREAM_TEST_POSTGRES_URL")?;
     let mut env = isolated_env("redis", "URL", &url);
     env.push((
         "DATABASE_URL".into(),
         common::isolated_database(&database).await,
     ));
+    Some(env)
+}
+
+/// The saga of `examples/config/redis-postgres.toml`: orders in PostgreSQL, `OrderCreated`
+/// through the transactional outbox, the payment service deduplicating in PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saga_on_redis_and_postgres() {
+    let Some(env) = redis_postgres_env().await else {
+        return;
+    };
     saga_in_one_process("redis-postgres.toml", env).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saga_across_processes_on_redis_and_postgres() {
-    let (Some(url), Some(database)) = (
-        service_env("STREAM_TEST_REDIS_URL"),
-        service_env("STREAM_TEST_POSTGRES_URL"),
-    ) else {
+    let Some(env) = redis_postgres_env().await else {
         return;
     };
-    let mut env = isolated_env("redis", "URL", &url);
-    env.push((
-        "DATABASE_URL".into(),
-        common::isolated_database(&database).await,
-    ));
     tokio::task::spawn_blocking(move || saga_in_two_processes("redis-postgres.toml", env))
         .await
         .unwrap();

@@ -62,10 +62,19 @@ use stream_core::{header, Error, ErrorKind, Message, Result};
 /// `event` as a JSON message, as [`Streams::source`](stream_core::Streams::source) would
 /// encode it.
 fn json_message<T: Serialize + ?Sized>(event: &T) -> Result<Message> {
-    let payload = serde_json::to_vec(event).map_err(|e| {
+    Ok(Message::new(json(event)?).with_headers(json_headers()))
+}
+
+/// `event` as JSON bytes.
+fn json<T: Serialize + ?Sized>(event: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(event).map_err(|e| {
         Error::new(ErrorKind::Codec, "cannot encode an outbox event as JSON").with_source(e)
-    })?;
-    Ok(Message::new(payload).with_header(header::CONTENT_TYPE, "application/json"))
+    })
+}
+
+/// The headers of a JSON event: its `content-type`.
+fn json_headers() -> stream_core::Headers {
+    stream_core::Headers::from_iter([(header::CONTENT_TYPE, "application/json")])
 }
 
 /// The `stream.outbox` span of writing `message`: the trace context it carries to the

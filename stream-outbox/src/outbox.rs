@@ -217,18 +217,18 @@ impl Outbox {
         let mut payloads = Vec::new();
         for (key, event) in events {
             keys.push(key);
-            payloads.push(crate::json_message(event)?.payload().to_vec());
+            payloads.push(crate::json(event)?);
         }
         let ids: Vec<String> = keys.iter().map(|_| stream_core::new_message_id()).collect();
         // One span and one trace context for the batch: written by one request.
-        let mut shared = crate::json_message(&())?;
+        let mut shared = crate::json_headers();
         let span = tracing::debug_span!(
             "stream.outbox",
             binding = %binding,
             messages = keys.len(),
         );
-        stream_core::telemetry::inject_context(&span, shared.headers_mut());
-        let (names, values): (Vec<&str>, Vec<&str>) = shared.headers().iter().unzip();
+        stream_core::telemetry::inject_context(&span, &mut shared);
+        let (names, values): (Vec<&str>, Vec<&str>) = shared.iter().unzip();
         client
             .query_typed(
                 &self.insert_all,
