@@ -10,7 +10,8 @@
 # Everything lives in STATE_DIR: redis.conf, port, pid, redis.log and the AOF.
 # AOF with fsync on every write means an acked write survives the kill -9 of `restart`.
 # Progress goes to stderr so that callers can capture the URL from stdout.
-# Tunable: REDIS_START_TIMEOUT (seconds, default 20).
+# Tunable: REDIS_START_TIMEOUT (seconds, default 20); REDIS_PERSISTENCE=none starts it
+# without the AOF (for benchmarks measuring CPU rather than the disk; restart then loses data).
 # Three-master Redis Cluster: scripts/redis-cluster.sh.
 set -euo pipefail
 
@@ -29,7 +30,12 @@ usage() {
 }
 
 write_conf() {
-  local port=$1
+  local port=$1 appendonly=yes
+  case "${REDIS_PERSISTENCE:-aof}" in
+    aof) ;;
+    none) appendonly=no ;;
+    *) die "REDIS_PERSISTENCE must be aof or none, not '$REDIS_PERSISTENCE'" ;;
+  esac
   cat >"$STATE/redis.conf" <<EOC
 # Written by scripts/redis.sh: a test instance, loopback only.
 bind 127.0.0.1
@@ -39,7 +45,7 @@ daemonize no
 # Logs go to stdout, which the script appends to $STATE/redis.log.
 logfile ""
 # Persistence for the crash/restart tests: every acked write is on disk.
-appendonly yes
+appendonly $appendonly
 appendfsync always
 save ""
 EOC

@@ -131,12 +131,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::ThreadedProducer;
 use stream_core::{Binder, BindingConfig, ConsumerOptions, Error, ErrorKind, Registry, Result};
 use tokio::sync::OnceCell;
 
 use crate::admin::Admin;
-use crate::producer::{KafkaProducer, SharedProducer};
+use crate::producer::{DeliveryRouter, KafkaProducer, SharedProducer};
 
 pub use crate::config::{KafkaConfig, Property};
 
@@ -219,10 +219,10 @@ impl KafkaBinder {
     async fn shared_producer(&self) -> Result<&Arc<SharedProducer>> {
         self.producer
             .get_or_try_init(|| async {
-                let inner: FutureProducer = self
+                let inner: ThreadedProducer<DeliveryRouter> = self
                     .config
                     .producer_config()
-                    .create()
+                    .create_with_context(DeliveryRouter::default())
                     .map_err(|e| self.config.client_error(e))?;
                 Ok(Arc::new(SharedProducer {
                     inner,

@@ -103,6 +103,11 @@ fn read_headers(native: &impl NativeHeaders, size: &mut usize) -> (Headers, Opti
 /// `partition@offset`, written without `format!`: this runs once per received message, and
 /// the formatting machinery cost more than the rest of the id.
 pub(crate) fn delivery_id(partition: i32, offset: i64) -> Arc<str> {
+    Arc::from(delivery_id_in(&mut [0u8; 41], partition, offset))
+}
+
+/// [`delivery_id`] written into `out`.
+pub(crate) fn delivery_id_in(out: &mut [u8; 41], partition: i32, offset: i64) -> &str {
     fn push_decimal(out: &mut [u8; 41], mut len: usize, value: i64) -> usize {
         let mut digits = [0u8; 20];
         let mut n = value.unsigned_abs();
@@ -125,12 +130,11 @@ pub(crate) fn delivery_id(partition: i32, offset: i64) -> Arc<str> {
         }
         len
     }
-    let mut out = [0u8; 41];
-    let mut len = push_decimal(&mut out, 0, i64::from(partition));
+    let mut len = push_decimal(out, 0, i64::from(partition));
     out[len] = b'@';
-    len = push_decimal(&mut out, len + 1, offset);
+    len = push_decimal(out, len + 1, offset);
     // Only ASCII digits, '-' and '@' were written.
-    Arc::from(std::str::from_utf8(&out[..len]).unwrap_or_default())
+    std::str::from_utf8(&out[..len]).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -97,6 +97,49 @@ async fn send_batch_returns_ids_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_beyond_a_full_producer_queue_wait_for_room_and_all_arrive_in_order() {
+    let Some(brokers) = brokers("sends_beyond_a_full_producer_queue_wait_for_room") else {
+        return;
+    };
+    // librdkafka holds 50 messages at most, so nearly every send finds the queue full.
+    let binder =
+        KafkaBinder::new(config(&brokers).producer_property("queue.buffering.max.messages", "50"))
+            .unwrap();
+    let topic = unique("full-queue");
+    let producer: Arc<dyn stream_core::Producer> = binder.producer(&topic).await.unwrap().into();
+    let batch: Vec<Message> = (0..1_000)
+        .map(|i| Message::new(format!("b{i}").into_bytes()).with_key("k"))
+        .collect();
+    let concurrent = futures::future::join_all((0..1_000).map(|i| {
+        let producer = producer.clone();
+        async move {
+            producer
+                .send(Message::new(format!("s{i}").into_bytes()).with_key("k"))
+                .await
+        }
+    }));
+    let (batch_ids, send_ids) = tokio::join!(producer.send_batch(batch), concurrent);
+    let batch_ids = batch_ids.expect("the whole batch delivered");
+    let send_ids: Vec<String> = send_ids
+        .into_iter()
+        .collect::<stream_core::Result<_>>()
+        .expect("every send delivered");
+    let offset = |id: &String| -> i64 { id.split_once('@').unwrap().1.parse().unwrap() };
+    // One key, one partition: the batch in the order given, and 2,000 distinct offsets.
+    let batch_offsets: Vec<i64> = batch_ids.iter().map(offset).collect();
+    assert!(
+        batch_offsets.windows(2).all(|w| w[1] > w[0]),
+        "{batch_offsets:?}"
+    );
+    let all: BTreeSet<i64> = batch_offsets
+        .iter()
+        .copied()
+        .chain(send_ids.iter().map(offset))
+        .collect();
+    assert_eq!(all.len(), 2_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_topic_without_creation_names_the_topic() {
     let Some(brokers) = brokers("missing_topic_without_creation_names_the_topic") else {
         return;

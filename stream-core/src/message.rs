@@ -100,6 +100,11 @@ impl Headers {
         entries.push((name, value.into()));
     }
 
+    /// Makes room for `extra` more headers, so adding them does not grow the set one by one.
+    pub fn reserve(&mut self, extra: usize) {
+        self.entries(extra).reserve(extra);
+    }
+
     /// Removes every value under `name`.
     pub fn remove(&mut self, name: &str) {
         if self.get(name).is_some() {

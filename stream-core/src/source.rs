@@ -207,6 +207,7 @@ impl<T: 'static> Source<T> {
     fn stamp(&self, span: &tracing::Span, message: &mut Message, sent_at: &Arc<str>) {
         let id = message.message_id().is_none().then(new_message_id);
         let headers = message.headers_mut();
+        headers.reserve(2);
         if let Some(id) = id {
             headers.append(self.message_id_name.clone(), id);
         }

@@ -32,6 +32,21 @@ pub async fn run(settings: &Settings, report: &mut Report, brokers: &str) {
             .await;
             report.add(Row::ratio("kafka", "publish", size, ours, raw));
         }
+        if settings.wants("publish-pipelined") {
+            let n = settings.kafka_pipelined_messages;
+            for (metric, pattern) in [
+                ("publish, 10,000 sends in flight", Pipelined::Sends),
+                ("publish, 20 batches of 500 in flight", Pipelined::Batches),
+            ] {
+                let (ours, raw) = compare_timed(
+                    settings.runs,
+                    || publish_pipelined_ours(&binder, n, &value, pattern),
+                    || publish_ceiling(&binder, brokers, n, &value),
+                )
+                .await;
+                report.add(Row::ratio("kafka", metric, size, ours, raw));
+            }
+        }
         if !settings.wants("consume") {
             continue;
         }
@@ -128,6 +143,162 @@ async fn publish_ours(binder: &Arc<dyn Binder>, n: usize, value: &Payload) -> (u
         source.send_batch(&batch[..k]).await.unwrap();
         sent += k;
     }
+    (n, start.elapsed())
+}
+
+/// How many messages the pipelined rows keep in flight.
+const IN_FLIGHT: usize = 10_000;
+
+/// How a service publishing a stream keeps [`IN_FLIGHT`] messages in flight.
+#[derive(Clone, Copy)]
+enum Pipelined {
+    /// As many `Source::send` calls, each resolving on its own delivery report.
+    Sends,
+    /// `Source::send_batch` calls of [`BATCH`] messages.
+    Batches,
+}
+
+async fn publish_pipelined_ours(
+    binder: &Arc<dyn Binder>,
+    n: usize,
+    value: &Payload,
+    pattern: Pipelined,
+) -> (usize, Duration) {
+    use futures::StreamExt as _;
+    let topic = fresh_topic(binder, "pipe").await;
+    let source = Channel::new("bench", binder.clone(), BindingConfig::new(&topic))
+        .source::<Payload>()
+        .await
+        .unwrap();
+    let batch: Vec<Payload> = vec![value.clone(); BATCH];
+    let (source, batch) = (&source, &batch);
+    let send_all = |count: usize| async move {
+        match pattern {
+            Pipelined::Sends => {
+                futures::stream::iter(0..count)
+                    .map(|_| source.send(value))
+                    .buffer_unordered(IN_FLIGHT)
+                    .for_each(|sent| {
+                        sent.expect("delivered");
+                        async {}
+                    })
+                    .await
+            }
+            Pipelined::Batches => {
+                futures::stream::iter(0..count / BATCH)
+                    .map(|_| source.send_batch(batch))
+                    .buffer_unordered(IN_FLIGHT / BATCH)
+                    .for_each(|sent| {
+                        sent.expect("delivered");
+                        async {}
+                    })
+                    .await
+            }
+        }
+    };
+    send_all(WARM_UP).await;
+    let start = Instant::now();
+    send_all(n).await;
+    (n, start.elapsed())
+}
+
+/// The ceiling: librdkafka driven its fastest way, a `ThreadedProducer` (its own poll
+/// thread) fed without waiting, each delivery report counted in the callback, and only a
+/// full queue waited out. Idempotence and `acks=all` as on our side, and the same records:
+/// the payload and the three headers every message of ours carries (content type, message
+/// id, send time), since on the wire they are most of a 64-byte message.
+async fn publish_ceiling(
+    binder: &Arc<dyn Binder>,
+    brokers: &str,
+    n: usize,
+    value: &Payload,
+) -> (usize, Duration) {
+    use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Counting {
+        delivered: AtomicUsize,
+        done: tokio::sync::Notify,
+        target: AtomicUsize,
+    }
+    struct Context(Arc<Counting>);
+    impl rdkafka::ClientContext for Context {}
+    impl ProducerContext for Context {
+        type DeliveryOpaque = ();
+        fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+            result.as_ref().map_err(|(e, _)| e).expect("delivered");
+            let delivered = self.0.delivered.fetch_add(1, Ordering::AcqRel) + 1;
+            if delivered == self.0.target.load(Ordering::Acquire) {
+                self.0.done.notify_one();
+            }
+        }
+    }
+
+    let topic = fresh_topic(binder, "pipe-raw").await;
+    let counting = Arc::new(Counting {
+        delivered: AtomicUsize::new(0),
+        done: tokio::sync::Notify::new(),
+        target: AtomicUsize::new(WARM_UP),
+    });
+    let producer: ThreadedProducer<Context> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create_with_context(Context(counting.clone()))
+        .expect("producer");
+    let codec = Json::<Payload>::new();
+    let produce = |count: usize| {
+        // One send time for the whole run: cheaper than ours, which reads the clock.
+        let sent_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            .to_string();
+        for _ in 0..count {
+            let bytes = codec.encode(value).unwrap();
+            let mut record = BaseRecord::<(), [u8]>::to(&topic).payload(bytes.as_ref());
+            let id = stream_core::new_message_id();
+            record = record.headers(
+                rdkafka::message::OwnedHeaders::new_with_capacity(3)
+                    .insert(rdkafka::message::Header {
+                        key: stream_core::header::CONTENT_TYPE,
+                        value: Some("application/json"),
+                    })
+                    .insert(rdkafka::message::Header {
+                        key: stream_core::header::MESSAGE_ID,
+                        value: Some(id.as_str()),
+                    })
+                    .insert(rdkafka::message::Header {
+                        key: stream_core::header::SENT_AT,
+                        value: Some(sent_at.as_str()),
+                    }),
+            );
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull,
+                        ),
+                        back,
+                    )) => {
+                        record = back;
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                    Err((e, _)) => panic!("produce failed: {e}"),
+                }
+            }
+        }
+    };
+    let warmed = counting.done.notified();
+    produce(WARM_UP);
+    warmed.await;
+    counting.delivered.store(0, Ordering::Release);
+    counting.target.store(n, Ordering::Release);
+    let done = counting.done.notified();
+    let start = Instant::now();
+    produce(n);
+    done.await;
     (n, start.elapsed())
 }
 

@@ -25,6 +25,8 @@ pub struct Settings {
     pub redis_messages: usize,
     /// Messages per Kafka publish run.
     pub kafka_publish_messages: usize,
+    /// Messages per Kafka publish run with many sends in flight.
+    pub kafka_pipelined_messages: usize,
     /// Messages per Kafka consume run (Kafka consumes several times faster than it accepts).
     pub kafka_consume_messages: usize,
     /// Messages per second while measuring latency.
@@ -48,6 +50,7 @@ impl Settings {
             redis_messages: pick(20_000, 100_000),
             kafka_publish_messages: pick(20_000, 100_000),
             kafka_consume_messages: pick(50_000, 300_000),
+            kafka_pipelined_messages: pick(200_000, 1_000_000),
             latency_rate: 1_000,
             latency_messages: pick(500, 3_000),
             backlog: pick(100_000, 1_000_000),
