@@ -610,7 +610,8 @@ fn read(
                 }
                 // A record with a defect (a header name that is not UTF-8) is shown with the
                 // headers that could be read: an operator still sees it.
-                let (message, _defect, _size) = crate::record::converted(&record);
+                let (message, _defect, _size) =
+                    crate::record::converted(&record, &mut Default::default());
                 messages.push(Stored {
                     position: Position(format!("{partition}:{offset}")),
                     stored_at: record

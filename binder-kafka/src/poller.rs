@@ -308,6 +308,7 @@ pub(crate) fn spawn(
                 shared,
                 settings,
                 anonymous: None,
+                copies: Default::default(),
             }
             .run(start, reports)
         })
@@ -346,6 +347,8 @@ struct Poller {
     settings: Settings,
     /// The partitions an anonymous consumer assigned itself.
     anonymous: Option<BTreeSet<i32>>,
+    /// Where records are copied to, kept from one fetch to the next.
+    copies: std::cell::RefCell<record::Copies>,
 }
 
 impl Poller {
@@ -488,7 +491,7 @@ impl Poller {
     /// over), waiting at most `wait` for the first, and hands them to `receive`. False once
     /// the consumer cannot go on (a fatal error).
     fn fetch(&self, wait: Duration, limit: usize, bytes: usize) -> bool {
-        let mut messages: Vec<BorrowedMessage<'_>> = Vec::new();
+        let mut messages: Vec<BorrowedMessage<'_>> = Vec::with_capacity(limit);
         let mut wait = wait;
         let mut budget = bytes;
         let mut go_on = true;
@@ -528,6 +531,8 @@ impl Poller {
 
     /// Records `messages` as fetched, copies them out of librdkafka and buffers them.
     fn hand_over(&self, messages: &[BorrowedMessage<'_>]) {
+        let mut copies = self.copies.borrow_mut();
+        copies.reserve(messages.iter().map(|m| m.payload_len()).sum());
         let deliveries: Vec<Option<Delivery>> = if self.shared.tracks_offsets {
             let mut state = self.shared.lock();
             messages
@@ -551,7 +556,9 @@ impl Poller {
             .zip(deliveries)
             // A record of a partition that is no longer ours (fetched just before it was
             // lost) is the new owner's to deliver.
-            .filter_map(|(message, delivery)| Some(record::received(message, delivery?.tag())))
+            .filter_map(|(message, delivery)| {
+                Some(record::received(message, delivery?.tag(), &mut copies))
+            })
             .collect();
         self.shared.deliver(batch);
     }

@@ -11,14 +11,37 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use rdkafka::message::{BorrowedMessage, Headers as NativeHeaders, Message as _};
-use stream_core::{DeliveryTag, Headers, Message, Received};
+use stream_core::{DeliveryTag, HeaderReuse, Headers, Message, Received};
+
+/// Where the records of one fetch are copied out of librdkafka.
+#[derive(Default)]
+pub(crate) struct Copies {
+    /// The payloads of the fetch, one after another in one allocation that the messages
+    /// share (each a slice of it), rather than an allocation per message. The memory goes
+    /// when the last message of the fetch is dropped.
+    pub(crate) payloads: BytesMut,
+    /// Shares header text between consecutive records.
+    pub(crate) headers: HeaderReuse,
+}
+
+impl Copies {
+    /// Room for `bytes` more payload bytes in one allocation.
+    pub(crate) fn reserve(&mut self, bytes: usize) {
+        self.payloads.reserve(bytes);
+    }
+}
 
 /// `message` as a delivery with `tag`, and roughly the memory it takes (payload, key and
 /// headers), for bounding what the consumer buffers.
-pub(crate) fn received(message: &BorrowedMessage<'_>, tag: DeliveryTag) -> (Received, usize) {
+pub(crate) fn received(
+    message: &BorrowedMessage<'_>,
+    tag: DeliveryTag,
+    copies: &mut Copies,
+) -> (Received, usize) {
     let (partition, offset) = (message.partition(), message.offset());
-    let (out, defect, size) = converted(message);
+    let (out, defect, size) = converted(message, copies);
     // Kafka keeps no count of deliveries per message (see the crate docs on attempts).
     let received = Received::new(out, tag, 1);
     let received = match defect {
@@ -34,15 +57,19 @@ pub(crate) fn received(message: &BorrowedMessage<'_>, tag: DeliveryTag) -> (Rece
 /// partition), the defect that keeps it from being handled as it is (a header name that is
 /// not UTF-8), and roughly the memory it takes. Shared by consumers and by the operators'
 /// reads ([`crate::inspect`]), so that both see a record as the same message.
-pub(crate) fn converted(message: &BorrowedMessage<'_>) -> (Message, Option<String>, usize) {
+pub(crate) fn converted(
+    message: &BorrowedMessage<'_>,
+    copies: &mut Copies,
+) -> (Message, Option<String>, usize) {
     let (partition, offset) = (message.partition(), message.offset());
     let payload = message.payload().unwrap_or_default();
     let mut size = payload.len();
     let (headers, defect) = match message.headers() {
-        Some(native) => read_headers(native, &mut size),
+        Some(native) => read_headers(native, &mut size, &mut copies.headers),
         None => (Headers::new(), None),
     };
-    let mut out = Message::new(payload.to_vec())
+    copies.payloads.extend_from_slice(payload);
+    let mut out = Message::new(copies.payloads.split().freeze())
         .with_headers(headers)
         .with_id(delivery_id(partition, offset))
         // Never negative on a fetched message.
@@ -71,22 +98,29 @@ pub(crate) fn converted(message: &BorrowedMessage<'_>) -> (Message, Option<Strin
 /// The panic still goes through the process's panic hook (the default one prints it to
 /// stderr). Built with `panic = "abort"`, nothing can be caught: such a record aborts the
 /// process (see the README).
-fn read_headers(native: &impl NativeHeaders, size: &mut usize) -> (Headers, Option<String>) {
+fn read_headers(
+    native: &impl NativeHeaders,
+    size: &mut usize,
+    reuse: &mut HeaderReuse,
+) -> (Headers, Option<String>) {
     let count = native.count();
-    let mut headers = Headers::new();
     let mut unreadable = Vec::new();
-    for index in 0..count {
+    let readable = (0..count).map_while(|index| {
         match catch_unwind(AssertUnwindSafe(|| native.try_get(index))) {
             Ok(Some(header)) => {
                 let value = header.value.unwrap_or_default();
                 *size += header.key.len() + value.len();
-                headers.append(header.key, String::from_utf8_lossy(value));
+                Some(Some((header.key, String::from_utf8_lossy(value))))
             }
             // Out of range: the list cannot change under a borrowed message, so never.
-            Ok(None) => break,
-            Err(_) => unreadable.push(index.to_string()),
+            Ok(None) => None,
+            Err(_) => {
+                unreadable.push(index.to_string());
+                Some(None)
+            }
         }
-    }
+    });
+    let headers = reuse.build(readable.flatten());
     let defect = match unreadable.as_slice() {
         [] => None,
         [index] => Some(format!(
@@ -158,7 +192,7 @@ mod tests {
                 value: Some("second"),
             });
         let mut size = 0;
-        let (headers, defect) = read_headers(&native, &mut size);
+        let (headers, defect) = read_headers(&native, &mut size, &mut HeaderReuse::default());
         assert_eq!(defect, None);
         let got: Vec<(&str, &str)> = headers.iter().collect();
         assert_eq!(

@@ -9,11 +9,12 @@
 //! Fields written by other programs (anything else) come back as headers under their own
 //! name, so entries from plain `XADD` producers stay readable.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use bytes::Bytes;
 use redis::Value;
-use stream_core::{DeliveryTag, Headers, Message};
+use stream_core::{DeliveryTag, HeaderReuse, Headers, Message};
 
 /// Field holding the payload.
 pub(crate) const PAYLOAD: &str = "p";
@@ -69,17 +70,16 @@ pub(crate) struct Entry {
     pub(crate) defect: Option<String>,
 }
 
-/// The headers of the entry parsed last, as Redis sent them and as built.
+/// What parsing one reply's entries keeps from one entry to the next.
 ///
-/// Entries of one stream mostly carry the same headers (the codec's content type, little
-/// else), so an entry whose header fields equal the previous entry's shares its `Headers`
-/// instead of allocating a name, a value and a list of its own.
+/// Entries of one stream mostly carry the same header names and many the same values (the
+/// codec's content type): [`HeaderReuse`] shares that text instead of allocating it again
+/// for every entry; only what differs (a message id) is new.
 #[derive(Default)]
 struct HeaderCache {
+    reuse: HeaderReuse,
+    /// The header fields of the entry being parsed, kept for its capacity.
     fields: Vec<(Vec<u8>, Vec<u8>)>,
-    headers: Headers,
-    /// What made `headers` unfaithful, if anything did; the same bytes have the same flaw.
-    defect: Option<String>,
 }
 
 /// Builds the message of one entry from its flat field-value list, with the first reason
@@ -93,9 +93,7 @@ fn message_of(
     let mut payload = None;
     let mut key = None;
     let mut defect = None;
-    // Header fields agreeing with the cache so far; once one differs, `own` holds them all.
-    let mut matched = 0;
-    let mut own: Option<Vec<(Vec<u8>, Vec<u8>)>> = None;
+    cache.fields.clear();
     for (field, value) in fields {
         let (Some(field), Some(value)) = (bytes_of(field), bytes_of(value)) else {
             defect.get_or_insert_with(|| "a field or value is not a string".to_owned());
@@ -118,36 +116,10 @@ fn message_of(
                     defect.get_or_insert_with(|| format!("field `{KEY}` (the key) appears twice"));
                 }
             }
-            _ => match &mut own {
-                Some(own) => own.push((field, value)),
-                None if cache
-                    .fields
-                    .get(matched)
-                    .is_some_and(|(f, v)| *f == field && *v == value) =>
-                {
-                    matched += 1;
-                }
-                None => {
-                    let mut list = cache.fields[..matched].to_vec();
-                    list.push((field, value));
-                    own = Some(list);
-                }
-            },
+            _ => cache.fields.push((field, value)),
         }
     }
-    let (headers, header_defect) = match own {
-        None if matched == cache.fields.len() => (cache.headers.clone(), cache.defect.clone()),
-        own => {
-            let fields = own.unwrap_or_else(|| cache.fields[..matched].to_vec());
-            let (headers, defect) = headers_of(&fields);
-            *cache = HeaderCache {
-                fields,
-                headers: headers.clone(),
-                defect: defect.clone(),
-            };
-            (headers, defect)
-        }
-    };
+    let (headers, header_defect) = headers_of(&cache.fields, &mut cache.reuse);
     let defect = defect.or(header_defect);
     let defect = match payload {
         Some(_) => defect,
@@ -165,32 +137,36 @@ fn message_of(
 /// Headers from `h:<name>` fields (and foreign fields, under their own name), with the first
 /// name or value that is not UTF-8 as the defect; such text is kept with replacement
 /// characters, for the dead letter.
-fn headers_of(fields: &[(Vec<u8>, Vec<u8>)]) -> (Headers, Option<String>) {
+fn headers_of(fields: &[(Vec<u8>, Vec<u8>)], reuse: &mut HeaderReuse) -> (Headers, Option<String>) {
     let mut defect = None;
-    let headers = fields
-        .iter()
-        .map(|(field, value)| {
-            let name = field
-                .strip_prefix(HEADER_PREFIX.as_bytes())
-                .unwrap_or(field);
-            let shown = String::from_utf8_lossy(field);
-            let name = std::str::from_utf8(name)
-                .map(str::to_owned)
-                .unwrap_or_else(|_| {
-                    defect.get_or_insert_with(|| format!("field name `{shown}` is not UTF-8"));
-                    String::from_utf8_lossy(name).into_owned()
+    let headers = reuse.build(fields.iter().map(|(field, value)| {
+        let name = field
+            .strip_prefix(HEADER_PREFIX.as_bytes())
+            .unwrap_or(field);
+        let name = std::str::from_utf8(name)
+            .map(Cow::Borrowed)
+            .unwrap_or_else(|_| {
+                defect.get_or_insert_with(|| {
+                    format!(
+                        "field name `{}` is not UTF-8",
+                        String::from_utf8_lossy(field)
+                    )
                 });
-            let value = std::str::from_utf8(value)
-                .map(str::to_owned)
-                .unwrap_or_else(|_| {
-                    defect.get_or_insert_with(|| {
-                        format!("the value of field `{shown}` is not UTF-8")
-                    });
-                    String::from_utf8_lossy(value).into_owned()
+                String::from_utf8_lossy(name)
+            });
+        let value = std::str::from_utf8(value)
+            .map(Cow::Borrowed)
+            .unwrap_or_else(|_| {
+                defect.get_or_insert_with(|| {
+                    format!(
+                        "the value of field `{}` is not UTF-8",
+                        String::from_utf8_lossy(field)
+                    )
                 });
-            (name, value)
-        })
-        .collect::<Headers>();
+                String::from_utf8_lossy(value)
+            });
+        (name, value)
+    }));
     (headers, defect)
 }
 

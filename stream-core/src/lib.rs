@@ -83,7 +83,7 @@ pub use deliveries::{Deliveries, Delivery};
 pub use error::{BoxError, Error, ErrorKind, Result};
 pub use handler::{handler_fn, Action, HandlerError, HandlerFn};
 pub use health::{BinderHealth, Health, SubscriptionHealth, SubscriptionState};
-pub use message::{header, new_message_id, Headers, Message};
+pub use message::{header, new_message_id, HeaderReuse, Headers, Message};
 pub use partition::{partition_destination, partition_for};
 pub use processor::Output;
 pub use registry::{BinderSettings, Registry};

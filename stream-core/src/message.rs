@@ -146,6 +146,71 @@ impl<N: Into<Arc<str>>, V: Into<Arc<str>>> FromIterator<(N, V)> for Headers {
     }
 }
 
+/// For binders: builds the headers of received messages one after another, sharing text with
+/// the previous message's headers where it is equal.
+///
+/// Consecutive messages of one producer mostly carry the same header names, and many the
+/// same values (content type, trace flags): a consumer that made new strings for each would
+/// allocate several times per message for text it already holds. Only the names and values
+/// that differ from the previous message at the same position are allocated, and a message
+/// whose headers are all equal to the previous one's shares its whole set.
+///
+/// ```
+/// use stream_core::HeaderReuse;
+///
+/// let mut reuse = HeaderReuse::default();
+/// let first = reuse.build([("content-type", "application/json"), ("x-message-id", "a")]);
+/// let second = reuse.build([("content-type", "application/json"), ("x-message-id", "b")]);
+/// assert_eq!(second.get("x-message-id"), Some("b"));
+/// assert_eq!(first.get("content-type"), second.get("content-type"));
+/// ```
+#[derive(Debug, Default)]
+pub struct HeaderReuse {
+    last: Headers,
+}
+
+impl HeaderReuse {
+    /// The headers `(name, value)`, in order, sharing what equals the previous message's.
+    pub fn build<N: AsRef<str>, V: AsRef<str>>(
+        &mut self,
+        headers: impl IntoIterator<Item = (N, V)>,
+    ) -> Headers {
+        let last = self.last.as_slice();
+        // Stays None while every header so far equals the previous message's at its place.
+        let mut changed: Option<Vec<Entry>> = None;
+        let mut count = 0;
+        for (index, (name, value)) in headers.into_iter().enumerate() {
+            let (name, value) = (name.as_ref(), value.as_ref());
+            count = index + 1;
+            let before = last.get(index);
+            if changed.is_none() && before.is_some_and(|(n, v)| **n == *name && **v == *value) {
+                continue;
+            }
+            let entries = changed.get_or_insert_with(|| {
+                let mut entries = Vec::with_capacity(last.len().max(index + 1));
+                entries.extend_from_slice(&last[..index]);
+                entries
+            });
+            let name = match before {
+                Some((n, _)) if **n == *name => n.clone(),
+                _ => Arc::from(name),
+            };
+            let value = match before {
+                Some((_, v)) if **v == *value => v.clone(),
+                _ => Arc::from(value),
+            };
+            entries.push((name, value));
+        }
+        let headers = match changed {
+            None if count == last.len() => return self.last.clone(),
+            None => Headers((count > 0).then(|| Arc::new(last[..count].to_vec()))),
+            Some(entries) => Headers(Some(Arc::new(entries))),
+        };
+        self.last = headers.clone();
+        headers
+    }
+}
+
 /// A message as it travels through a binder.
 ///
 /// Keys decide ordering: messages with the same key are handled in publish order within a
@@ -255,6 +320,42 @@ impl Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_reuse_shares_equal_text_and_keeps_every_difference() {
+        fn entries(headers: &Headers) -> &[Entry] {
+            headers.as_slice()
+        }
+        let mut reuse = HeaderReuse::default();
+        let first = reuse.build([("a", "1"), ("b", "2"), ("c", "3")]);
+        // All equal: the very same set.
+        let same = reuse.build([("a", "1"), ("b", "2"), ("c", "3")]);
+        assert!(Arc::ptr_eq(
+            first.0.as_ref().unwrap(),
+            same.0.as_ref().unwrap()
+        ));
+        // One value differs: the others' text is shared, the new value is new.
+        let next = reuse.build([("a", "1"), ("b", "9"), ("c", "3")]);
+        assert_eq!(
+            next.iter().collect::<Vec<_>>(),
+            [("a", "1"), ("b", "9"), ("c", "3")]
+        );
+        assert!(Arc::ptr_eq(&entries(&first)[0].1, &entries(&next)[0].1));
+        assert!(Arc::ptr_eq(&entries(&first)[1].0, &entries(&next)[1].0));
+        assert!(Arc::ptr_eq(&entries(&first)[2].1, &entries(&next)[2].1));
+        // Fewer, more, other names, none: each exactly as given.
+        let fewer = reuse.build([("a", "1")]);
+        assert_eq!(fewer.iter().collect::<Vec<_>>(), [("a", "1")]);
+        let more = reuse.build([("a", "1"), ("x", "7"), ("y", "8")]);
+        assert_eq!(
+            more.iter().collect::<Vec<_>>(),
+            [("a", "1"), ("x", "7"), ("y", "8")]
+        );
+        let none = reuse.build(std::iter::empty::<(&str, &str)>());
+        assert!(none.is_empty() && none.0.is_none());
+        let again = reuse.build([("a", "1")]);
+        assert_eq!(again.iter().collect::<Vec<_>>(), [("a", "1")]);
+    }
 
     #[test]
     fn insert_replaces_append_keeps() {

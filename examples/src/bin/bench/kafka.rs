@@ -248,31 +248,11 @@ async fn publish_ceiling(
         .expect("producer");
     let codec = Json::<Payload>::new();
     let produce = |count: usize| {
-        // One send time for the whole run: cheaper than ours, which reads the clock.
-        let sent_at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-            .to_string();
+        let sent_at = sent_at_text();
         for _ in 0..count {
             let bytes = codec.encode(value).unwrap();
             let mut record = BaseRecord::<(), [u8]>::to(&topic).payload(bytes.as_ref());
-            let id = stream_core::new_message_id();
-            record = record.headers(
-                rdkafka::message::OwnedHeaders::new_with_capacity(3)
-                    .insert(rdkafka::message::Header {
-                        key: stream_core::header::CONTENT_TYPE,
-                        value: Some("application/json"),
-                    })
-                    .insert(rdkafka::message::Header {
-                        key: stream_core::header::MESSAGE_ID,
-                        value: Some(id.as_str()),
-                    })
-                    .insert(rdkafka::message::Header {
-                        key: stream_core::header::SENT_AT,
-                        value: Some(sent_at.as_str()),
-                    }),
-            );
+            record = record.headers(our_headers(&sent_at));
             loop {
                 match producer.send(record) {
                     Ok(()) => break,
@@ -302,15 +282,46 @@ async fn publish_ceiling(
     (n, start.elapsed())
 }
 
-/// Enqueues a batch, then awaits every delivery report, like the binder's `send_batch`.
+/// The three headers every message of ours carries (content type, message id, send time),
+/// for raw sides that send the same records as ours: at 64 bytes they are most of a record.
+fn our_headers(sent_at: &str) -> rdkafka::message::OwnedHeaders {
+    let id = stream_core::new_message_id();
+    let header = |key, value| rdkafka::message::Header {
+        key,
+        value: Some(value),
+    };
+    rdkafka::message::OwnedHeaders::new_with_capacity(3)
+        .insert(header(
+            stream_core::header::CONTENT_TYPE,
+            "application/json",
+        ))
+        .insert(header(stream_core::header::MESSAGE_ID, id.as_str()))
+        .insert(header(stream_core::header::SENT_AT, sent_at))
+}
+
+/// Milliseconds since the epoch as text: one send time for a whole raw run, cheaper than
+/// ours, which reads the clock.
+fn sent_at_text() -> String {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string()
+}
+
+/// Enqueues a batch of records with our headers, then awaits every delivery report, like the
+/// binder's `send_batch`.
 async fn produce(producer: &FutureProducer, topic: &str, n: usize, payload: impl Fn() -> Vec<u8>) {
+    let sent_at = sent_at_text();
     let mut sent = 0;
     while sent < n {
         let k = (n - sent).min(BATCH);
         let mut reports = Vec::with_capacity(k);
         for _ in 0..k {
             let bytes = payload();
-            let record = FutureRecord::<(), _>::to(topic).payload(&bytes);
+            let record = FutureRecord::<(), _>::to(topic)
+                .payload(&bytes)
+                .headers(our_headers(&sent_at));
             reports.push(
                 producer
                     .send_result(record)

@@ -251,6 +251,13 @@ pub async fn publish_raw(
 ) -> (usize, Duration) {
     let dest = fresh("pub-raw");
     let codec = Json::<Payload>::new();
+    // The same entries as ours: the payload and the three headers every message carries
+    // (content type, message id, send time; one send time for the run, cheaper than ours).
+    let sent_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
     let start = Instant::now();
     let mut sent = 0;
     while sent < n {
@@ -262,7 +269,13 @@ pub async fn publish_raw(
                 .arg(&dest)
                 .arg("*")
                 .arg("p")
-                .arg(payload.as_ref());
+                .arg(payload.as_ref())
+                .arg("h:content-type")
+                .arg("application/json")
+                .arg("h:x-message-id")
+                .arg(stream_core::new_message_id())
+                .arg("h:x-sent-at")
+                .arg(&sent_at);
         }
         let _: Vec<String> = pipe.query_async(&mut conn).await.unwrap();
         sent += k;
