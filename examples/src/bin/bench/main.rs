@@ -1,7 +1,8 @@
 //! Benchmarks every binder against its raw client in the same run (BRIEF section 8).
 //!
 //! `bench [--quick] [--json FILE] [--only memory,redis,kafka]
-//!        [--metrics publish,consume,latency,rss,retention-cost,retention,outbox,dedup]
+//!        [--metrics publish,publish-concurrent,publish-pipelined,consume,latency,rss,
+//!                   retention-cost,retention,outbox,dedup]
 //!        [--sizes 16,64,256,1024] [--side ours|raw] [--prefetch N]`
 //!
 //! `--metrics`, `--sizes` and `--side ours|raw` narrow a run down, for profiling one path;

@@ -31,6 +31,21 @@ pub async fn run(settings: &Settings, report: &mut Report, url: &str) {
             .await;
             report.add(Row::ratio("redis", "publish", size, ours, raw));
         }
+        if settings.wants("publish-concurrent") {
+            let (ours, raw) = compare_timed(
+                settings.runs,
+                || publish_concurrent_ours(&binder, conn.clone(), n, &value),
+                || publish_raw_in(conn.clone(), n, &value, CEILING_PIPELINE),
+            )
+            .await;
+            report.add(Row::ratio(
+                "redis",
+                "publish, 64 concurrent sends",
+                size,
+                ours,
+                raw,
+            ));
+        }
         if !settings.wants("consume") {
             continue;
         }
@@ -38,13 +53,15 @@ pub async fn run(settings: &Settings, report: &mut Report, url: &str) {
         // entries, and filling the stream stays out of the loop.
         let dest = fresh("con");
         prefill(&mut conn.clone(), &dest, n, &value).await;
-        let (ours, raw) = compare_timed(
-            settings.runs,
-            || consume_ours(&binder, &dest, n),
-            || consume_raw(conn.clone(), &dest, n),
-        )
-        .await;
-        report.add(Row::ratio("redis", "consume+ack", size, ours, raw));
+        for (metric, concurrency) in [("consume+ack", 1), ("consume+ack, concurrency 8", 8)] {
+            let (ours, raw) = compare_timed(
+                settings.runs,
+                || consume_ours(&binder, &dest, n, concurrency),
+                || consume_raw(conn.clone(), &dest, n),
+            )
+            .await;
+            report.add(Row::ratio("redis", metric, size, ours, raw));
+        }
         delete(conn.clone(), &dest).await;
     }
     if settings.wants("latency") {
@@ -110,7 +127,7 @@ async fn consume_fresh(
     let dest = fresh("con-fresh");
     prefill(&mut conn.clone(), &dest, n, value).await;
     let producer = binder.producer(&dest).await.unwrap();
-    let result = consume_ours(binder, &dest, n).await;
+    let result = consume_ours(binder, &dest, n, 1).await;
     producer.close().await.unwrap();
     delete(conn, &dest).await;
     result
@@ -245,41 +262,96 @@ async fn publish_ours(
 }
 
 pub async fn publish_raw(
-    mut conn: MultiplexedConnection,
+    conn: MultiplexedConnection,
     n: usize,
     value: &Payload,
 ) -> (usize, Duration) {
+    publish_raw_in(conn, n, value, BATCH).await
+}
+
+/// Pipelines of this many `XADD`s: redis-rs's fastest way to publish, and the ceiling the
+/// concurrent sends are measured against.
+const CEILING_PIPELINE: usize = 100;
+
+/// Pipelines of `pipeline` `XADD`s, one after another, writing the same entries as ours.
+async fn publish_raw_in(
+    mut conn: MultiplexedConnection,
+    n: usize,
+    value: &Payload,
+    pipeline: usize,
+) -> (usize, Duration) {
     let dest = fresh("pub-raw");
     let codec = Json::<Payload>::new();
-    // The same entries as ours: the payload and the three headers every message carries
-    // (content type, message id, send time; one send time for the run, cheaper than ours).
-    let sent_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-        .to_string();
+    let sent_at = sent_at_text();
     let start = Instant::now();
     let mut sent = 0;
     while sent < n {
-        let k = (n - sent).min(BATCH);
+        let k = (n - sent).min(pipeline);
         let mut pipe = redis::pipe();
         for _ in 0..k {
             let payload = codec.encode(value).unwrap();
-            pipe.cmd("XADD")
-                .arg(&dest)
-                .arg("*")
-                .arg("p")
-                .arg(payload.as_ref())
-                .arg("h:content-type")
-                .arg("application/json")
-                .arg("h:x-message-id")
-                .arg(stream_core::new_message_id())
-                .arg("h:x-sent-at")
-                .arg(&sent_at);
+            our_entry(pipe.cmd("XADD"), &dest, payload.as_ref(), &sent_at);
         }
         let _: Vec<String> = pipe.query_async(&mut conn).await.unwrap();
         sent += k;
     }
+    let elapsed = start.elapsed();
+    delete(conn, &dest).await;
+    (n, elapsed)
+}
+
+/// The arguments of an `XADD` of the entry our producer writes for a message: the payload
+/// and the three headers every message carries (content type, message id, send time). Raw
+/// sides write the same entries, so that they do the same work in the server; the send time
+/// is one for a whole run, cheaper than ours, which reads the clock.
+fn our_entry<'a>(
+    xadd: &'a mut redis::Pipeline,
+    dest: &str,
+    payload: &[u8],
+    sent_at: &str,
+) -> &'a mut redis::Pipeline {
+    xadd.arg(dest)
+        .arg("*")
+        .arg("p")
+        .arg(payload)
+        .arg("h:content-type")
+        .arg("application/json")
+        .arg("h:x-message-id")
+        .arg(stream_core::new_message_id())
+        .arg("h:x-sent-at")
+        .arg(sent_at)
+}
+
+fn sent_at_text() -> String {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string()
+}
+
+/// `Source::send` with 64 calls in flight, each returning when its entry was appended.
+async fn publish_concurrent_ours(
+    binder: &Arc<dyn Binder>,
+    conn: MultiplexedConnection,
+    n: usize,
+    value: &Payload,
+) -> (usize, Duration) {
+    use futures::StreamExt as _;
+    let dest = fresh("pub-conc");
+    let source = Channel::new("bench", binder.clone(), BindingConfig::new(&dest))
+        .source::<Payload>()
+        .await
+        .unwrap();
+    let start = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|_| source.send(value))
+        .buffer_unordered(64)
+        .for_each(|sent| {
+            sent.expect("appended");
+            async {}
+        })
+        .await;
     let elapsed = start.elapsed();
     delete(conn, &dest).await;
     (n, elapsed)
@@ -294,33 +366,33 @@ async fn delete(mut conn: MultiplexedConnection, key: &str) {
 }
 
 /// Fills `dest` with `n` JSON entries, outside the timed part.
+/// Writes `n` entries as our producers write them: the payload and our three headers.
 async fn prefill(conn: &mut MultiplexedConnection, dest: &str, n: usize, value: &Payload) {
     let payload = Json::<Payload>::new().encode(value).unwrap();
+    let sent_at = sent_at_text();
     let mut sent = 0;
     while sent < n {
         let k = (n - sent).min(BATCH * 4);
         let mut pipe = redis::pipe();
         for _ in 0..k {
-            pipe.cmd("XADD")
-                .arg(dest)
-                .arg("*")
-                .arg("p")
-                .arg(payload.as_ref())
-                .arg("h:content-type")
-                .arg("application/json")
-                .ignore();
+            our_entry(pipe.cmd("XADD"), dest, payload.as_ref(), &sent_at).ignore();
         }
         let _: () = pipe.query_async(conn).await.unwrap();
         sent += k;
     }
 }
 
-async fn consume_ours(binder: &Arc<dyn Binder>, dest: &str, n: usize) -> (usize, Duration) {
+async fn consume_ours(
+    binder: &Arc<dyn Binder>,
+    dest: &str,
+    n: usize,
+    concurrency: usize,
+) -> (usize, Duration) {
     let group = format!("g-{}", stream_core::unique_suffix());
     let channel = Channel::new(
         "bench",
         binder.clone(),
-        crate::report::consume_binding(dest, &group),
+        crate::report::consume_binding(dest, &group).concurrency(concurrency),
     );
     let start = Instant::now();
     let (sub, done) = subscribe_counting(&channel, n, |_| {}).await;
