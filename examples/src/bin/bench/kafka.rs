@@ -18,6 +18,12 @@ use crate::report::{
 const WARM_UP: usize = 5 * BATCH;
 
 pub async fn run(settings: &Settings, report: &mut Report, brokers: &str) {
+    ADMIN.get_or_init(|| {
+        ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()
+            .expect("admin client")
+    });
     let binder = binder(brokers);
     let producer = raw_producer(brokers);
     for &size in &settings.sizes {
@@ -62,6 +68,7 @@ pub async fn run(settings: &Settings, report: &mut Report, brokers: &str) {
         )
         .await;
         report.add(Row::ratio("kafka", "consume+ack", size, ours, raw));
+        drop_topic(&topic).await;
     }
     if settings.wants("latency") {
         compare_latency(
@@ -116,6 +123,20 @@ fn raw_consumer(brokers: &str, group: &str) -> StreamConsumer {
         .expect("consumer")
 }
 
+/// Deletes bench topics once measured: a full run writes tens of gigabytes otherwise.
+static ADMIN: std::sync::OnceLock<
+    rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>,
+> = std::sync::OnceLock::new();
+
+async fn drop_topic(topic: &str) {
+    if let Some(admin) = ADMIN.get() {
+        // A topic left behind only costs disk: not worth failing the run for.
+        let _ = admin
+            .delete_topics(&[topic], &rdkafka::admin::AdminOptions::new())
+            .await;
+    }
+}
+
 /// A new topic, created through the binder so both sides get the same partitions.
 async fn fresh_topic(binder: &Arc<dyn Binder>, name: &str) -> String {
     let topic = format!("bench-{name}-{}", stream_core::unique_suffix());
@@ -143,7 +164,9 @@ async fn publish_ours(binder: &Arc<dyn Binder>, n: usize, value: &Payload) -> (u
         source.send_batch(&batch[..k]).await.unwrap();
         sent += k;
     }
-    (n, start.elapsed())
+    let elapsed = start.elapsed();
+    drop_topic(&topic).await;
+    (n, elapsed)
 }
 
 /// How many messages the pipelined rows keep in flight.
@@ -199,7 +222,9 @@ async fn publish_pipelined_ours(
     send_all(WARM_UP).await;
     let start = Instant::now();
     send_all(n).await;
-    (n, start.elapsed())
+    let elapsed = start.elapsed();
+    drop_topic(&topic).await;
+    (n, elapsed)
 }
 
 /// The ceiling: librdkafka driven its fastest way, a `ThreadedProducer` (its own poll
@@ -279,7 +304,9 @@ async fn publish_ceiling(
     let start = Instant::now();
     produce(n);
     done.await;
-    (n, start.elapsed())
+    let elapsed = start.elapsed();
+    drop_topic(&topic).await;
+    (n, elapsed)
 }
 
 /// The three headers every message of ours carries (content type, message id, send time),
@@ -357,7 +384,9 @@ pub async fn publish_raw(
         codec.encode(value).unwrap().to_vec()
     })
     .await;
-    (n, start.elapsed())
+    let elapsed = start.elapsed();
+    drop_topic(&topic).await;
+    (n, elapsed)
 }
 
 async fn consume_ours(binder: &Arc<dyn Binder>, topic: &str, n: usize) -> (usize, Duration) {
@@ -466,4 +495,5 @@ async fn backlog_rss(
     let consume = backlog.min(settings.backlog_consumed);
     let rss = lagging_consumer_rss("kafka", &topic, consume).await;
     report.rss("kafka", backlog, consume, rss);
+    drop_topic(&topic).await;
 }

@@ -50,7 +50,7 @@ impl Settings {
             redis_messages: pick(20_000, 100_000),
             kafka_publish_messages: pick(20_000, 100_000),
             kafka_consume_messages: pick(50_000, 300_000),
-            kafka_pipelined_messages: pick(200_000, 1_000_000),
+            kafka_pipelined_messages: pick(200_000, 500_000),
             latency_rate: 1_000,
             latency_messages: pick(500, 3_000),
             backlog: pick(100_000, 1_000_000),
