@@ -177,10 +177,36 @@ impl OrderService {
             customer: customer.to_owned(),
             amount_cents,
         };
+        // Known as pending before its event can leave: the payment for it may come back
+        // before this call returns, and a payment for an unknown order is ignored.
+        self.orders
+            .lock()
+            .unwrap()
+            .insert(order_id.to_owned(), OrderStatus::Pending);
+        if let Err(e) = self
+            .record_order(order_id, customer, amount_cents, &event)
+            .await
+        {
+            self.orders.lock().unwrap().remove(order_id);
+            return Err(e);
+        }
+        self.publish_summary();
+        tracing::debug!("order placed");
+        Ok(())
+    }
+
+    /// Writes the order and its `OrderCreated` event in one transaction.
+    async fn record_order(
+        &self,
+        order_id: &str,
+        customer: &str,
+        amount_cents: u64,
+        event: &OrderCreated,
+    ) -> Result<()> {
         match &*self.store {
             Store::Memory(outbox) => {
                 let mut tx = outbox.transaction();
-                tx.send(Self::ORDER_EVENTS_OUT, order_id, &event)?;
+                tx.send(Self::ORDER_EVENTS_OUT, order_id, event)?;
                 tx.commit();
             }
             Store::Postgres { client, outbox } => {
@@ -197,19 +223,13 @@ impl OrderService {
                 .await
                 .map_err(|e| database_error("recording the order", e))?;
                 outbox
-                    .send(&tx, Self::ORDER_EVENTS_OUT, order_id, &event)
+                    .send(&tx, Self::ORDER_EVENTS_OUT, order_id, event)
                     .await?;
                 tx.commit()
                     .await
                     .map_err(|e| database_error("committing the order", e))?;
             }
         }
-        self.orders
-            .lock()
-            .unwrap()
-            .insert(order_id.to_owned(), OrderStatus::Pending);
-        self.publish_summary();
-        tracing::debug!("order placed");
         Ok(())
     }
 
