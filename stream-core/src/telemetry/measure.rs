@@ -223,30 +223,12 @@ impl ConsumeMetrics {
     }
 }
 
-/// Milliseconds since the Unix epoch, as [`header::SENT_AT`] carries them. Every send pays
-/// for it, so the text is made once a millisecond per thread and shared: a sender publishing
-/// hundreds of messages a millisecond makes one string, not hundreds.
+/// Milliseconds since the Unix epoch, as [`header::SENT_AT`] carries them. Written without
+/// `format!`: every send pays for it.
 pub(crate) fn now_millis() -> std::sync::Arc<str> {
-    use std::cell::RefCell;
-    use std::sync::Arc;
-    thread_local! {
-        static LAST: RefCell<Option<(u64, Arc<str>)>> = const { RefCell::new(None) };
-    }
-    let millis = SystemTime::now()
+    let mut millis = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    LAST.with_borrow_mut(|last| match last {
-        Some((at, text)) if *at == millis => text.clone(),
-        _ => {
-            let text = millis_text(millis);
-            *last = Some((millis, text.clone()));
-            text
-        }
-    })
-}
-
-/// `millis` in decimal, written without `format!`.
-fn millis_text(mut millis: u64) -> std::sync::Arc<str> {
     let mut digits = [0u8; 20];
     let mut start = digits.len();
     loop {

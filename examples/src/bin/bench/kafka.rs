@@ -273,7 +273,7 @@ async fn publish_ceiling(
         .expect("producer");
     let codec = Json::<Payload>::new();
     let produce = |count: usize| {
-        let sent_at = sent_at_text();
+        let sent_at = crate::report::sent_at_text();
         for _ in 0..count {
             let bytes = codec.encode(value).unwrap();
             let mut record = BaseRecord::<(), [u8]>::to(&topic).payload(bytes.as_ref());
@@ -326,20 +326,10 @@ fn our_headers(sent_at: &str) -> rdkafka::message::OwnedHeaders {
         .insert(header(stream_core::header::SENT_AT, sent_at))
 }
 
-/// Milliseconds since the epoch as text: one send time for a whole raw run, cheaper than
-/// ours, which reads the clock.
-fn sent_at_text() -> String {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-        .to_string()
-}
-
 /// Enqueues a batch of records with our headers, then awaits every delivery report, like the
 /// binder's `send_batch`.
 async fn produce(producer: &FutureProducer, topic: &str, n: usize, payload: impl Fn() -> Vec<u8>) {
-    let sent_at = sent_at_text();
+    let sent_at = crate::report::sent_at_text();
     let mut sent = 0;
     while sent < n {
         let k = (n - sent).min(BATCH);

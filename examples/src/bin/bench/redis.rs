@@ -282,7 +282,7 @@ async fn publish_raw_in(
 ) -> (usize, Duration) {
     let dest = fresh("pub-raw");
     let codec = Json::<Payload>::new();
-    let sent_at = sent_at_text();
+    let sent_at = crate::report::sent_at_text();
     let start = Instant::now();
     let mut sent = 0;
     while sent < n {
@@ -320,14 +320,6 @@ fn our_entry<'a>(
         .arg(stream_core::new_message_id())
         .arg("h:x-sent-at")
         .arg(sent_at)
-}
-
-fn sent_at_text() -> String {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-        .to_string()
 }
 
 /// `Source::send` with 64 calls in flight, each returning when its entry was appended.
@@ -369,7 +361,7 @@ async fn delete(mut conn: MultiplexedConnection, key: &str) {
 /// Writes `n` entries as our producers write them: the payload and our three headers.
 async fn prefill(conn: &mut MultiplexedConnection, dest: &str, n: usize, value: &Payload) {
     let payload = Json::<Payload>::new().encode(value).unwrap();
-    let sent_at = sent_at_text();
+    let sent_at = crate::report::sent_at_text();
     let mut sent = 0;
     while sent < n {
         let k = (n - sent).min(BATCH * 4);
