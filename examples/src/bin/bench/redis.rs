@@ -52,7 +52,7 @@ pub async fn run(settings: &Settings, report: &mut Report, url: &str) {
         // One backlog per size, read by a new group each run: every run reads the same
         // entries, and filling the stream stays out of the loop.
         let dest = fresh("con");
-        prefill(&mut conn.clone(), &dest, n, &value).await;
+        prefill(&mut conn.clone(), &dest, n, &value, Entries::Ours).await;
         for (metric, concurrency) in [("consume+ack", 1), ("consume+ack, concurrency 8", 8)] {
             let (ours, raw) = compare_timed(
                 settings.runs,
@@ -62,6 +62,24 @@ pub async fn run(settings: &Settings, report: &mut Report, url: &str) {
             .await;
             report.add(Row::ratio("redis", metric, size, ours, raw));
         }
+        delete(conn.clone(), &dest).await;
+        // Entries as the peers write them (shove and ruststream publish the payload alone):
+        // what our three headers cost a consumer, and the row to set beside the peers'.
+        let dest = fresh("con-bare");
+        prefill(&mut conn.clone(), &dest, n, &value, Entries::PayloadOnly).await;
+        let (ours, raw) = compare_timed(
+            settings.runs,
+            || consume_ours(&binder, &dest, n, 1),
+            || consume_raw(conn.clone(), &dest, n),
+        )
+        .await;
+        report.add(Row::ratio(
+            "redis",
+            "consume+ack, entries without headers",
+            size,
+            ours,
+            raw,
+        ));
         delete(conn.clone(), &dest).await;
     }
     if settings.wants("latency") {
@@ -125,7 +143,7 @@ async fn consume_fresh(
     value: &Payload,
 ) -> (usize, Duration) {
     let dest = fresh("con-fresh");
-    prefill(&mut conn.clone(), &dest, n, value).await;
+    prefill(&mut conn.clone(), &dest, n, value, Entries::Ours).await;
     let producer = binder.producer(&dest).await.unwrap();
     let result = consume_ours(binder, &dest, n, 1).await;
     producer.close().await.unwrap();
@@ -359,7 +377,22 @@ async fn delete(mut conn: MultiplexedConnection, key: &str) {
 
 /// Fills `dest` with `n` JSON entries, outside the timed part.
 /// Writes `n` entries as our producers write them: the payload and our three headers.
-async fn prefill(conn: &mut MultiplexedConnection, dest: &str, n: usize, value: &Payload) {
+/// What a prefilled entry holds.
+#[derive(Clone, Copy)]
+enum Entries {
+    /// What a `Source` writes: the payload and our three headers.
+    Ours,
+    /// The payload field alone.
+    PayloadOnly,
+}
+
+async fn prefill(
+    conn: &mut MultiplexedConnection,
+    dest: &str,
+    n: usize,
+    value: &Payload,
+    entries: Entries,
+) {
     let payload = Json::<Payload>::new().encode(value).unwrap();
     let sent_at = crate::report::sent_at_text();
     let mut sent = 0;
@@ -367,7 +400,12 @@ async fn prefill(conn: &mut MultiplexedConnection, dest: &str, n: usize, value: 
         let k = (n - sent).min(BATCH * 4);
         let mut pipe = redis::pipe();
         for _ in 0..k {
-            our_entry(pipe.cmd("XADD"), dest, payload.as_ref(), &sent_at).ignore();
+            let xadd = pipe.cmd("XADD");
+            match entries {
+                Entries::Ours => our_entry(xadd, dest, payload.as_ref(), &sent_at),
+                Entries::PayloadOnly => xadd.arg(dest).arg("*").arg("p").arg(payload.as_ref()),
+            }
+            .ignore();
         }
         let _: () = pipe.query_async(conn).await.unwrap();
         sent += k;
@@ -544,7 +582,14 @@ async fn latency_raw(settings: &Settings, client: &redis::Client, size: usize) -
 async fn backlog_rss(settings: &Settings, report: &mut Report, conn: MultiplexedConnection) {
     let dest = fresh("backlog");
     let backlog = settings.backlog;
-    prefill(&mut conn.clone(), &dest, backlog, &Payload::of_size(64)).await;
+    prefill(
+        &mut conn.clone(),
+        &dest,
+        backlog,
+        &Payload::of_size(64),
+        Entries::Ours,
+    )
+    .await;
     let consume = backlog.min(settings.backlog_consumed);
     let rss = lagging_consumer_rss("redis", &dest, consume).await;
     delete(conn, &dest).await;
