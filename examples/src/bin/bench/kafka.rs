@@ -58,17 +58,24 @@ pub async fn run(settings: &Settings, report: &mut Report, brokers: &str) {
         }
         // One backlog per size, read by a new group each run.
         let n = settings.kafka_consume_messages;
-        let topic = fresh_topic(&binder, "con").await;
         let payload = Json::<Payload>::new().encode(&value).unwrap().to_vec();
-        produce(&producer, &topic, n, || payload.clone()).await;
-        let (ours, raw) = compare_timed(
-            settings.runs,
-            || consume_ours(&binder, &topic, n),
-            || consume_raw(brokers, &topic, n),
-        )
-        .await;
-        report.add(Row::ratio("kafka", "consume+ack", size, ours, raw));
-        drop_topic(&topic).await;
+        // Records as a `Source` writes them, then records without headers: what reading
+        // our three headers costs a consumer that must read them.
+        for (metric, headers) in [
+            ("consume+ack", Headers::Ours),
+            ("consume+ack, records without headers", Headers::None),
+        ] {
+            let topic = fresh_topic(&binder, "con").await;
+            produce(&producer, &topic, n, || payload.clone(), headers).await;
+            let (ours, raw) = compare_timed(
+                settings.runs,
+                || consume_ours(&binder, &topic, n),
+                || consume_raw(brokers, &topic, n),
+            )
+            .await;
+            report.add(Row::ratio("kafka", metric, size, ours, raw));
+            drop_topic(&topic).await;
+        }
     }
     if settings.wants("latency") {
         compare_latency(
@@ -326,9 +333,24 @@ fn our_headers(sent_at: &str) -> rdkafka::message::OwnedHeaders {
         .insert(header(stream_core::header::SENT_AT, sent_at))
 }
 
-/// Enqueues a batch of records with our headers, then awaits every delivery report, like the
-/// binder's `send_batch`.
-async fn produce(producer: &FutureProducer, topic: &str, n: usize, payload: impl Fn() -> Vec<u8>) {
+/// What a produced record carries besides its payload.
+#[derive(Clone, Copy)]
+enum Headers {
+    /// Our three headers, as a `Source` writes them.
+    Ours,
+    /// None.
+    None,
+}
+
+/// Enqueues a batch of records, then awaits every delivery report, like the binder's
+/// `send_batch`.
+async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    n: usize,
+    payload: impl Fn() -> Vec<u8>,
+    headers: Headers,
+) {
     let sent_at = crate::report::sent_at_text();
     let mut sent = 0;
     while sent < n {
@@ -336,9 +358,11 @@ async fn produce(producer: &FutureProducer, topic: &str, n: usize, payload: impl
         let mut reports = Vec::with_capacity(k);
         for _ in 0..k {
             let bytes = payload();
-            let record = FutureRecord::<(), _>::to(topic)
-                .payload(&bytes)
-                .headers(our_headers(&sent_at));
+            let record = FutureRecord::<(), _>::to(topic).payload(&bytes);
+            let record = match headers {
+                Headers::Ours => record.headers(our_headers(&sent_at)),
+                Headers::None => record,
+            };
             reports.push(
                 producer
                     .send_result(record)
@@ -365,14 +389,22 @@ pub async fn publish_raw(
 ) -> (usize, Duration) {
     let topic = fresh_topic(binder, "pub-raw").await;
     let codec = Json::<Payload>::new();
-    produce(producer, &topic, WARM_UP, || {
-        codec.encode(value).unwrap().to_vec()
-    })
+    produce(
+        producer,
+        &topic,
+        WARM_UP,
+        || codec.encode(value).unwrap().to_vec(),
+        Headers::Ours,
+    )
     .await;
     let start = Instant::now();
-    produce(producer, &topic, n, || {
-        codec.encode(value).unwrap().to_vec()
-    })
+    produce(
+        producer,
+        &topic,
+        n,
+        || codec.encode(value).unwrap().to_vec(),
+        Headers::Ours,
+    )
     .await;
     let elapsed = start.elapsed();
     drop_topic(&topic).await;
@@ -481,7 +513,7 @@ async fn backlog_rss(
         .encode(&Payload::of_size(64))
         .unwrap()
         .to_vec();
-    produce(producer, &topic, backlog, || payload.clone()).await;
+    produce(producer, &topic, backlog, || payload.clone(), Headers::Ours).await;
     let consume = backlog.min(settings.backlog_consumed);
     let rss = lagging_consumer_rss("kafka", &topic, consume).await;
     report.rss("kafka", backlog, consume, rss);
