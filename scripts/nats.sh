@@ -30,18 +30,7 @@ usage() {
 
 ensure_nats() {
   command -v nats-server >/dev/null && return
-  command -v apt-get >/dev/null || die "nats-server is missing and apt-get is not available; install nats-server >= 2.9"
-  log "installing Debian's nats-server package (output in $STATE/apt.log)..."
-  if ! { as_root apt-get update -qq &&
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server; } \
-    >"$STATE/apt.log" 2>&1; then
-    tail -n 30 "$STATE/apt.log" >&2
-    die "apt-get install nats-server failed (log above)"
-  fi
-  # The package may start a server of its own on 4222; we never use it.
-  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-    as_root systemctl disable --now nats-server >/dev/null 2>&1 || true
-  fi
+  apt_install nats-server nats-server "nats-server >= 2.9"
   command -v nats-server >/dev/null || die "nats-server still missing after apt-get install"
 }
 

@@ -38,20 +38,7 @@ ensure_postgres() {
   if bin_dir >/dev/null; then
     return
   fi
-  command -v apt-get >/dev/null || die "PostgreSQL is missing and apt-get is not available; install PostgreSQL >= 13"
-  log "installing Debian's postgresql package (output in $STATE/apt.log)..."
-  if ! { as_root apt-get update -qq &&
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } \
-    >"$STATE/apt.log" 2>&1; then
-    tail -n 30 "$STATE/apt.log" >&2
-    die "apt-get install postgresql failed (log above)"
-  fi
-  # The package may start a cluster of its own on 5432; we never use it.
-  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-    as_root systemctl disable --now postgresql >/dev/null 2>&1 || true
-  elif [ -x /etc/init.d/postgresql ]; then
-    as_root /etc/init.d/postgresql stop >/dev/null 2>&1 || true
-  fi
+  apt_install postgresql postgresql "PostgreSQL >= 13"
   bin_dir >/dev/null || die "PostgreSQL still missing after apt-get install"
 }
 

@@ -36,21 +36,8 @@ usage() {
 
 ensure_rabbitmq() {
   [ -x "$SERVER" ] && return
-  command -v apt-get >/dev/null || die "RabbitMQ is missing and apt-get is not available; install rabbitmq-server >= 3.10"
-  log "installing Debian's rabbitmq-server package (output in $STATE/apt.log)..."
-  if ! { as_root apt-get update -qq &&
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server; } \
-    >"$STATE/apt.log" 2>&1; then
-    tail -n 30 "$STATE/apt.log" >&2
-    die "apt-get install rabbitmq-server failed (log above)"
-  fi
-  # The package may start a node of its own on 5672; we never use it.
-  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-    as_root systemctl disable --now rabbitmq-server >/dev/null 2>&1 || true
-  elif [ -x /etc/init.d/rabbitmq-server ]; then
-    as_root /etc/init.d/rabbitmq-server stop >/dev/null 2>&1 || true
-  fi
-  # ... and the port mapper it left on 4369, which nothing here uses.
+  apt_install rabbitmq-server rabbitmq-server "rabbitmq-server >= 3.10"
+  # The package also leaves a port mapper on 4369, which nothing here uses.
   env -u ERL_EPMD_PORT epmd -kill >/dev/null 2>&1 || true
   [ -x "$SERVER" ] || die "RabbitMQ still missing after apt-get install"
 }

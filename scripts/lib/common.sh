@@ -12,6 +12,28 @@ as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo -n "$@"; fi
 }
 
+# apt_install PACKAGE SERVICE NEEDED: installs Debian's PACKAGE (output in $STATE/apt.log),
+# then stops the system service SERVICE the package may start: the scripts run instances of
+# their own and never use it, and it would hold memory and a port. Without apt-get it dies
+# saying NEEDED ("Redis >= 7").
+apt_install() {
+  local package=$1 service=$2 needed=$3
+  command -v apt-get >/dev/null || die "$package is missing and apt-get is not available; install $needed"
+  log "installing Debian's $package package (output in $STATE/apt.log)..."
+  if ! { as_root apt-get update -qq &&
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package"; } \
+    >"$STATE/apt.log" 2>&1; then
+    tail -n 30 "$STATE/apt.log" >&2
+    die "apt-get install $package failed (log above)"
+  fi
+  # Where there is no init system to ask, there is nothing to stop.
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    as_root systemctl disable --now "$service" >/dev/null 2>&1 || true
+  elif [ -x "/etc/init.d/$service" ]; then
+    as_root "/etc/init.d/$service" stop >/dev/null 2>&1 || true
+  fi
+}
+
 # A port nobody is bound to and not among the arguments (ports already handed out but not
 # yet bound). Drawn below the kernel's ephemeral range so that outgoing connections cannot
 # take it between a crash and the restart on the same port.

@@ -7,21 +7,7 @@ ensure_redis() {
   if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
     return
   fi
-  command -v apt-get >/dev/null || die "redis-server is missing and apt-get is not available; install Redis >= 7"
-  log "installing Debian's redis-server package (output in $STATE/apt.log)..."
-  if ! { as_root apt-get update -qq &&
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; } \
-    >"$STATE/apt.log" 2>&1; then
-    tail -n 30 "$STATE/apt.log" >&2
-    die "apt-get install redis-server failed (log above)"
-  fi
-  # The package may start a system redis on 6379. We never use it; stop it so it does not
-  # hold memory or a port, but do not fail where there is no init system to ask.
-  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-    as_root systemctl disable --now redis-server >/dev/null 2>&1 || true
-  elif [ -x /etc/init.d/redis-server ]; then
-    as_root /etc/init.d/redis-server stop >/dev/null 2>&1 || true
-  fi
+  apt_install redis-server redis-server "Redis >= 7"
   command -v redis-server >/dev/null || die "redis-server still missing after apt-get install"
 }
 
