@@ -199,6 +199,27 @@ const PUB_CONCURRENT_KAFKA: &str = "publish, 500 concurrent sends";
 const PUB_BATCH_KAFKA: &str = "publish, batches of 500";
 const CONSUME_KAFKA: &str = "consume+commit, concurrency 1";
 
+/// The peer `connect` makes when `wanted`; a failure is reported as every row of `peer` on
+/// `broker` skipped.
+async fn connected<P, E: std::fmt::Display>(
+    wanted: bool,
+    report: &mut Report,
+    peer: &'static str,
+    broker: &'static str,
+    connect: impl std::future::Future<Output = Result<P, E>>,
+) -> Option<P> {
+    if !wanted {
+        return None;
+    }
+    match connect.await {
+        Ok(p) => Some(p),
+        Err(e) => {
+            report.skip(peer, broker, "all", &format!("connect failed: {e}"));
+            None
+        }
+    }
+}
+
 async fn redis_rows(settings: &Settings, report: &mut Report, url: &str) {
     const REDIS: &str = "redis";
     let admin = match RedisAdmin::connect(url).await {
@@ -208,28 +229,22 @@ async fn redis_rows(settings: &Settings, report: &mut Report, url: &str) {
             return;
         }
     };
-    let shove = if settings.shove {
-        match shove_peer::RedisPeer::connect(url).await {
-            Ok(p) => Some(p),
-            Err(e) => {
-                report.skip(SHOVE, REDIS, "all", &format!("connect failed: {e}"));
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let rs = if settings.ruststream {
-        match ruststream_peer::RedisPeer::connect(url).await {
-            Ok(p) => Some(p),
-            Err(e) => {
-                report.skip(RUSTSTREAM, REDIS, "all", &format!("connect failed: {e}"));
-                None
-            }
-        }
-    } else {
-        None
-    };
+    let shove = connected(
+        settings.shove,
+        report,
+        SHOVE,
+        REDIS,
+        shove_peer::RedisPeer::connect(url),
+    )
+    .await;
+    let rs = connected(
+        settings.ruststream,
+        report,
+        RUSTSTREAM,
+        REDIS,
+        ruststream_peer::RedisPeer::connect(url),
+    )
+    .await;
     let n = settings.redis_messages;
     for &size in &settings.sizes {
         let value = Payload::of_size(size);
@@ -340,17 +355,14 @@ async fn kafka_rows(settings: &Settings, report: &mut Report, brokers: &str) {
         eprintln!("SKIPPED kafka: {brokers} does not answer: {e}");
         return;
     }
-    let shove = if settings.shove {
-        match shove_peer::KafkaPeer::connect(brokers).await {
-            Ok(p) => Some(p),
-            Err(e) => {
-                report.skip(SHOVE, KAFKA, "all", &format!("connect failed: {e}"));
-                None
-            }
-        }
-    } else {
-        None
-    };
+    let shove = connected(
+        settings.shove,
+        report,
+        SHOVE,
+        KAFKA,
+        shove_peer::KafkaPeer::connect(brokers),
+    )
+    .await;
     let rs = if settings.ruststream {
         report.skip(
             RUSTSTREAM,
@@ -360,13 +372,14 @@ async fn kafka_rows(settings: &Settings, report: &mut Report, brokers: &str) {
              Kafka transactions, KafkaTransactionalPublish, a different guarantee); its \
              publisher sends one record per call",
         );
-        match ruststream_peer::KafkaPeer::connect(brokers).await {
-            Ok(p) => Some(p),
-            Err(e) => {
-                report.skip(RUSTSTREAM, KAFKA, "all", &format!("connect failed: {e}"));
-                None
-            }
-        }
+        connected(
+            true,
+            report,
+            RUSTSTREAM,
+            KAFKA,
+            ruststream_peer::KafkaPeer::connect(brokers),
+        )
+        .await
     } else {
         None
     };
